@@ -1,0 +1,89 @@
+"""Small site configs for tests, as plain dicts (what yaml.safe_load would return)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+
+def tiny_site() -> dict[str, Any]:
+    """One feed, SST, bus, row, two racks of two 4-GPU nodes; racks 1.2x oversubscribed."""
+    return copy.deepcopy(
+        {
+            "site": "tiny",
+            "gpu_models": {"g": {"min_w": 100, "max_w": 500, "default_w": 500}},
+            "trip_curves": {"c": {"points": [[1.1, 600], [1.5, 30]], "instant_ratio": 5}},
+            "devices": [
+                {
+                    "id": "sst-meter",
+                    "driver": "modbus",
+                    "address": "127.0.0.1:15020",
+                    "map": "generic-sst-mv800",
+                    "period_s": 1.0,
+                    "timeout_s": 0.5,
+                },
+                {
+                    "id": "pdu-{i}",
+                    "count": 2,
+                    "driver": "snmp",
+                    "address": "127.0.0.1:16161",
+                    "community": "rack-{i}",
+                    "map": "apc-rpdu2",
+                },
+            ],
+            "feeds": [
+                {
+                    "id": "feed",
+                    "rating_w": 20000,
+                    "envelope_w": 18000,
+                    "trip_curve": "c",
+                    "meters": [{"device": "sst-meter", "point": "input_power_w"}],
+                }
+            ],
+            "ssts": [{"id": "sst", "parent": "feed", "rating_w": 18000, "envelope_w": 17000}],
+            "buses": [{"id": "bus", "parent": "sst", "rating_w": 17000, "envelope_w": 16000}],
+            "rows": [
+                {
+                    "id": "row",
+                    "parent": "bus",
+                    "rating_w": 16000,
+                    "envelope_w": 15000,
+                    "racks": [
+                        {
+                            "id": "rack-{i}",
+                            "count": 2,
+                            "rating_w": 8000,
+                            "envelope_w": 7000,
+                            "meters": [{"device": "pdu-{rack_i}"}],
+                            "nodes": [
+                                {
+                                    "id": "{rack}-n{i}",
+                                    "count": 2,
+                                    "gpus": 4,
+                                    "gpu_model": "g",
+                                    "baseline_w": 200,
+                                }
+                            ],
+                        },
+                    ],
+                }
+            ],
+        }
+    )
+
+
+def ab_site() -> dict[str, Any]:
+    """The tiny site on a redundant A/B feed."""
+    site = tiny_site()
+    site["feeds"] = [
+        {
+            "id": "feed",
+            "rating_w": 20000,
+            "envelope_w": 18000,
+            "sources": [
+                {"id": "feed-a", "rating_w": 12000, "envelope_w": 11000, "trip_curve": "c"},
+                {"id": "feed-b", "rating_w": 12000, "envelope_w": 11000, "trip_curve": "c"},
+            ],
+        }
+    ]
+    return site
