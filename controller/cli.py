@@ -67,6 +67,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 Handler = Callable[[argparse.Namespace], int]
+Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+
+# Explicit list of command modules (no import-by-name): each has ``register(sub)``.
+_COMMANDS: list[Register] = []
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="site YAML file, e.g. configs/sites/demo.yaml")
     p.add_argument("--top", type=int, default=5, help="how many oversubscribed nodes to list")
     p.set_defaults(handler=cmd_validate)
+
+    # Each further command lives in its own module and adds its own sub-parser.
+    for register in _COMMANDS:
+        register(sub)
     return parser
 
 
