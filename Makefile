@@ -8,7 +8,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-SYSTEM_DEPS :=
+SYSTEM_DEPS := mbpoll:mbpoll snmpget:snmp snmpd:snmpd collectd:collectd-core
 
 ifeq ($(shell id -u),0)
 SUDO :=
