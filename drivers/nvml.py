@@ -501,6 +501,11 @@ class NvmlDriver:
         if fallback:
             instant_w = avg_w
         errors.extend(_implausible(info, avg_w, instant_w, limit_w))
+        # No power at all is as bad as no answer: the policy must take it as worst case.
+        if avg_w is None and instant_w is None:
+            quality = Quality.ERROR
+        else:
+            quality = Quality.BAD if errors else Quality.GOOD
         return GpuSample(
             gpu.index,
             info.uuid,
@@ -513,7 +518,7 @@ class NvmlDriver:
             info.default_w,
             ts_s,
             wall_ts_s,
-            Quality.BAD if errors else Quality.GOOD,
+            quality,
             "; ".join(msg for _, msg in errors) or None,
             tuple(errors),
             fallback,
