@@ -34,8 +34,8 @@ Kind = Literal["int", "float", "string", "bits", "fixed", "bit"]
 class ModbusType:
     """How one Modbus data type sits in registers.
 
-    ``registers`` is None when the width comes from the point (``length``): strings, and
-    fixed-point values that may be one or two registers wide.
+    ``registers`` is None when the width comes from the point (``length``): strings,
+    bitfields (16 or 32 bits) and fixed-point values (one, two or four registers).
     """
 
     name: str
@@ -57,7 +57,7 @@ MODBUS_TYPES: dict[str, ModbusType] = {
         ModbusType("float32", "float", 2, True, "f"),
         ModbusType("float64", "float", 4, True, "d"),
         ModbusType("string", "string", None),
-        ModbusType("bitfield", "bits", 1, False, "H"),
+        ModbusType("bitfield", "bits", None),
         ModbusType("fixed", "fixed", None),
         ModbusType("bit", "bit", 1),
     )

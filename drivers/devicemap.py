@@ -76,7 +76,7 @@ class ModbusPoint(_PointBase):
     address: Annotated[int, Field(ge=0, le=65535)]
     type: ModbusTypeName = "uint16"
     order: WordOrder = "ABCD"
-    length: Annotated[int, Field(ge=1, le=125)] = 1  # registers: strings, 2-word fixed
+    length: Annotated[int, Field(ge=1, le=125)] = 1  # registers: string, fixed, bitfield
     fraction_bits: Annotated[int, Field(ge=0, le=62)] = 0  # fixed: raw / 2**fraction_bits
     signed: bool = False  # fixed: two's complement raw
     bits: dict[int, str] = Field(default_factory=dict)  # bitfield: bit number -> alarm name
@@ -91,12 +91,14 @@ class ModbusPoint(_PointBase):
             raise ValueError("type bit belongs in the coil or discrete table")
         if self.type == "fixed" and self.length not in (1, 2, 4):
             raise ValueError("a fixed-point value is 1, 2 or 4 registers long")
-        if self.type not in ("fixed", "string") and self.length != 1:
-            raise ValueError(f"length applies to string and fixed, not {self.type}")
+        if self.type == "bitfield" and self.length not in (1, 2):
+            raise ValueError("a bitfield is 1 or 2 registers long (16 or 32 bits)")
+        if self.type not in ("fixed", "string", "bitfield") and self.length != 1:
+            raise ValueError(f"length applies to string, bitfield and fixed, not {self.type}")
         if self.type == "bitfield" and not self.bits:
             raise ValueError("a bitfield needs bits: {bit number: name}")
-        if any(not 0 <= b < 16 for b in self.bits):
-            raise ValueError("bit numbers are 0-15")
+        if any(not 0 <= b < 16 * self.length for b in self.bits):
+            raise ValueError(f"bit numbers are 0-{16 * self.length - 1}")
         if self.writable and self.table not in ("holding", "coil"):
             raise ValueError(f"the {self.table} table is read-only; writable needs holding/coil")
         if self.address + register_count(self) > 65536:
