@@ -208,7 +208,7 @@ class GpuSample:
                 error = point_errors.get(point) or self.error or "not read"
                 value = math.nan if value is None else value
             else:
-                quality = Quality.BAD if point in point_errors else self.quality
+                quality = Quality.BAD if point in point_errors else Quality.GOOD
                 error = point_errors.get(point)
             out.append(
                 Reading(device, point, value, unit, self.ts_s, self.wall_ts_s, quality, error)
