@@ -1,0 +1,216 @@
+"""One way to hold an MQTT connection open: broker URL, secrets, TLS, backoff, reconnect.
+
+Shared by the BMS link and (later) the agent link, so that both resolve credentials the
+same way, back off the same way after a broker outage, and resubscribe on every new
+connection (the controller connects with a clean session: the broker forgets
+subscriptions when the connection drops, so each session must subscribe again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aiomqtt
+
+from controller.config import MqttConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+
+class MqttSetupError(ValueError):
+    """The MQTT settings cannot be used (bad URL, missing secret): fail at start, not later."""
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Everything needed to open a connection; the password never appears in a repr."""
+
+    host: str
+    port: int
+    tls: bool
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+def parse_broker_url(url: str) -> tuple[str, int, bool]:
+    """``mqtt://host[:port]`` or ``mqtts://host[:port]`` -> (host, port, tls)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS:
+        raise MqttSetupError(f"MQTT url {url!r}: scheme must be mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise MqttSetupError(f"MQTT url {url!r} has no host")
+    if parts.username or parts.password:
+        # Secrets in URLs end up in logs and process lists.
+        raise MqttSetupError(
+            f"MQTT url {url!r}: put credentials in username/password_env/password_file"
+        )
+    if parts.path not in ("", "/"):
+        raise MqttSetupError(f"MQTT url {url!r}: a path is not supported")
+    try:
+        port = parts.port or DEFAULT_PORTS[scheme]
+    except ValueError as exc:
+        raise MqttSetupError(f"MQTT url {url!r}: {exc}") from None
+    return parts.hostname, port, scheme == "mqtts"
+
+
+def resolve_password(cfg: MqttConfig, environ: Mapping[str, str] | None = None) -> str | None:
+    """The broker password from the environment or a file, never from the YAML itself."""
+    env = os.environ if environ is None else environ
+    if cfg.password_env is not None and cfg.password_file is not None:
+        raise MqttSetupError("set only one of password_env and password_file")
+    if cfg.password_env is not None:
+        value = env.get(cfg.password_env)
+        if value is None:
+            raise MqttSetupError(f"password_env {cfg.password_env!r} is not set in the environment")
+        return value
+    if cfg.password_file is not None:
+        try:
+            return Path(cfg.password_file).read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise MqttSetupError(
+                f"password_file {str(cfg.password_file)!r}: cannot read: {exc.strerror}"
+            ) from None
+    return None
+
+
+def broker_settings(cfg: MqttConfig, environ: Mapping[str, str] | None = None) -> BrokerSettings:
+    """Resolve a config into settings once, at start, so a missing secret stops the start."""
+    host, port, url_tls = parse_broker_url(cfg.url)
+    password = resolve_password(cfg, environ)
+    if password is not None and cfg.username is None:
+        raise MqttSetupError("a password is configured but no username")
+    return BrokerSettings(
+        host=host, port=port, tls=url_tls or cfg.tls, username=cfg.username, password=password
+    )
+
+
+def default_tls_context() -> ssl.SSLContext:
+    """System CAs with hostname checks; ``SSL_CERT_FILE`` points it at a private CA."""
+    return ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+
+
+def make_client(
+    settings: BrokerSettings,
+    *,
+    identifier: str,
+    will: aiomqtt.Will | None = None,
+    keepalive_s: int = 15,
+    timeout_s: float = 10.0,
+    tls_context: ssl.SSLContext | None = None,
+) -> aiomqtt.Client:
+    """A fresh client for one connection attempt (aiomqtt clients are used once here)."""
+    context = tls_context
+    if settings.tls and context is None:
+        context = default_tls_context()
+    return aiomqtt.Client(
+        settings.host,
+        settings.port,
+        username=settings.username,
+        password=settings.password,
+        identifier=identifier,
+        will=will,
+        clean_session=True,
+        keepalive=keepalive_s,
+        timeout=timeout_s,
+        tls_context=context if settings.tls else None,
+    )
+
+
+class Backoff:
+    """Exponential backoff with full jitter, so a fleet does not reconnect in lockstep.
+
+    The delay before attempt *n* is drawn from ``[(1 - jitter) * d, d]`` with
+    ``d = min(max_s, initial_s * factor ** n)``; :meth:`reset` after a session that
+    got connected.
+    """
+
+    def __init__(
+        self,
+        initial_s: float = 0.5,
+        max_s: float = 30.0,
+        factor: float = 2.0,
+        jitter: float = 0.5,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not 0 < initial_s <= max_s:
+            raise ValueError("need 0 < initial_s <= max_s")
+        if factor < 1 or not 0 <= jitter <= 1:
+            raise ValueError("need factor >= 1 and 0 <= jitter <= 1")
+        self.initial_s = initial_s
+        self.max_s = max_s
+        self.factor = factor
+        self.jitter = jitter
+        self._rng = rng or random.Random()
+        self.attempt = 0
+
+    def next_delay_s(self) -> float:
+        ceiling = min(self.max_s, self.initial_s * self.factor**self.attempt)
+        self.attempt += 1
+        return ceiling * (1 - self.jitter * self._rng.random())
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def _only_mqtt_errors(group: BaseExceptionGroup[BaseException]) -> bool:
+    return all(
+        isinstance(e, aiomqtt.MqttError | OSError)
+        or (isinstance(e, BaseExceptionGroup) and _only_mqtt_errors(e))
+        for e in group.exceptions
+    )
+
+
+async def run_with_reconnect(
+    connect: Callable[[], aiomqtt.Client],
+    session: Callable[[aiomqtt.Client], Awaitable[None]],
+    *,
+    backoff: Backoff,
+    on_state: Callable[[bool], None] | None = None,
+    name: str = "mqtt",
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Keep a session alive: connect, run ``session``, and on a broker error wait and retry.
+
+    ``session`` subscribes (again) and does the work; it returns to end the loop (a clean
+    stop) and raises ``aiomqtt.MqttError`` when the connection is lost. Any other
+    exception is a bug and propagates. Cancellation propagates too. Setting ``stop``
+    ends the loop while it waits to reconnect (a connected session watches it itself).
+    """
+    while stop is None or not stop.is_set():
+        try:
+            async with connect() as client:
+                backoff.reset()
+                if on_state is not None:
+                    on_state(True)
+                log.info("%s: connected", name)
+                await session(client)
+                return
+        except (aiomqtt.MqttError, OSError) as exc:
+            log.warning("%s: connection lost or refused: %s", name, exc)
+        except BaseExceptionGroup as group:
+            # A session that runs a TaskGroup reports a lost connection as a group.
+            if not _only_mqtt_errors(group):
+                raise
+            log.warning("%s: connection lost: %s", name, group.exceptions[0])
+        finally:
+            if on_state is not None:
+                on_state(False)
+        delay_s = backoff.next_delay_s()
+        log.info("%s: reconnecting in %.2f s", name, delay_s)
+        if stop is None:
+            await asyncio.sleep(delay_s)
+            continue
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay_s)
