@@ -28,6 +28,17 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# (point, unit) of every Reading a GPU reports, in GpuSample.readings() order.
+POINTS: tuple[tuple[str, str], ...] = (
+    ("power_w", "W"),  # instantaneous where the GPU offers it, else the 1 s average
+    ("power_avg_w", "W"),
+    ("energy_j", "J"),  # since the driver was loaded
+    ("limit_w", "W"),  # enforced
+    ("min_limit_w", "W"),
+    ("max_limit_w", "W"),
+    ("default_limit_w", "W"),
+)
+
 # A limit read back within this of the request counts as applied: NVML stores mW integers
 # and some boards round to a coarser step.
 LIMIT_TOLERANCE_W = 1.0
@@ -190,18 +201,17 @@ class GpuSample:
     def readings(self, device: str) -> list[Reading]:
         """One Reading per point, for the readings store; unreadable points carry ERROR."""
         point_errors = dict(self.errors)
-        values = {
-            "power_w": self.power_w,
-            "power_avg_w": self.power_avg_w,
-            "energy_j": self.energy_j,
-            "limit_w": self.limit_w,
-            "min_limit_w": self.min_w,
-            "max_limit_w": self.max_w,
-            "default_limit_w": self.default_w,
-        }
+        values = (
+            self.power_w,
+            self.power_avg_w,
+            self.energy_j,
+            self.limit_w,
+            self.min_w,
+            self.max_w,
+            self.default_w,
+        )
         out = []
-        for point, value in values.items():
-            unit = "J" if point == "energy_j" else "W"
+        for (point, unit), value in zip(POINTS, values, strict=True):
             error: str | None
             if value is None or self.quality is Quality.ERROR:
                 quality = Quality.ERROR
@@ -385,6 +395,20 @@ class NvmlDriver:
             "GPU %d: asked for %g W, a lower limit of %g W is in force", index, limit_w, enforced_w
         )
         return LimitResult(index, limit_w, enforced_w, False)
+
+    # Most of drivers.base.Pollable's shape, so a PollGroup adapter is a few lines
+    # (point keys: POINTS for every device_id(i)).
+
+    @property
+    def name(self) -> str:
+        return f"{self.node_id}-nvml" if self.node_id else "nvml"
+
+    async def connect(self) -> None:
+        if self._executor is None:
+            await self.start()
+
+    async def read(self) -> list[Reading]:
+        return await self.read_readings()
 
     def stats(self) -> NvmlStats:
         return NvmlStats(

@@ -18,6 +18,7 @@ import pynvml
 import pytest
 
 from drivers.nvml import (
+    POINTS,
     GpuLost,
     LimitNotEnforced,
     LimitOutOfRange,
@@ -110,7 +111,21 @@ async def test_readings_carry_units_device_ids_and_quality(fake: FakeNvml) -> No
     assert by_key[("n1-g2", "energy_j")].unit == "J"
     assert by_key[("n1-g0", "max_limit_w")].value == 700.0
     assert {r.quality for r in readings} == {Quality.GOOD}
-    assert len(readings) == 3 * 7
+    assert [(r.point, r.unit) for r in readings if r.device == "n1-g0"] == list(POINTS)
+    assert len(readings) == 3 * len(POINTS)
+
+
+async def test_pollable_shape_connect_read_close(fake: FakeNvml) -> None:
+    drv = NvmlDriver("n1", fake)
+    assert drv.name == "n1-nvml"
+    await drv.connect()
+    try:
+        readings = await drv.read()
+    finally:
+        await drv.close()
+    assert {r.device for r in readings} == {"n1-g0", "n1-g1", "n1-g2"}
+    with pytest.raises(pynvml.NVMLError_Uninitialized):  # close() shut NVML down
+        fake.nvmlDeviceGetCount()
 
 
 async def test_set_limit_is_enforced_by_the_fake(fake: FakeNvml) -> None:
