@@ -66,7 +66,8 @@ class _GpuState:
     enforced_mw: int
     pending: tuple[int, float] | None = None  # (limit mW, due at clock s)
     energy_mj: float = 0.0
-    samples: deque[tuple[float, float]] = field(default_factory=deque)  # (t_s, power_w)
+    last: tuple[float, float] | None = None  # (t_s, power_w) of the last sample
+    changes: deque[tuple[float, float]] = field(default_factory=deque)  # where power changed
     instant_supported: bool = True
 
 
@@ -350,19 +351,25 @@ class FakeNvml:
         self.source.write(g.spec.device_id, "limit_w", limit_mw / 1000)
 
     def _sample(self, g: _GpuState, now: float) -> float:
-        """Take the plant's power now; advance the energy counter and the 1 s window."""
+        """Take the plant's power now; advance the energy counter and the 1 s window.
+
+        Power is piecewise constant between samples, so the window keeps only the points
+        where it changed: a tight polling loop does not grow it.
+        """
         power_w = self.source.value(g.spec.device_id, "power_w")
         if power_w is None:
             raise pynvml.NVMLError_Unknown()  # the plant has no such GPU: a wiring bug
-        if g.samples:
-            t_prev, p_prev = g.samples[-1]
+        if g.last is not None:
+            t_prev, p_prev = g.last
             if now < t_prev:
                 return power_w
             g.energy_mj += p_prev * (now - t_prev) * 1000
-        g.samples.append((now, power_w))
-        # Keep one sample older than the window: it covers the window's start.
-        while len(g.samples) > 1 and g.samples[1][0] <= now - AVERAGE_WINDOW_S:
-            g.samples.popleft()
+        g.last = (now, power_w)
+        if not g.changes or g.changes[-1][1] != power_w:
+            g.changes.append((now, power_w))
+        # Keep one change at or before the window's start: it covers the start.
+        while len(g.changes) > 1 and g.changes[1][0] <= now - AVERAGE_WINDOW_S:
+            g.changes.popleft()
         return power_w
 
     def _average_w(self, g: _GpuState, now: float) -> float:
@@ -371,9 +378,10 @@ class FakeNvml:
         if from_source is not None:
             return from_source
         start = now - AVERAGE_WINDOW_S
-        pts = list(g.samples)
         energy = span = 0.0
-        for (t0, p0), (t1, _) in itertools.pairwise(pts):
+        # Each change holds until the next one; the last holds until now.
+        ends = [t for t, _ in itertools.islice(g.changes, 1, None)] + [now]
+        for (t0, p0), t1 in zip(g.changes, ends, strict=True):
             lo = max(t0, start)
             if t1 > lo:
                 energy += p0 * (t1 - lo)

@@ -93,6 +93,23 @@ async def test_readings_equal_the_fakes_values_in_watts_and_joules() -> None:
     assert [s.power_instant_w for s in samples[1:]] == [420.5, 555.25]
 
 
+async def test_average_covers_the_last_second_only() -> None:
+    clock = ManualClock()
+    src = source([300.0])
+    fake = FakeNvml(specs(1), src, clock=clock)
+    fake.tick()
+    clock.now_s += 0.5
+    src.values[("n1-g0", "power_w")] = 500.0
+    fake.tick()  # the fake sees a change when it samples: the plant ticks it at its step
+    for _ in range(15):  # a tight poll at constant power must not skew or grow anything
+        clock.now_s += 0.1
+        fake.tick()
+    async with NvmlDriver("n1", fake) as drv:
+        (s,) = await drv.read_all()
+    assert s.power_avg_w == pytest.approx(500.0)
+    assert s.energy_j == pytest.approx(300.0 * 0.5 + 500.0 * 1.5)
+
+
 async def test_source_may_supply_average_and_energy() -> None:
     src = source([300.0])
     src.values[("n1-g0", "power_avg_w")] = 290.0
