@@ -426,9 +426,13 @@ class NvmlDriver:
         nvml = self._nvml
         try:
             nvml.nvmlInit()
-            count = nvml.nvmlDeviceGetCount()
         except nvml.NVMLError as exc:
             raise map_error(nvml, exc, "initialising NVML") from exc
+        try:
+            count = nvml.nvmlDeviceGetCount()
+        except nvml.NVMLError as exc:
+            nvml.nvmlShutdown()  # balance the init: NVML counts them
+            raise map_error(nvml, exc, "counting GPUs") from exc
         gpus = [_Gpu(i) for i in range(count)]
         for gpu in gpus:
             try:
