@@ -370,14 +370,15 @@ class TsdbWriter:
                     self._dropped += 1
                     continue
                 self._queue.append(point)
-            self._trim()
-            if len(self._queue) >= self.cfg.batch_size:
-                self._wake.set()
         except Exception as e:  # the control cycle must not die of telemetry
             self._last_error = f"submit: {e!r}"
             log.exception("tsdb: submit failed")
+        self._trim()
+        if len(self._queue) >= self.cfg.batch_size:
+            self._wake.set()
 
     def stats(self) -> TsdbStats:
+        """A snapshot for /metrics and the API; queue_depth includes the batch in flight."""
         return TsdbStats(
             written_points=self._written,
             dropped_points=self._dropped,
@@ -429,6 +430,8 @@ class TsdbWriter:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            except Exception:  # a bug in the flusher must not break the daemon's shutdown
+                log.exception("tsdb: writer task failed")
         self._closed = True
         lost = len(self._queue) + self._inflight_trimmed
         if lost:
