@@ -154,8 +154,11 @@ def encode_raw(point: ModbusPoint, raw: int | float | str) -> list[int]:
         data = struct.pack(">" + t.struct_code, float(raw))
     else:
         lo, hi = raw_bounds(point) or (0, 0)
-        number = float(raw)
-        value = hi if math.isnan(number) else min(hi, max(lo, round(number)))
+        if isinstance(raw, int):
+            value = min(hi, max(lo, raw))
+        else:
+            number = float(raw)
+            value = hi if math.isnan(number) else min(hi, max(lo, round(number)))
         data = value.to_bytes(2 * n, "big", signed=lo < 0)
     return _from_canonical(data, point.order)
 
@@ -183,8 +186,10 @@ def encode(point: ModbusPoint, value: float | str, sf: int = 0) -> list[int]:
     """Registers a device would hold for ``value``: the simulator's side of :func:`decode`."""
     if isinstance(value, str):
         return encode_raw(point, value)
-    raw = (value - point.offset) / _factor(point, sf)
-    return encode_raw(point, raw)
+    factor = _factor(point, sf)
+    if isinstance(value, int) and factor == 1.0 and point.offset == 0:
+        return encode_raw(point, value)  # exact, even for 64-bit counters beyond 2**53
+    return encode_raw(point, (value - point.offset) / factor)
 
 
 def garbage(point: ModbusPoint) -> list[int]:
@@ -283,7 +288,7 @@ def snmp_encode(
     t = SNMP_TYPES[point.type]
     raw = (value - point.offset) / snmp_factor(point, digits, si_scale)
     if t.text:
-        return f"{raw:.{max(digits, 0)}f}" if digits else f"{raw:g}"
+        return f"{raw:.12g}"
     assert t.lo is not None and t.hi is not None
     if math.isnan(raw):
         return t.hi
