@@ -1,0 +1,513 @@
+"""The BMS link: status, telemetry and alarms out over MQTT; commands in, each answered.
+
+The control cycle never waits for the network. It hands over telemetry and alarms with
+plain (non-async) calls that only touch in-memory queues; one publisher task per
+connection drains them in priority order (status, alarms, acks, telemetry). Telemetry is
+the only thing that may be dropped: its queue is bounded, the oldest frame goes first and
+every drop is counted. Alarms are state, not events: the link keeps the set of active
+alarms and republishes it (retained) on every new connection, so a broker that restarted
+without persistence still shows them.
+
+Topic tree (``<prefix>/<site>/...``; see docs/mqtt.md for payloads):
+
+- ``status``            retained ``online``; ``offline`` as last will and on clean stop
+- ``telemetry/<node>``  JSON per tree node, every ``telemetry_period_s``
+- ``alarms/<alarm_id>`` retained JSON while active; empty retained payload clears it
+- ``cmd``               commands in (JSON with ``type`` and ``command_id``)
+- ``cmd/ack``           one ack per command: accepted or rejected, and why
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import math
+import secrets
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import aiomqtt
+
+from controller.commands import (
+    DEFAULT_LIMITS,
+    Command,
+    CommandLimits,
+    CommandProcessor,
+    CommandRefused,
+    DemandResponse,
+    EnvelopeOverride,
+    format_ts,
+)
+from controller.config import MqttConfig
+from controller.mqtt import Backoff, broker_settings, make_client, run_with_reconnect
+from controller.overrides import EnvelopeOverrides
+from controller.topology import PowerTree
+from drivers.reading import Quality
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------
+# What the daemon hands over
+
+
+@dataclass(frozen=True, slots=True)
+class NodeTelemetry:
+    """One tree node at one moment, as the BMS sees it. ``ts_s`` is ``time.time()``."""
+
+    node: str
+    power_w: float
+    envelope_w: float
+    headroom_w: float
+    ts_s: float
+    quality: Quality = Quality.GOOD
+
+
+class AlarmKind(enum.StrEnum):
+    ENVELOPE_EXCEEDED = "envelope_exceeded"
+    TRIP_RISK = "trip_risk"
+    DEVICE_STALE = "device_stale"
+    AGENT_LOST = "agent_lost"
+    ESCALATION = "escalation"
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """A condition the BMS should see until it is cleared.
+
+    ``subject`` is what the alarm is about (a node, device or agent id); the pair
+    (kind, subject) is the alarm's identity, so raising the same condition every cycle
+    publishes it once.
+    """
+
+    kind: AlarmKind
+    subject: str
+    message: str
+    raised_at_s: float
+    severity: Literal["warning", "critical"] = "warning"
+    node: str | None = None
+    details: Mapping[str, float | str] = field(default_factory=dict)
+
+    @property
+    def alarm_id(self) -> str:
+        return alarm_id(self.kind, self.subject)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "alarm_id": self.alarm_id,
+            "kind": str(self.kind),
+            "severity": self.severity,
+            "subject": self.subject,
+            "node": self.node,
+            "message": self.message,
+            "raised_at": format_ts(self.raised_at_s),
+            "details": {k: _finite(v) for k, v in self.details.items()},
+        }
+
+
+def alarm_id(kind: AlarmKind, subject: str) -> str:
+    """``envelope_exceeded:rack-1``: what :meth:`BmsLink.clear_alarm` takes."""
+    return f"{kind}:{subject}"
+
+
+# ---------------------------------------------------------------------------
+# Topics
+
+
+def topic_level(text: str) -> str:
+    """Make an id safe as one topic level: ``/``, ``+``, ``#`` and NUL are percent-escaped."""
+    return (
+        text.replace("%", "%25")
+        .replace("/", "%2F")
+        .replace("+", "%2B")
+        .replace("#", "%23")
+        .replace("\0", "%00")
+    )
+
+
+@dataclass(frozen=True)
+class BmsTopics:
+    base: str
+
+    @classmethod
+    def for_site(cls, prefix: str, site: str) -> BmsTopics:
+        return cls(f"{prefix.strip('/')}/{topic_level(site)}")
+
+    @property
+    def status(self) -> str:
+        return f"{self.base}/status"
+
+    @property
+    def cmd(self) -> str:
+        return f"{self.base}/cmd"
+
+    @property
+    def ack(self) -> str:
+        return f"{self.base}/cmd/ack"
+
+    def telemetry(self, node: str) -> str:
+        return f"{self.base}/telemetry/{topic_level(node)}"
+
+    def alarm(self, alarm_id: str) -> str:
+        return f"{self.base}/alarms/{topic_level(alarm_id)}"
+
+
+# ---------------------------------------------------------------------------
+# The link
+
+
+@dataclass(frozen=True)
+class BmsStats:
+    connected: bool
+    connects: int
+    published: int
+    telemetry_dropped: int
+    acks_dropped: int
+    commands_accepted: int
+    commands_rejected: int
+    commands_duplicate: int
+    retained_commands_ignored: int
+
+
+@dataclass
+class _Counters:
+    connected: bool = False
+    connects: int = 0
+    published: int = 0
+    telemetry_dropped: int = 0
+    acks_dropped: int = 0
+    commands_accepted: int = 0
+    commands_rejected: int = 0
+    commands_duplicate: int = 0
+    retained_commands_ignored: int = 0
+
+
+def _finite(value: float | str | None) -> float | str | None:
+    """JSON has no NaN: a non-finite number is published as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+@dataclass(frozen=True)
+class _Outgoing:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+class BmsLink:
+    """One controller's presence on the BMS broker. Create once; ``run`` it as a task.
+
+    ``telemetry`` is called every ``telemetry_period_s`` from the link's own task (it
+    must be cheap and not block: return the latest snapshot). ``on_command`` receives
+    every accepted command after validation and before the ack; it may raise
+    :class:`~controller.commands.CommandRefused` to turn it down (the reason is acked).
+    Accepted envelope overrides and demand responses are also written to ``overrides``.
+    """
+
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        tree: PowerTree,
+        *,
+        telemetry: Callable[[], Iterable[NodeTelemetry]] | None = None,
+        on_command: Callable[[Command], None] | None = None,
+        overrides: EnvelopeOverrides | None = None,
+        limits: CommandLimits = DEFAULT_LIMITS,
+        clock: Callable[[], float] = time.time,
+        telemetry_queue_size: int = 2_000,
+        ack_queue_size: int = 1_000,
+        backoff: Backoff | None = None,
+        identifier: str | None = None,
+        keepalive_s: int = 15,
+        tls_context: ssl.SSLContext | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.tree = tree
+        self.topics = BmsTopics.for_site(cfg.topic_prefix, tree.site.name)
+        self.settings = broker_settings(cfg, environ)  # a missing secret fails here, at start
+        self.identifier = identifier or f"rackpower-{tree.site.name}-{secrets.token_hex(4)}"
+        self.overrides = overrides
+        self._telemetry_source = telemetry
+        self._on_command = on_command
+        self._clock = clock
+        self._processor = CommandProcessor(tree, limits)
+        self._backoff = backoff or Backoff()
+        self._keepalive_s = keepalive_s
+        self._tls_context = tls_context
+
+        self._telemetry: deque[_Outgoing] = deque()
+        self._telemetry_max = telemetry_queue_size
+        self._acks: deque[_Outgoing] = deque()
+        self._acks_max = ack_queue_size
+        self._alarms: dict[str, Alarm] = {}
+        self._alarms_dirty: set[str] = set()
+        self._status_pending = False
+        self._counters = _Counters()
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._run_task: asyncio.Task[None] | None = None
+
+    # -- called by the daemon (never block, never await) ------------------------------
+
+    def publish_telemetry(self, frames: Iterable[NodeTelemetry]) -> None:
+        """Queue one frame per node; when the queue is full the oldest frames go."""
+        for f in frames:
+            payload = {
+                "node": f.node,
+                "kind": self.tree.node(f.node).kind if f.node in self.tree else None,
+                "power_w": _finite(f.power_w),
+                "envelope_w": _finite(f.envelope_w),
+                "headroom_w": _finite(f.headroom_w),
+                "ts": format_ts(f.ts_s),
+                "quality": f.quality.value,
+            }
+            if len(self._telemetry) >= self._telemetry_max:
+                self._telemetry.popleft()
+                self._counters.telemetry_dropped += 1
+            self._telemetry.append(
+                _Outgoing(self.topics.telemetry(f.node), _dumps(payload), 0, False)
+            )
+        self._wake.set()
+
+    def raise_alarm(self, alarm: Alarm) -> None:
+        """Make an alarm active (retained). Raising it again unchanged publishes nothing."""
+        current = self._alarms.get(alarm.alarm_id)
+        if current is not None and (current.severity, current.message, current.node) == (
+            alarm.severity,
+            alarm.message,
+            alarm.node,
+        ):
+            return
+        if current is not None:  # an update keeps the time it was first raised
+            alarm = Alarm(
+                alarm.kind,
+                alarm.subject,
+                alarm.message,
+                current.raised_at_s,
+                alarm.severity,
+                alarm.node,
+                alarm.details,
+            )
+        self._alarms[alarm.alarm_id] = alarm
+        self._alarms_dirty.add(alarm.alarm_id)
+        self._wake.set()
+
+    def clear_alarm(self, alarm_id: str) -> bool:
+        """Clear an active alarm (empty retained payload); False if it was not active."""
+        if self._alarms.pop(alarm_id, None) is None:
+            return False
+        self._alarms_dirty.add(alarm_id)
+        self._wake.set()
+        return True
+
+    @property
+    def active_alarms(self) -> tuple[str, ...]:
+        return tuple(self._alarms)
+
+    def stats(self) -> BmsStats:
+        return BmsStats(**asdict(self._counters))
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, reconnect with backoff, until :meth:`stop` (or cancellation)."""
+        self._run_task = asyncio.current_task()
+        async with asyncio.TaskGroup() as tg:
+            ticker = (
+                tg.create_task(self._telemetry_ticker(), name="bms-telemetry")
+                if self._telemetry_source is not None
+                else None
+            )
+            await run_with_reconnect(
+                self._connect,
+                self._session,
+                backoff=self._backoff,
+                on_state=self._on_state,
+                name=f"bms {self.settings.host}:{self.settings.port}",
+                stop=self._stopping,
+            )
+            if ticker is not None:
+                ticker.cancel()
+
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """Flush what is queued, publish ``offline``, disconnect; give up after ``timeout_s``."""
+        self._stopping.set()
+        self._wake.set()
+        task = self._run_task
+        if task is None or task.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout_s)
+        except TimeoutError:
+            log.warning("bms: clean stop took over %.1f s; dropping the connection", timeout_s)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # -- inside ----------------------------------------------------------------------
+
+    def _connect(self) -> aiomqtt.Client:
+        will = aiomqtt.Will(self.topics.status, b"offline", qos=1, retain=True)
+        return make_client(
+            self.settings,
+            identifier=self.identifier,
+            will=will,
+            keepalive_s=self._keepalive_s,
+            tls_context=self._tls_context,
+        )
+
+    def _on_state(self, connected: bool) -> None:
+        self._counters.connected = connected
+        if connected:
+            self._counters.connects += 1
+            # A new session: say we are online and restate every alarm we hold, since a
+            # broker that restarted may have lost its retained messages.
+            self._status_pending = True
+            self._alarms_dirty.update(self._alarms)
+            self._wake.set()
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        await client.subscribe(self.topics.cmd, qos=1)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                receiver = tg.create_task(self._receive(client), name="bms-receive")
+
+                async def publish_then_stop() -> None:
+                    await self._publish_loop(client)
+                    await client.publish(self.topics.status, b"offline", qos=1, retain=True)
+                    receiver.cancel()
+
+                tg.create_task(publish_then_stop(), name="bms-publish")
+        except asyncio.CancelledError:
+            # Cancelled from outside: the graceful disconnect that follows suppresses the
+            # last will, so say offline ourselves (best effort, briefly).
+            with contextlib.suppress(aiomqtt.MqttError, TimeoutError, OSError):
+                await asyncio.wait_for(
+                    client.publish(self.topics.status, b"offline", qos=1, retain=True), 1.0
+                )
+            raise
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            if not message.topic.matches(self.topics.cmd):
+                continue
+            if message.retain:
+                # Replayed on subscribe: it was handled (or was stale) when first sent.
+                self._counters.retained_commands_ignored += 1
+                log.warning("bms: ignoring a retained command on %s", message.topic)
+                continue
+            self.handle_command(_as_bytes(message.payload))
+
+    def handle_command(self, payload: bytes) -> None:
+        """Validate, apply and queue the ack of one command (what the receiver calls)."""
+        now_s = self._clock()
+
+        def apply(cmd: Command) -> None:
+            if self._on_command is not None:
+                try:
+                    self._on_command(cmd)
+                except CommandRefused:
+                    raise
+                except Exception as exc:
+                    log.exception("bms: on_command failed for %s", cmd.command_id)
+                    raise CommandRefused(f"internal error: {exc}") from exc
+            if self.overrides is not None and isinstance(cmd, EnvelopeOverride | DemandResponse):
+                self.overrides.apply(cmd, now_s)
+
+        ack, _cmd = self._processor.handle(payload, now_s, apply)
+        if ack.duplicate:
+            self._counters.commands_duplicate += 1
+        elif ack.accepted:
+            self._counters.commands_accepted += 1
+        else:
+            self._counters.commands_rejected += 1
+        log.info(
+            "bms: command %s %s%s%s",
+            ack.command_id,
+            ack.status,
+            " (duplicate)" if ack.duplicate else "",
+            f": {ack.reason}" if ack.reason else "",
+        )
+        if len(self._acks) >= self._acks_max:
+            self._acks.popleft()
+            self._counters.acks_dropped += 1
+        self._acks.append(_Outgoing(self.topics.ack, ack.payload(), 1, False))
+        self._wake.set()
+
+    def _next(self) -> tuple[_Outgoing, Callable[[], None]] | None:
+        """The most urgent message and how to put it back if the connection fails."""
+        if self._status_pending:
+            self._status_pending = False
+
+            def restore_status() -> None:
+                self._status_pending = True
+
+            return _Outgoing(self.topics.status, b"online", 1, True), restore_status
+        if self._alarms_dirty:
+            aid = self._alarms_dirty.pop()
+            alarm = self._alarms.get(aid)
+            payload = b"" if alarm is None else _dumps(alarm.to_json())
+            return _Outgoing(self.topics.alarm(aid), payload, 1, True), (
+                lambda: self._alarms_dirty.add(aid)
+            )
+        if self._acks:
+            item = self._acks.popleft()
+            return item, lambda: self._acks.appendleft(item)
+        if self._telemetry:
+            return self._telemetry.popleft(), lambda: None  # stale by the reconnect anyway
+        return None
+
+    async def _publish_loop(self, client: aiomqtt.Client) -> None:
+        """Drain the queues by priority; return once stopping and drained."""
+        while True:
+            self._wake.clear()
+            while (nxt := self._next()) is not None:
+                item, restore = nxt
+                try:
+                    await client.publish(item.topic, item.payload, qos=item.qos, retain=item.retain)
+                except BaseException:
+                    restore()
+                    raise
+                self._counters.published += 1
+            if self._stopping.is_set():
+                return
+            await self._wake.wait()
+
+    async def _telemetry_ticker(self) -> None:
+        """Poll the daemon's snapshot on a fixed deadline; missed ticks are skipped."""
+        assert self._telemetry_source is not None
+        loop = asyncio.get_running_loop()
+        period_s = self.cfg.telemetry_period_s
+        next_s = loop.time() + period_s
+        while not self._stopping.is_set():
+            await asyncio.sleep(max(0.0, next_s - loop.time()))
+            next_s += period_s
+            if next_s < loop.time():
+                next_s = loop.time() + period_s
+            try:
+                frames = list(self._telemetry_source())
+            except Exception:
+                log.exception("bms: telemetry source failed; skipping this period")
+                continue
+            self.publish_telemetry(frames)
+
+
+def _dumps(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _as_bytes(payload: object) -> bytes:
+    if isinstance(payload, bytes | bytearray):
+        return bytes(payload)
+    return b"" if payload is None else str(payload).encode()
