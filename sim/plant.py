@@ -169,6 +169,7 @@ class _Level:
     parent: IntArray  # parent node index per entry of idx (-1 for roots)
     groups: tuple[tuple[IntArray, FloatArray, FloatArray, FloatArray], ...]
     # (positions within idx, 1/rating, curve load fractions, curve efficiencies)
+    whole: tuple[FloatArray, FloatArray, FloatArray] | None = None  # one group covering idx
 
 
 class Plant:
@@ -242,6 +243,8 @@ class Plant:
         self.source_index: Mapping[str, int] = {s: i for i, s in enumerate(src_ids)}
         self._src_feed = np.array(src_feed, dtype=np.intp)
         self._src_share: FloatArray = np.array(src_share, dtype=np.float64)
+        self._split_key: tuple[bytes, frozenset[str]] | None = None
+        self._split: FloatArray = np.zeros(len(src_ids))
         self.element_ids: tuple[str, ...] = self.node_ids + self.source_ids
         self.element_index: Mapping[str, int] = {e: i for i, e in enumerate(self.element_ids)}
         self.element_rating_w: FloatArray = np.concatenate(
@@ -277,7 +280,10 @@ class Plant:
                 xp = np.array([x for x, _ in curve], dtype=np.float64)
                 fp = np.array([e for _, e in curve], dtype=np.float64)
                 groups.append((pos_arr, inv_rating, xp, fp))
-            levels.append(_Level(idx, parent[idx], tuple(groups)))
+            whole = None
+            if len(groups) == 1 and len(groups[0][0]) == len(idx):
+                whole = groups[0][1:]
+            levels.append(_Level(idx, parent[idx], tuple(groups), whole))
         return tuple(levels)
 
     def _build_protection(self, curves: Sequence[TripCurve | None]) -> None:
@@ -438,10 +444,14 @@ class Plant:
         inp = np.empty(self.n_nodes)
         for level in self._levels:
             o = out[level.idx]
-            i = o.copy()
-            for pos, inv_rating, xp, fp in level.groups:
-                osub = o[pos]
-                i[pos] = osub / np.interp(osub * inv_rating, xp, fp)
+            if level.whole is not None:  # one curve for the whole level: the usual case
+                inv_rating, xp, fp = level.whole
+                i = o / np.interp(o * inv_rating, xp, fp)
+            else:
+                i = o.copy()
+                for pos, inv_rating, xp, fp in level.groups:
+                    osub = o[pos]
+                    i[pos] = osub / np.interp(osub * inv_rating, xp, fp)
             inp[level.idx] = i
             if level.parent[0] >= 0:
                 out += np.bincount(level.parent, weights=i, minlength=self.n_nodes)
@@ -449,15 +459,7 @@ class Plant:
         # 5. Feed sources share their feed's input among the live ones.
         lost = setpoints.lost_sources
         if self.source_ids:
-            alive = ~tripped[self.n_nodes :]
-            if lost:
-                alive = alive & np.array([s not in lost for s in self.source_ids])
-            share = self._src_share * alive
-            denom = np.bincount(self._src_feed, weights=share, minlength=self.n_nodes)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                src_power = np.where(
-                    alive, inp[self._src_feed] * share / denom[self._src_feed], 0.0
-                )
+            src_power = inp[self._src_feed] * self._source_split(tripped, lost)
             elem_power = np.concatenate((inp, src_power))
         else:
             src_power = state.source_power_w
@@ -527,6 +529,18 @@ class Plant:
             baseline_total_w=float(baseline.sum()),
             losses_w=float((inp - out).sum()) + 0.0,
         )
+
+    def _source_split(self, tripped: BoolArray, lost: frozenset[str]) -> FloatArray:
+        """Share of its feed's input each source carries; cached until a source changes."""
+        key = (tripped[self.n_nodes :].tobytes(), lost)
+        if self._split_key != key:
+            alive = ~tripped[self.n_nodes :] & np.array([s not in lost for s in self.source_ids])
+            share = self._src_share * alive
+            denom = np.bincount(self._src_feed, weights=share, minlength=self.n_nodes)
+            denom_src = denom[self._src_feed]
+            self._split = np.where(alive, share / np.where(denom_src > 0, denom_src, 1.0), 0.0)
+            self._split_key = key
+        return self._split
 
     def _darkness(self, tripped: BoolArray, lost: frozenset[str]) -> tuple[BoolArray, BoolArray]:
         """Nodes and GPUs without power: below a tripped node or a feed with no live source."""
