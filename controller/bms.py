@@ -414,6 +414,10 @@ class BmsLink:
         now_s = self._clock()
 
         def apply(cmd: Command) -> None:
+            timed = isinstance(cmd, EnvelopeOverride | DemandResponse)
+            if self._on_command is None and not (timed and self.overrides is not None):
+                # Accepting what nobody acts on would tell the BMS a lie.
+                raise CommandRefused(f"{cmd.type} commands are not handled by this controller")
             if self._on_command is not None:
                 try:
                     self._on_command(cmd)

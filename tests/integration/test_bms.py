@@ -155,6 +155,20 @@ async def test_status_is_retained_online_then_offline_on_clean_stop(
         assert (m.payload, m.retain) == (b"offline", True)
 
 
+async def test_cancelled_link_still_says_offline(mosquitto: Mosquitto, tree: PowerTree) -> None:
+    """Cancelling the task (not ``stop()``) still disconnects gracefully, which suppresses
+    the will; the link must say ``offline`` itself."""
+    link = make_link(mosquitto, tree)
+    async with subscriber(mosquitto, f"{BASE}/status") as sub:
+        task = asyncio.create_task(link.run())
+        await sub.next(f"{BASE}/status", lambda m: m.payload == b"online")
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+        m = await sub.next(f"{BASE}/status")
+        assert m.payload == b"offline"
+
+
 CHILD = """
 import asyncio, sys
 from controller.bms import BmsLink
@@ -298,7 +312,8 @@ async def test_alarm_is_retained_until_cleared(mosquitto: Mosquitto, tree: Power
             await sub.next(topic, lambda m: m.payload != b"")
             assert link.clear_alarm(aid) is True
             cleared = await sub.next(topic)
-            assert (cleared.payload, link.active_alarms) == (b"", ())
+            assert cleared.payload == b""
+            assert not link.active_alarms
         assert link.clear_alarm(aid) is False
         assert await absent_retained(mosquitto, f"{BASE}/alarms/#") == []
 
@@ -416,6 +431,22 @@ async def test_mode_switch_reaches_the_daemon(mosquitto: Mosquitto, tree: PowerT
         assert ack["status"] == "accepted"
         assert [getattr(c, "mode", None) for c in sink.commands] == ["advisory"]
         assert len(overrides) == 0
+
+
+async def test_command_nobody_handles_is_refused(mosquitto: Mosquitto, tree: PowerTree) -> None:
+    """Without ``on_command`` a mode switch has no taker; acking it would mislead the BMS."""
+    link = make_link(mosquitto, tree, overrides=EnvelopeOverrides(tree))
+    async with subscriber(mosquitto, f"{BASE}/cmd/ack", f"{BASE}/status") as sub, running(link):
+        await sub.next(f"{BASE}/status", lambda m: m.payload == b"online")
+        ack = await send(sub, {"type": "mode", "command_id": "m-2", "mode": "advisory"})
+        assert ack["status"] == "rejected"
+        assert (
+            ack["reason"]
+            == "refused by the controller: mode commands are not handled by this controller"
+        )
+        ok = await send(sub, {"type": "demand_response", "command_id": "d-2", "node": "row",
+                              "limit_w": 9000, "ttl_s": 60})  # fmt: skip
+        assert ok["status"] == "accepted"
 
 
 # ---------------------------------------------------------------------------
