@@ -311,6 +311,18 @@ class BmsLink:
         self._wake.set()
         return True
 
+    def replace_tree(self, tree: PowerTree) -> None:
+        """After a config reload: validate later commands against the new tree.
+
+        The topic base stays (a renamed site needs a new link: the will is per connection).
+        """
+        if tree.site.name != self.tree.site.name:
+            raise ValueError("the site was renamed: start a new BmsLink for the new topics")
+        self.tree = tree
+        self._processor.tree = tree
+        if self.overrides is not None:
+            self.overrides.replace_tree(tree)
+
     @property
     def active_alarms(self) -> tuple[str, ...]:
         return tuple(self._alarms)
