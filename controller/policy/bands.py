@@ -1,0 +1,120 @@
+"""Dynamo-style bands: when a node caps, holds or releases, and how caps move.
+
+Per node, on the planned draw (GPU demand under current caps, plus baselines, losses
+and what cannot be attributed):
+
+- cap     plan above ``cap_above`` x envelope, or plan + margin above the envelope:
+          caps drop at once to the allocation that aims at ``target``;
+- release measured load below ``uncap_below`` x envelope: caps rise toward the
+          allocation that aims at ``target``, by ``uncap_step_fraction`` of the gap per
+          cycle, so the rebound cannot overshoot;
+- hold    in between: the total stays where it is, but it may be shifted between
+          classes (a higher class takes from a lower one) beyond a small deadband.
+
+A GPU follows the strictest node above it: any node capping makes it cap; it may rise
+only when no node above it is capping and, for a hold, only as far as the zero-sum
+shift allows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from controller.config import Bands
+
+from .index import TreeIndex
+from .types import FloatArray
+
+BoolArray = npt.NDArray[np.bool_]
+
+DEADBAND_FRACTION = 0.02  # of a GPU's max: smaller moves are not worth an actuation
+SNAP_FRACTION = 0.02  # a ramp this close to its goal finishes in one step
+
+
+@dataclass(frozen=True, eq=False)
+class NodeBands:
+    """Per-node thresholds and this cycle's decision (arrays in node index order)."""
+
+    cap_above_w: FloatArray
+    target_w: FloatArray
+    uncap_below_w: FloatArray
+    capping: BoolArray
+    releasing: BoolArray
+    band_budget_w: FloatArray  # budget for the plan, node currency
+    margin_budget_w: FloatArray  # budget for plan + margin (or sum of caps)
+
+    def mode(self) -> tuple[str, ...]:
+        return tuple(
+            "cap" if c else ("release" if r else "hold")
+            for c, r in zip(self.capping.tolist(), self.releasing.tolist(), strict=True)
+        )
+
+
+def node_bands(
+    cfg: Bands,
+    envelope_w: FloatArray,
+    load_w: FloatArray,
+    plan_w: FloatArray,
+    margin_plan_w: FloatArray,
+) -> NodeBands:
+    """Classify each node and give it its budgets for the allocation."""
+    hi = cfg.cap_above * envelope_w
+    tgt = cfg.target * envelope_w
+    lo = cfg.uncap_below * envelope_w
+    capping = (plan_w > hi) | (margin_plan_w > envelope_w)
+    releasing = ~capping & (load_w < lo)
+    moving = capping | releasing
+    # The margin constraint keeps the same hysteresis as the band, measured from the envelope.
+    return NodeBands(
+        cap_above_w=hi,
+        target_w=tgt,
+        uncap_below_w=lo,
+        capping=capping,
+        releasing=releasing,
+        band_budget_w=np.where(moving, tgt, plan_w),
+        margin_budget_w=np.where(moving, envelope_w - (hi - tgt), margin_plan_w),
+    )
+
+
+def covered(index: TreeIndex, node_mask: BoolArray) -> BoolArray:
+    """Per GPU: is it under any node in ``node_mask``?"""
+    if not node_mask.any():
+        return np.zeros(index.n_gpus, dtype=bool)
+    size = index.n_gpus + 1
+    marks = np.bincount(index.start[node_mask], minlength=size) - np.bincount(
+        index.stop[node_mask], minlength=size
+    )
+    out: BoolArray = np.cumsum(marks[:-1]) > 0
+    return out
+
+
+def move_caps(
+    index: TreeIndex,
+    cfg: Bands,
+    bands: NodeBands,
+    prev_w: FloatArray,
+    alloc_w: FloatArray,
+    floor_w: FloatArray,
+    blocked: BoolArray,
+) -> FloatArray:
+    """New caps from the previous ones and the allocation, by the band rules.
+
+    ``blocked`` GPUs (stale readings, or under a silent meter) never rise: not knowing
+    is no reason to uncap.
+    """
+    max_w = index.gpu_max_w
+    cap_gpu = covered(index, bands.capping)
+    deadband = DEADBAND_FRACTION * max_w
+    new = prev_w.copy()
+    down = (alloc_w < prev_w) & (cap_gpu | (alloc_w < prev_w - deadband))
+    new[down] = alloc_w[down]
+    up = (alloc_w > prev_w + deadband) & ~blocked
+    ramp = prev_w + cfg.uncap_step_fraction * (alloc_w - prev_w)
+    ramp = np.where(alloc_w - ramp < SNAP_FRACTION * max_w, alloc_w, ramp)
+    new[up] = ramp[up]
+    # Whole watts (NVML takes milliwatts, nobody needs them), never outside the GPU's range.
+    out: FloatArray = np.minimum(np.maximum(np.floor(new), floor_w), max_w)
+    return out

@@ -1,0 +1,339 @@
+"""The rackpower policy: job-aware, priority-ordered capping over every level of the tree.
+
+One cycle:
+
+1. GPU demand: what each GPU would draw uncapped, held at its peak over a few seconds
+   (a synchronous job swings between compute and communication within one iteration;
+   the cap must fit the compute phase, not chase the swing). A GPU drawing at its
+   cap, or one we cannot see, is assumed to want its maximum.
+2. Node loads (max of measured and children), loss ratios learned from data, the
+   learned safety margin, the effective envelope (lost feeds, demand response).
+3. Bands decide per node whether to cap, hold or release (bands.py) and set budgets.
+4. One water-filling over the tree turns budgets into caps (budget.py); synchronous
+   jobs get one cap, the lowest any of their nodes allows.
+5. Caps move by the band rules; escalation when floors are not enough.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import numpy as np
+
+from controller.config import TripCurve
+from controller.topology import PowerTree
+
+from .actions import cap_actions
+from .bands import NodeBands, covered, move_caps, node_bands
+from .budget import Allocation, GpuTerms, allocate, class_spacing
+from .escalation import EscalationInputs, escalate, integrate_trip
+from .index import TreeIndex, tree_index
+from .jobs import JobIndex, build_job_index, job_min
+from .loads import (
+    Loads,
+    effective_envelopes,
+    estimate_loads,
+    gpu_power_worst_case,
+    reservations,
+)
+from .margin import MarginMemory, update_margin
+from .types import Action, FloatArray, NodeStatus, PolicyState, Snapshot, frozen_array
+from .window import WindowMax
+
+DEMAND_HOLD_S = 10.0  # longer than the slowest training iteration (5 s)
+DEMAND_BUCKETS = 5
+BOUND_FRACTION = 0.03  # a GPU within 3 % (+2 W) of its enforced limit is held by it
+BOUND_W = 2.0
+LOSS_SMOOTHING = 0.2  # EMA weight of this cycle's measured/attributed ratio
+LOSS_RATIO_MAX = 1.5
+MAX_DT_S = 60.0
+
+
+@dataclass(frozen=True, eq=False)
+class Memory:
+    """What rackpower remembers between cycles (private to this module)."""
+
+    demand: WindowMax
+    margin: MarginMemory
+    loss_ratio: FloatArray
+    trip_used: FloatArray
+    infeasible_since_s: FloatArray
+    last_escalation_s: FloatArray
+    unattributed_w: FloatArray
+    pending: Mapping[str, float] = field(default_factory=dict)
+    jobs: JobIndex | None = None
+
+
+def _fresh_memory(index: TreeIndex, tree: PowerTree) -> Memory:
+    n = index.n_nodes
+    return Memory(
+        demand=WindowMax.empty(index.n_gpus, DEMAND_HOLD_S, DEMAND_BUCKETS),
+        margin=MarginMemory.empty(n, tree.site.policy.margin),
+        loss_ratio=np.full(n, np.nan),
+        trip_used=np.zeros(n),
+        infeasible_since_s=np.full(n, np.inf),
+        last_escalation_s=np.full(n, -np.inf),
+        unattributed_w=np.zeros(n),
+    )
+
+
+def decide(
+    snapshot: Snapshot, tree: PowerTree, state: PolicyState | None
+) -> tuple[tuple[Action, ...], PolicyState]:
+    """One control cycle. Pure: the same inputs give the same outputs, nothing is mutated."""
+    index = tree_index(tree)
+    cfg = tree.site.policy
+    now = snapshot.now_s
+    fresh = (
+        state is None
+        or state.tree_id != id(tree)
+        or not isinstance(state.memory, Memory)
+        or state.target_w.shape != (index.n_gpus,)
+    )
+    if fresh:
+        memory = _fresh_memory(index, tree)
+        reference = np.asarray(snapshot.gpu_limit_w, dtype=np.float64)
+        dt = 0.0
+    else:
+        assert state is not None
+        memory = state.memory
+        reference = state.target_w
+        dt = min(max(now - state.now_s, 0.0), MAX_DT_S)
+
+    jobs = memory.jobs
+    if jobs is None or jobs.jobs != snapshot.jobs:
+        jobs = build_job_index(index, snapshot.jobs, cfg)
+    floor, max_w = jobs.floor_w, index.gpu_max_w
+    prev = np.minimum(np.maximum(np.where(np.isfinite(reference), reference, max_w), floor), max_w)
+
+    # 1. demand
+    power, stale_gpu = gpu_power_worst_case(index, snapshot.gpu_power_w)
+    enforced = np.where(np.isfinite(snapshot.gpu_limit_w), snapshot.gpu_limit_w, prev)
+    held = power >= enforced * (1.0 - BOUND_FRACTION) - BOUND_W
+    demand_mem = memory.demand.push(now, np.where(stale_gpu | held, max_w, power))
+    demand = np.minimum(demand_mem.maximum(), max_w)
+
+    # 2. loads, losses, envelopes, margin
+    loads = estimate_loads(index, snapshot, power, stale_gpu)
+    envelope = effective_envelopes(index, snapshot.lost_sources, snapshot.envelope_override_w)
+    rating = index.effective_rating_w(snapshot.lost_sources)
+    reserved = reservations(index, snapshot.reservations_w)
+    ratio = _loss_ratio(memory.loss_ratio, loads)
+    # Power the GPUs and baselines do not explain counts as non-cappable. A silent meter
+    # reads as its rating for the estimate, headroom and bands, but its unexplained part
+    # stays at the last fresh value: otherwise every watt the caps take off would reappear
+    # as unexplained power and the caps would ratchet down to their floors.
+    unattributed = np.where(
+        loads.stale_below,
+        memory.unattributed_w,
+        np.maximum(loads.load_w - ratio * loads.attributed_w, 0.0),
+    )
+    margin, margin_mem = update_margin(
+        memory.margin, now, loads.load_w, ~loads.stale_below, envelope, cfg.margin
+    )
+
+    # 3. bands and budgets (node currency), then in GPU watts
+    fixed = ratio * index.base_w + unattributed + reserved
+    use_now = index.seg_sum(np.minimum(prev, demand))
+    caps_now = index.seg_sum(prev)
+    plan = ratio * use_now + fixed
+    margin_plan = np.minimum(ratio * caps_now, ratio * use_now + margin) + fixed
+    bands = node_bands(cfg.bands, envelope, loads.load_w, plan, margin_plan)
+    a1 = (bands.band_budget_w - fixed) / ratio
+    a2 = (bands.margin_budget_w - fixed) / ratio
+    margin_gpu = margin / ratio
+
+    # 4. allocation
+    terms = GpuTerms(
+        shift=jobs.gpu_rank.astype(np.float64) * class_spacing(max_w),
+        floor_w=floor,
+        max_w=max_w,
+        use_lo_w=np.minimum(floor, demand),
+        use_hi_w=demand,
+    )
+    alloc = _allocate_jobwide(index, jobs, terms, a1, a2, margin_gpu, len(jobs.class_names))
+    target = job_min(alloc.caps(terms), jobs)
+
+    # 5. move caps by the band rules, then make sure no node ends above its budget
+    blocked = stale_gpu | covered(index, loads.stale_meter)
+    new = move_caps(index, cfg.bands, bands, prev, target, floor, blocked)
+    new = _enforce_budgets(index, new, target, demand, ratio, fixed, margin, bands)
+    new = job_min(new, jobs)
+
+    # 6. trip allowance and escalation
+    trip_used = integrate_trip(memory.trip_used, loads.load_w, rating, _curves(index, snapshot), dt)
+    if snapshot.trip_used is not None:
+        trip_used = trip_used.copy()
+        for nid, used in snapshot.trip_used.items():
+            k = index.pos.get(nid)
+            if k is not None:
+                trip_used[k] = float(used)
+    headroom = envelope - loads.load_w - reserved
+    floor_load = ratio * (index.seg_sum(terms.use_lo_w) + index.base_w) + unattributed
+    escalations, since, last, pending = escalate(
+        index,
+        jobs,
+        EscalationInputs(
+            now_s=now,
+            floor_load_w=floor_load,
+            envelope_w=envelope,
+            rating_w=rating,
+            trip_used=trip_used,
+            load_w=loads.load_w,
+            headroom_w=headroom,
+            trusted=~loads.stale_meter,
+            gpu_power_w=power,
+        ),
+        _curves(index, snapshot),
+        cfg.escalation,
+        memory.infeasible_since_s,
+        memory.last_escalation_s,
+        dict(memory.pending),
+    )
+
+    # 7. actions and state
+    leaf = index.server_owner[index.gpu_server]
+    decider = np.where(alloc.binding >= 0, alloc.binding, leaf)
+    explain = _Explainer(index, loads, envelope, margin, bands, target)
+    actions: list[Action] = list(cap_actions(index, jobs, new, reference, decider, explain.reason))
+    actions.extend(escalations)
+    new_memory = Memory(
+        demand=demand_mem,
+        margin=margin_mem,
+        loss_ratio=ratio,
+        trip_used=trip_used,
+        infeasible_since_s=since,
+        last_escalation_s=last,
+        unattributed_w=unattributed,
+        pending=MappingProxyType(pending),
+        jobs=jobs,
+    )
+    status = NodeStatus(
+        node_ids=index.node_ids,
+        load_w=frozen_array(loads.load_w),
+        envelope_w=frozen_array(envelope),
+        headroom_w=frozen_array(headroom),
+        margin_w=frozen_array(margin),
+        trip_used=frozen_array(trip_used),
+        mode=bands.mode(),
+    )
+    new_state = PolicyState(
+        tree_id=id(tree), now_s=now, target_w=frozen_array(new), nodes=status, memory=new_memory
+    )
+    return tuple(actions), new_state
+
+
+def _loss_ratio(previous: FloatArray, loads: Loads) -> FloatArray:
+    """Measured over attributed power per node, smoothed; learned only from fresh data."""
+    attributed = np.maximum(loads.attributed_w, 1.0)
+    now = np.clip(loads.load_w / attributed, 1.0, LOSS_RATIO_MAX)
+    learn = ~loads.stale_below & (loads.attributed_w > 0)
+    first = ~np.isfinite(previous)
+    smoothed = np.where(first, now, previous + LOSS_SMOOTHING * (now - previous))
+    out: FloatArray = np.where(learn, smoothed, np.where(first, 1.0, previous))
+    return out
+
+
+def _allocate_jobwide(
+    index: TreeIndex,
+    jobs: JobIndex,
+    terms: GpuTerms,
+    a1: FloatArray,
+    a2: FloatArray,
+    margin_gpu: FloatArray,
+    n_classes: int,
+) -> Allocation:
+    """Water-fill, then again with each synchronous job held to its lowest level.
+
+    A job that spans racks is held back by its tightest rack; the second pass hands what
+    it cannot use in the other racks to their other jobs.
+    """
+    alloc = allocate(index, terms, a1, a2, margin_gpu, n_classes=n_classes)
+    jobwide = job_min(alloc.level, jobs)
+    if not (jobwide < alloc.level).any():
+        return alloc
+    second = allocate(index, terms, a1, a2, margin_gpu, level_cap=jobwide, n_classes=n_classes)
+    binding = np.where(second.binding >= 0, second.binding, alloc.binding)
+    return Allocation(
+        level=job_min(second.level, jobs), binding=binding, infeasible=second.infeasible
+    )
+
+
+def _enforce_budgets(
+    index: TreeIndex,
+    new: FloatArray,
+    target: FloatArray,
+    demand: FloatArray,
+    ratio: FloatArray,
+    fixed: FloatArray,
+    margin: FloatArray,
+    bands: NodeBands,
+) -> FloatArray:
+    """Where deadbands left a node above its budget, fall back to the allocation there."""
+    use = index.seg_sum(np.minimum(new, demand))
+    caps = index.seg_sum(new)
+    plan = ratio * use + fixed
+    margin_plan = np.minimum(ratio * caps, ratio * use + margin) + fixed
+    over = (plan > bands.band_budget_w + 1e-6) | (margin_plan > bands.margin_budget_w + 1e-6)
+    if not over.any():
+        return new
+    allocated = np.maximum(np.floor(target), np.minimum(target, new))
+    out: FloatArray = np.where(covered(index, over), np.minimum(new, allocated), new)
+    return out
+
+
+def _curves(index: TreeIndex, snapshot: Snapshot) -> list[TripCurve | None]:
+    return [index.curve_of(k, snapshot.lost_sources) for k in range(index.n_nodes)]
+
+
+class _Explainer:
+    """Audit lines: which node decided, its numbers, and what happened to whom."""
+
+    def __init__(
+        self,
+        index: TreeIndex,
+        loads: Loads,
+        envelope: FloatArray,
+        margin: FloatArray,
+        bands: NodeBands,
+        target: FloatArray,
+    ) -> None:
+        self.index = index
+        self.load = loads.load_w
+        self.stale = loads.stale_meter
+        self.envelope = envelope
+        self.margin = margin
+        self.bands = bands
+        self.target = target
+
+    def reason(self, k: int, label: str, old_w: float, new_w: float) -> str:
+        if k < 0:
+            return f"{label}: {_w(old_w)} -> {_w(new_w)}"
+        b = self.bands
+        nid = self.index.node_ids[k]
+        numbers = (
+            f"load {_kw(self.load[k])}{' (meter silent: rating)' if self.stale[k] else ''},"
+            f" envelope {_kw(self.envelope[k])}, margin {_kw(self.margin[k])}"
+        )
+        old = "uncapped" if math.isnan(old_w) else _w(old_w)
+        if b.capping[k]:
+            why = (
+                f"plan above cap threshold {_kw(b.cap_above_w[k])} or within margin of the"
+                f" envelope, aiming at {_kw(b.target_w[k])}"
+            )
+        elif b.releasing[k]:
+            why = f"below release threshold {_kw(b.uncap_below_w[k])}, ramping up"
+        else:
+            why = "inside the band, shifting budget between classes"
+        return f"{nid}: {numbers}; {why}: {label} {old} -> {_w(new_w)}"
+
+
+def _kw(value: float) -> str:
+    return f"{value / 1e3:.1f} kW"
+
+
+def _w(value: float) -> str:
+    return f"{value:.0f} W"
