@@ -231,6 +231,7 @@ class SimScheduler:
     # -- placement ------------------------------------------------------------------------
 
     def _place_due(self, now_s: float) -> None:
+        now_s += 1e-9  # times are sums of steps: forgive their rounding
         if now_s < self._next_due_s:
             return
         queued = sorted(
@@ -328,7 +329,9 @@ class SimScheduler:
         A job's pace is set by its worst GPU: ``x = power / min(demand, max_w)`` (what the
         GPU drew over what it would have drawn at its default limit), minimum over its GPUs.
         """
-        if dark_gpu is not None:
+        if dark_gpu is not None and dark_gpu is not self._dark:
+            if not np.array_equal(dark_gpu, self._dark):
+                self._next_due_s = -np.inf  # power back: queued jobs may fit now
             self._dark = dark_gpu
             if (dark_gpu & self._busy).any():
                 self._fail_dark(now_s)
