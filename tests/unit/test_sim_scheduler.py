@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from controller.config import parse_site
 from controller.topology import PowerTree
@@ -222,3 +224,50 @@ def test_a_trip_fails_the_jobs_below_it_and_they_restart_elsewhere() -> None:
     loop.state = loop.plant.reclose(loop.state, ["rack-1"])
     loop.run(0.2)
     assert {v.job_id: set(v.gpus) for v in sched.jobs()}["small"] <= RACK1
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 8), min_size=1, max_size=6),
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["requeue", "migrate", "drain", "resume", "wait"]),
+            st.integers(0, 5),
+            st.sampled_from(["rack-1", "rack-2", "rack-1-n1", "rack-2-n2"]),
+        ),
+        max_size=12,
+    ),
+)
+def test_placements_never_overlap_and_never_start_on_drained_gpus(
+    sizes: list[int], ops: list[tuple[str, int, str]]
+) -> None:
+    t = tree()
+    sched = SimScheduler(
+        t,
+        [TrainingJobSpec(f"j{i}", n, 1000.0, profile=FLAT) for i, n in enumerate(sizes)],
+        config=SchedulerConfig(requeue_delay_s=1.0, migrate_delay_s=1.0),
+    )
+    now = 0.0
+    held: dict[str, tuple[int, ...]] = {}
+    for op, k, node in ops:
+        job = f"j{k % len(sizes)}"
+        if op == "requeue":
+            sched.requeue(job, now)
+        elif op == "migrate":
+            sched.migrate(job, [node], now)
+        elif op == "drain":
+            sched.drain(node)
+        elif op == "resume":
+            sched.resume(node)
+        now += 0.7
+        sched.demand_w(now)
+        drained = np.zeros(16, dtype=bool)
+        for d in sched.drained:
+            a, b = t.gpu_range(d)
+            drained[a:b] = True
+        gpus = [g for v in sched.jobs() for g in v.gpus]
+        assert len(gpus) == len(set(gpus))
+        for v in sched.jobs():
+            if held.get(v.job_id) != v.gpus:  # (re)started now: not on a drained GPU
+                assert not drained[list(v.gpus)].any()
+        held = {v.job_id: v.gpus for v in sched.jobs()}
