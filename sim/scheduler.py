@@ -23,6 +23,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from controller.policy.types import Job
 from controller.topology import PowerTree
 from sim.workloads import (
     IDLE_FRAC,
@@ -41,16 +42,9 @@ IntArray = npt.NDArray[np.intp]
 
 JobSpec = TrainingJobSpec | InferenceServiceSpec
 
-
-@dataclass(frozen=True)
-class JobView:
-    """What the policy sees of a placed job."""
-
-    job_id: str
-    priority_class: str
-    gpus: tuple[int, ...]  # indices into tree.gpus
-    synchronous: bool  # one cap across all its GPUs: it runs at its slowest GPU's pace
-    migratable: bool
+#: What the policy sees of a placed job: the policy's own ``Job`` type (id, priority_class,
+#: gpus, synchronous, migratable), so the scenario runner passes ``jobs()`` straight on.
+JobView = Job
 
 
 @dataclass(frozen=True)
@@ -167,7 +161,10 @@ class SimScheduler:
         self._rebuild()
 
     def jobs(self) -> tuple[JobView, ...]:
-        """Placed jobs, as the policy consumes them (rebuilt only when placement changes)."""
+        """Placed jobs as ``controller.policy.Job`` values, ready for a snapshot.
+
+        The tuple is rebuilt only when placement changes, so asking every cycle is free.
+        """
         return self._views
 
     def requeue(self, job_id: str, now_s: float) -> bool:
@@ -286,11 +283,11 @@ class SimScheduler:
                 gpu_slot[g] = self._inf_base[job.slot] + np.arange(len(g)) // per
             views.append(
                 JobView(
-                    job.spec.job_id,
-                    job.spec.priority_class,
-                    job.gpus,
-                    job.training,
-                    job.spec.migratable,
+                    id=job.spec.job_id,
+                    priority_class=job.spec.priority_class,
+                    gpus=job.gpus,
+                    synchronous=job.training,
+                    migratable=job.spec.migratable,
                 )
             )
         self._views = tuple(views)
@@ -415,7 +412,7 @@ class SimScheduler:
 
     def gpu_jobs(self) -> Mapping[int, str]:
         """Job id of every busy GPU."""
-        return {g: v.job_id for v in self._views for g in v.gpus}
+        return {g: v.id for v in self._views for g in v.gpus}
 
     @property
     def migrations(self) -> int:

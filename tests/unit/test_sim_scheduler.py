@@ -61,12 +61,12 @@ def test_job_view_for_the_policy_and_first_fit_placement() -> None:
     )
     assert sched.jobs() == ()
     sched.demand_w(0.0)
-    views = {v.job_id: v for v in sched.jobs()}
+    views = {v.id: v for v in sched.jobs()}
     assert views["t1"] == JobView("t1", "training", tuple(range(6)), True, True)
     assert views["svc"] == JobView("svc", "inference", (6, 7, 8, 9), False, False)
     assert "late" not in views
     sched.demand_w(5.0)
-    assert {v.job_id: v for v in sched.jobs()}["late"].gpus == (10, 11)
+    assert {v.id: v for v in sched.jobs()}["late"].gpus == (10, 11)
     assert sched.gpu_jobs()[11] == "late"
 
 
@@ -104,7 +104,7 @@ def test_requeue_loses_progress_since_last_checkpoint_and_restarts_after_delay()
     assert sched.jobs() == ()  # still inside the requeue delay
     assert np.all(loop.state.gpu_demand_w == pytest.approx(0.12 * sched.gpu_tdp_w))
     loop.run(0.2)
-    assert [v.job_id for v in sched.jobs()] == ["t"]
+    assert [v.id for v in sched.jobs()] == ["t"]
     assert sched.migrations == 1
     w = sched.work()
     # the 10 s away count as demanded and not delivered
@@ -169,12 +169,12 @@ def test_drain_keeps_new_work_off_and_resume_lets_it_back() -> None:
     assert sched.drained == {"rack-2"}
     sched.demand_w(1.0)  # b does not fit outside rack-2: waits
     sched.demand_w(2.0)  # c fits in rack-1's other half
-    placed = {v.job_id: set(v.gpus) for v in sched.jobs()}
+    placed = {v.id: set(v.gpus) for v in sched.jobs()}
     assert set(placed) == {"a", "c"}
     assert placed["c"] <= RACK1
     sched.resume("rack-2")
     sched.demand_w(2.1)
-    placed = {v.job_id: set(v.gpus) for v in sched.jobs()}
+    placed = {v.id: set(v.gpus) for v in sched.jobs()}
     assert placed["b"] == RACK2
 
 
@@ -188,7 +188,7 @@ def test_queue_is_served_by_priority_class_then_fifo() -> None:
         ],
     )
     sched.demand_w(0.0)
-    assert {v.job_id for v in sched.jobs()} == {"crit", "train"}
+    assert {v.id for v in sched.jobs()} == {"crit", "train"}
 
 
 def test_a_trip_fails_the_jobs_below_it_and_they_restart_elsewhere() -> None:
@@ -220,10 +220,10 @@ def test_a_trip_fails_the_jobs_below_it_and_they_restart_elsewhere() -> None:
     (view,) = sched.jobs()
     assert set(view.gpus) == RACK2
     loop.run(25.0)  # "small" arrives: only dark GPUs are free, so it waits
-    assert [v.job_id for v in sched.jobs()] == ["hot"]
+    assert [v.id for v in sched.jobs()] == ["hot"]
     loop.state = loop.plant.reclose(loop.state, ["rack-1"])
     loop.run(0.2)
-    assert {v.job_id: set(v.gpus) for v in sched.jobs()}["small"] <= RACK1
+    assert {v.id: set(v.gpus) for v in sched.jobs()}["small"] <= RACK1
 
 
 @settings(max_examples=30, deadline=None)
@@ -268,6 +268,6 @@ def test_placements_never_overlap_and_never_start_on_drained_gpus(
         gpus = [g for v in sched.jobs() for g in v.gpus]
         assert len(gpus) == len(set(gpus))
         for v in sched.jobs():
-            if held.get(v.job_id) != v.gpus:  # (re)started now: not on a drained GPU
+            if held.get(v.id) != v.gpus:  # (re)started now: not on a drained GPU
                 assert not drained[list(v.gpus)].any()
-        held = {v.job_id: v.gpus for v in sched.jobs()}
+        held = {v.id: v.gpus for v in sched.jobs()}
