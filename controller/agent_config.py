@@ -1,0 +1,108 @@
+"""Node agent configuration: one small YAML file per GPU node.
+
+Validated like the site config (pydantic, ``extra="forbid"``), and errors come out the
+same way: ``agent.yaml: failsafe_w: Input should be greater than 0 (got -5)``. The
+broker password is never in the file: ``password_env`` or ``password_file``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import Field, StringConstraints, ValidationError
+
+from controller.config import ConfigError, MqttConfig, Problem, Strict, format_loc
+from controller.lease import ID_PATTERN, MAX_LEASE_S
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=ID_PATTERN)]
+
+
+class AgentMqttConfig(Strict):
+    """The broker the agent link runs over (same fields and secrets rules as the site's)."""
+
+    url: str = "mqtt://127.0.0.1:1883"
+    topic_prefix: Annotated[str, StringConstraints(min_length=1, pattern=r"^[^+#]+$")] = "rackpower"
+    username: str | None = None
+    password_env: str | None = None
+    password_file: Path | None = None
+    tls: bool = False
+    keepalive_s: Annotated[int, Field(ge=5, le=600)] = 15
+
+    def as_site_mqtt(self) -> MqttConfig:
+        """In the shape controller.mqtt resolves URLs and secrets from."""
+        return MqttConfig(
+            url=self.url,
+            topic_prefix=self.topic_prefix,
+            username=self.username,
+            password_env=self.password_env,
+            password_file=self.password_file,
+            tls=self.tls,
+        )
+
+
+class NvmlSettings(Strict):
+    confirm_timeout_s: Annotated[float, Field(gt=0, le=10)] = 1.0
+
+
+class AgentConfig(Strict):
+    """What one node agent needs: who it is, whom it obeys, and its failsafe cap.
+
+    ``failsafe_w`` is the static safe share per GPU (W): the cap that keeps every level
+    of the power tree inside its envelope with every node at it at once and no
+    controller. The agent applies it at start (before any lease), when a lease runs out,
+    and when it stops. It is clamped into each GPU's NVML range. ``max_lease_s`` caps
+    the lease length a controller may grant, so a controller bug cannot switch the
+    failsafe off for long.
+    """
+
+    site: Annotated[str, StringConstraints(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    agent_id: Id
+    node_id: Id
+    controller_id: Id
+    failsafe_w: Annotated[float, Field(gt=0, le=100_000)]
+    telemetry_hz: Annotated[float, Field(ge=1, le=10)] = 2.0
+    max_lease_s: Annotated[float, Field(gt=0, le=MAX_LEASE_S)] = 60.0
+    mqtt: AgentMqttConfig
+    nvml: NvmlSettings = NvmlSettings()
+
+
+def _problems(exc: ValidationError) -> list[Problem]:
+    out = []
+    for err in exc.errors(include_url=False):
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (not part of the schema; check the spelling)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in err and not isinstance(err["input"], dict | list):
+            msg = f"{msg} (got {err['input']!r})"
+        out.append(Problem(format_loc(err["loc"]), msg))
+    return out
+
+
+def parse_agent_config(data: Any, source: str = "<agent config>") -> AgentConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(source, [Problem("", "the file must be a mapping (key: value) at top")])
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, _problems(exc)) from None
+
+
+def load_agent_config(path: str | Path) -> AgentConfig:
+    """Read and validate an agent file; every error names the file and the key path."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(p), [Problem("", f"cannot read: {exc.strerror}")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(str(p), [Problem(where, f"not valid YAML: {problem}")]) from None
+    return parse_agent_config(data, str(p))
