@@ -187,6 +187,15 @@ class SnmpResponder(asyncio.DatagramProtocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(reply, addr)
 
+    def restart(self, device_id: str) -> None:
+        """Simulate the device's agent rebooting: its sysUpTime starts again from zero
+        (a driver takes that as the cue to re-read device constants like decimal digits)."""
+        for view in self.views.values():
+            if view.device.device_id == device_id:
+                view.started_s = time.monotonic()
+                return
+        raise KeyError(device_id)
+
     def cancel_pending(self) -> None:
         for handle in self._pending.values():
             handle.cancel()
