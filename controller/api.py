@@ -1,0 +1,681 @@
+"""The HTTP API: headroom and reservations for schedulers, the tree for people, metrics.
+
+FastAPI on uvicorn, served *inside the daemon's event loop* (:class:`ApiServer`), so
+handlers read the live state through :class:`~controller.view.ControllerView` without
+locks or copies. Every handler is ``async def`` for that reason: a plain ``def`` handler
+would run in a worker thread and race the control cycle.
+
+Authentication: ``POST``/``DELETE`` need ``Authorization: Bearer <token>``, the token
+read from ``integrations.api.token_env`` or ``token_file`` at start (never inline),
+compared in constant time. With no token configured the mutating endpoints answer 503
+"not configured" unless the app was made with ``allow_unauthenticated=True`` (the demo
+on loopback does this). Reading endpoints are open: they expose what a BMS screen shows.
+
+Bad input answers 4xx with the reason, never 5xx: 422 names the field (FastAPI's
+validation), 404 an unknown node or reservation, 409 a reservation the headroom does not
+cover, 401 a missing or wrong token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import math
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import uvicorn
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, status
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+
+from controller import audit as audit_kinds
+from controller.audit import AuditLog, EventKind
+from controller.config import ApiConfig, Kind
+from controller.metrics import CONTENT_TYPE, Metrics
+from controller.reservations import MAX_TTL_S, Refusal, Reservation, ReservationStore
+from controller.topology import CONSTRAINT_KINDS, PowerTree
+from controller.view import (
+    CapOut,
+    CapsOut,
+    ControllerView,
+    HeadroomOut,
+    HeadroomRow,
+    HealthOut,
+    NodeOut,
+    TreeOut,
+    build_rows,
+    free_w,
+    kinds_down_to,
+)
+
+log = logging.getLogger("rackpower.api")
+
+STATIC_DIR = Path(__file__).parent / "static"
+DownTo = Literal["feed", "sst", "bus", "row", "rack", "node"]
+Clock = Callable[[], float]
+
+# Module level: handlers' annotations are strings (``from __future__ import annotations``)
+# that FastAPI resolves in this module's namespace, not in create_app's.
+_bearer = HTTPBearer(auto_error=False, description="the token from integrations.api")
+BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+# ---------------------------------------------------------------------------
+# Token
+
+
+def resolve_api_token(cfg: ApiConfig, environ: Mapping[str, str] | None = None) -> str | None:
+    """The bearer token from the environment or a file; None when neither is configured.
+
+    A configured source that is missing or empty stops the start: an API that silently
+    accepts nothing (or everything) is worse than one that does not come up.
+    """
+    env = os.environ if environ is None else environ
+    if cfg.token_env is not None:
+        token = env.get(cfg.token_env, "").strip()
+        if not token:
+            raise ValueError(f"api token_env: environment variable {cfg.token_env} is not set")
+        return token
+    if cfg.token_file is not None:
+        try:
+            token = cfg.token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(f"api token_file: cannot read {cfg.token_file}: {exc}") from exc
+        if not token:
+            raise ValueError(f"api token_file: {cfg.token_file} is empty")
+        return token
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Request and response models that only the API uses
+
+JobId = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[\w.:@/+-]+$")]
+
+
+class ReservationIn(BaseModel):
+    """What a scheduler asks for before it starts a job under ``node``."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+    node: str = Field(min_length=1, max_length=200, description="tree node id (rack, row, ...)")
+    watts: float = Field(gt=0, le=1e9, description="power to hold for the job, W")
+    ttl_s: float = Field(gt=0, le=MAX_TTL_S, description="seconds until it expires by itself")
+    job_id: JobId
+
+
+class ReservationOut(BaseModel):
+    id: str
+    node: str
+    watts: float
+    job_id: str
+    created_at_s: float
+    expires_at_s: float
+
+    @classmethod
+    def of(cls, r: Reservation) -> ReservationOut:
+        return cls(
+            id=r.id,
+            node=r.node,
+            watts=r.power_w,
+            job_id=r.job_id,
+            created_at_s=r.created_at_s,
+            expires_at_s=r.expires_at_s,
+        )
+
+
+class ReservationsOut(BaseModel):
+    reservations: list[ReservationOut]
+
+
+class RefusalOut(BaseModel):
+    detail: str
+    node: str
+    limiting_node: str
+    requested_w: float
+    available_w: float
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+class EventOut(BaseModel):
+    seq: int
+    ts_s: float
+    kind: str
+    reason: str
+    node: str | None
+    job_id: str | None
+    readings: dict[str, float | None]
+    details: dict[str, Any]
+    advisory: bool
+
+
+class EventsOut(BaseModel):
+    last_seq: int
+    events: list[EventOut]
+
+
+class HistoryOut(BaseModel):
+    """Columns of the last minutes for one node (what the status page plots)."""
+
+    node: str
+    period_s: float
+    ts_s: list[float]
+    load_w: list[float]
+    power_w: list[float | None]
+    envelope_w: list[float]
+
+
+# ---------------------------------------------------------------------------
+# History for the status page's plot
+
+
+class History:
+    """The last ``span_s`` of load and envelope per constraint node, sampled by the API.
+
+    Kept in the API so a freshly opened status page has minutes to plot at once; the
+    TSDB holds the long history. Large sites keep rows and above only, to bound memory.
+    """
+
+    def __init__(self, *, span_s: float = 600.0, period_s: float = 1.0, max_nodes: int = 256):
+        self.period_s = period_s
+        self.max_nodes = max_nodes
+        self._len = max(2, int(span_s / period_s))
+        self._series: dict[str, deque[tuple[float, float, float | None, float]]] = {}
+
+    def kinds(self, tree: PowerTree) -> tuple[Kind, ...]:
+        if len(tree.constraint_nodes()) <= self.max_nodes:
+            return CONSTRAINT_KINDS
+        return kinds_down_to("row")
+
+    def sample(self, now_s: float, rows: Sequence[NodeOut]) -> None:
+        seen = set()
+        for row in rows:
+            seen.add(row.id)
+            series = self._series.get(row.id)
+            if series is None:
+                series = self._series[row.id] = deque(maxlen=self._len)
+            series.append((now_s, row.load_w, row.power_w, row.envelope_w))
+        for gone in set(self._series) - seen:
+            del self._series[gone]
+
+    def series(self, node: str) -> HistoryOut:
+        points = list(self._series.get(node, ()))
+        return HistoryOut(
+            node=node,
+            period_s=self.period_s,
+            ts_s=[p[0] for p in points],
+            load_w=[p[1] for p in points],
+            power_w=[p[2] for p in points],
+            envelope_w=[p[3] for p in points],
+        )
+
+
+# ---------------------------------------------------------------------------
+# The app
+
+
+def _static(name: str) -> bytes:
+    return (STATIC_DIR / name).read_bytes()
+
+
+_STATIC_TYPES = {
+    "status.js": "text/javascript; charset=utf-8",
+    "status.css": "text/css; charset=utf-8",
+}
+
+
+def create_app(
+    view: ControllerView,
+    api_config: ApiConfig,
+    *,
+    reservations: ReservationStore | None = None,
+    audit: AuditLog | None = None,
+    metrics: Metrics | None = None,
+    clock: Clock = time.time,
+    allow_unauthenticated: bool = False,
+    environ: Mapping[str, str] | None = None,
+    history: History | None = None,
+) -> FastAPI:
+    """The API over a running controller's view.
+
+    ``reservations``, ``audit`` and ``metrics`` are shared with the daemon (it feeds
+    reservations into the policy's snapshot, records its actions in the same trail and
+    reports polls and cycles to the same metrics); fresh ones are made when not given
+    and are reachable as ``app.state.reservations`` etc. ``clock`` gives ``time.time()``
+    seconds: reservation expiries are wall-clock times clients can read.
+    """
+    token = resolve_api_token(api_config, environ)
+    store = reservations if reservations is not None else ReservationStore()
+    trail = audit if audit is not None else AuditLog()
+    mets = metrics if metrics is not None else Metrics(view.tree.site.name)
+    hist = history if history is not None else History()
+    page = {name: _static(name) for name in ("status.html", *_STATIC_TYPES)}
+
+    def rows_now(kinds: Sequence[Kind], only: str | None = None) -> list[NodeOut]:
+        tree = view.tree
+        return build_rows(tree, view.nodes(), store.reserved_w(tree, clock()), kinds, only)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async def sampler() -> None:
+            while True:
+                try:
+                    hist.sample(clock(), rows_now(hist.kinds(view.tree)))
+                except Exception:  # a view bug must not kill the plot for good
+                    log.exception("status history: sampling the view failed")
+                await asyncio.sleep(hist.period_s)
+
+        task = asyncio.create_task(sampler(), name="api-history")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    app = FastAPI(
+        title="rackpower",
+        version="1",
+        description=(
+            "Power headroom, reservations and live state of the power tree (feed, SST, bus,"
+            " row, rack, GPU server). Headroom = envelope - max(measured, estimated) -"
+            " reserved. POST and DELETE need `Authorization: Bearer <token>`."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.reservations = store
+    app.state.audit = trail
+    app.state.metrics = mets
+    app.state.history = hist
+
+    async def require_token(creds: BearerCredentials) -> None:
+        if token is None:
+            if allow_unauthenticated:
+                return
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                "changes through the API are disabled: no API token is configured"
+                " (set integrations.api.token_env or token_file)",
+            )
+        challenge = {"WWW-Authenticate": "Bearer"}
+        if creds is None:
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED, "missing bearer token", headers=challenge
+            )
+        if not hmac.compare_digest(creds.credentials.encode(), token.encode()):
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "wrong token", headers=challenge)
+
+    authorized = [Depends(require_token)]
+    auth_errors: dict[int | str, dict[str, Any]] = {
+        401: {"model": ErrorOut, "description": "missing or wrong bearer token"},
+        503: {"model": ErrorOut, "description": "no API token configured"},
+    }
+
+    def known_node(node: str) -> str:
+        tree = view.tree
+        if node not in tree or tree.node(node).kind == "gpu":
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND,
+                f"no node {node!r} in site {tree.site.name!r}"
+                + (" (GPUs have no headroom of their own)" if node in tree else ""),
+            )
+        return node
+
+    not_found: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut}}
+
+    @app.get("/v1/health", response_model=HealthOut, tags=["state"])
+    async def health() -> HealthOut:
+        """Whether the control loop runs and keeps time (``cycle_age_s`` since the last)."""
+        h = view.health()
+        now = clock()
+        return HealthOut(
+            status=h.status,
+            site=view.tree.site.name,
+            mode=h.mode,
+            now_s=now,
+            started_at_s=h.started_at_s,
+            last_cycle_at_s=h.last_cycle_at_s,
+            cycle_age_s=None if h.last_cycle_at_s is None else max(0.0, now - h.last_cycle_at_s),
+            cycle_s=h.cycle_s,
+            cycles=h.cycles,
+            overruns=h.overruns,
+            devices_total=h.devices_total,
+            devices_stale=h.devices_stale,
+            reservations=len(store.active(now)),
+            message=h.message,
+        )
+
+    @app.get("/v1/tree", response_model=TreeOut, tags=["state"])
+    async def tree(down_to: DownTo = "node") -> TreeOut:
+        """Every node down to ``down_to`` (GPU servers by default), parents first."""
+        return TreeOut(
+            site=view.tree.site.name,
+            now_s=clock(),
+            mode=view.health().mode,
+            nodes=rows_now(kinds_down_to(down_to)),
+        )
+
+    @app.get("/v1/headroom", response_model=HeadroomOut, tags=["scheduling"], responses=not_found)
+    async def headroom(
+        node: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+        down_to: DownTo = "node",
+    ) -> HeadroomOut:
+        """Headroom of one node (``?node=ID``) or of every node down to ``down_to``.
+
+        ``available_w`` is the least headroom from the node up to the feed: what a
+        reservation on it can get.
+        """
+        if node is not None:
+            known_node(node)
+            rows = rows_now(kinds_down_to("node"), only=node)
+        else:
+            rows = rows_now(kinds_down_to(down_to))
+        return HeadroomOut(
+            nodes=[
+                HeadroomRow(
+                    id=r.id,
+                    kind=r.kind,
+                    envelope_w=r.envelope_w,
+                    power_w=r.power_w,
+                    reserved_w=r.reserved_w,
+                    headroom_w=r.headroom_w,
+                    available_w=r.available_w,
+                )
+                for r in rows
+            ]
+        )
+
+    @app.get("/v1/reservations", response_model=ReservationsOut, tags=["scheduling"])
+    async def list_reservations() -> ReservationsOut:
+        return ReservationsOut(reservations=[ReservationOut.of(r) for r in store.active(clock())])
+
+    @app.post(
+        "/v1/reservations",
+        status_code=status.HTTP_201_CREATED,
+        response_model=ReservationOut,
+        tags=["scheduling"],
+        dependencies=authorized,
+        responses={409: {"model": RefusalOut}, **not_found, **auth_errors},
+    )
+    async def reserve(body: ReservationIn, response: Response) -> ReservationOut | JSONResponse:
+        """Hold ``watts`` under ``node`` for ``ttl_s`` seconds, or 409 with the reason.
+
+        Granted only if the node and every level above it have the headroom; it then
+        counts in all of their ``reserved_w`` until it expires or is deleted.
+        """
+        known_node(body.node)
+        tree_now = view.tree
+        now = clock()
+        chain = [body.node, *tree_now.ancestors(body.node)]
+        free = free_w(tree_now, view.nodes(), chain)
+        got = store.add(
+            tree_now,
+            node=body.node,
+            power_w=body.watts,
+            ttl_s=body.ttl_s,
+            job_id=body.job_id,
+            now_s=now,
+            free_w=free,
+        )
+        readings = {f"{nid}.free_w": free[nid] for nid in chain}
+        if isinstance(got, Refusal):
+            trail.record(
+                audit_kinds.REFUSAL,
+                got.reason,
+                now_s=now,
+                node=body.node,
+                job_id=body.job_id,
+                readings=readings,
+                details={"requested_w": body.watts, "ttl_s": body.ttl_s},
+            )
+            mets.count_action(audit_kinds.REFUSAL)
+            return JSONResponse(
+                status_code=status.HTTP_409_CONFLICT,
+                content=RefusalOut(
+                    detail=got.reason,
+                    node=got.node,
+                    limiting_node=got.limiting_node,
+                    requested_w=got.requested_w,
+                    available_w=got.available_w if math.isfinite(got.available_w) else 0.0,
+                ).model_dump(),
+            )
+        trail.record(
+            audit_kinds.RESERVATION,
+            f"reserved {got.power_w:g} W under {got.node!r} for {body.ttl_s:g} s",
+            now_s=now,
+            node=got.node,
+            job_id=got.job_id,
+            readings=readings,
+            details={
+                "reservation_id": got.id,
+                "watts": got.power_w,
+                "expires_at_s": got.expires_at_s,
+            },
+        )
+        mets.count_action(audit_kinds.RESERVATION)
+        response.headers["Location"] = f"/v1/reservations/{got.id}"
+        return ReservationOut.of(got)
+
+    @app.delete(
+        "/v1/reservations/{reservation_id}",
+        response_model=ReservationOut,
+        tags=["scheduling"],
+        dependencies=authorized,
+        responses={**not_found, **auth_errors},
+    )
+    async def release(reservation_id: str) -> ReservationOut:
+        """Release a reservation before it expires; answers with what was released."""
+        now = clock()
+        gone = store.delete(reservation_id, now)
+        if gone is None:
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND, f"no active reservation {reservation_id!r}"
+            )
+        trail.record(
+            audit_kinds.RELEASE,
+            f"released {gone.power_w:g} W under {gone.node!r}",
+            now_s=now,
+            node=gone.node,
+            job_id=gone.job_id,
+            details={"reservation_id": gone.id},
+        )
+        mets.count_action(audit_kinds.RELEASE)
+        return ReservationOut.of(gone)
+
+    @app.get("/v1/caps", response_model=CapsOut, tags=["state"])
+    async def caps() -> CapsOut:
+        """Caps in force: per job (or server), the limit per GPU and why."""
+        return CapsOut(
+            caps=[
+                CapOut(
+                    job_id=c.job_id,
+                    node_id=c.node_id,
+                    servers=list(c.servers),
+                    gpu_count=c.gpu_count,
+                    limit_w=c.limit_w,
+                    reason=c.reason,
+                    since_s=c.since_s,
+                    lease_expires_s=c.lease_expires_s,
+                )
+                for c in view.caps()
+            ]
+        )
+
+    @app.get("/v1/events", response_model=EventsOut, tags=["state"])
+    async def events(
+        limit: Annotated[int, Query(ge=1, le=5000)] = 100,
+        since: Annotated[int, Query(ge=0, description="only events with seq above this")] = 0,
+        kind: Annotated[list[EventKind] | None, Query(description="repeat to pick several")] = None,
+    ) -> EventsOut:
+        """The audit trail, oldest first: actions with their reasons and readings."""
+        picked = trail.recent(limit=limit, since_seq=since, kinds=kind or ())
+        return EventsOut(
+            last_seq=trail.last_seq,
+            events=[EventOut.model_validate(e.to_json()) for e in picked],
+        )
+
+    @app.get("/v1/history", response_model=HistoryOut, tags=["state"], responses=not_found)
+    async def history_of(
+        node: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+    ) -> HistoryOut:
+        """The last minutes of load and envelope of a constraint node (default: a feed)."""
+        nid = node if node is not None else view.tree.roots[0]
+        known_node(nid)
+        return hist.series(nid)
+
+    @app.get("/metrics", tags=["state"], response_class=Response)
+    async def metrics_text() -> Response:
+        """Prometheus text exposition."""
+        now = clock()
+        mets.refresh(
+            rows_now(mets.kinds),
+            view.caps(),
+            health=view.health(),
+            reservations=len(store.active(now)),
+        )
+        return Response(mets.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def status_page() -> HTMLResponse:
+        return HTMLResponse(page["status.html"])
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(name: str) -> Response:
+        if name not in _STATIC_TYPES:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no file {name!r}")
+        return Response(page[name], media_type=_STATIC_TYPES[name])
+
+    @app.exception_handler(KeyError)
+    async def _key_error(_: Request, exc: KeyError) -> JSONResponse:
+        # A node that vanished in a config reload between the check and the use.
+        return JSONResponse(
+            status_code=404, content={"detail": str(exc.args[0] if exc.args else exc)}
+        )
+
+    return app
+
+
+# ---------------------------------------------------------------------------
+# Serving inside the daemon's loop
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn that leaves signals alone: SIGTERM and SIGHUP belong to the daemon."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket of our own: a taken port is an ``OSError`` here, where uvicorn
+    would ``sys.exit``, and port 0 tells us the port the kernel picked."""
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class ApiServer:
+    """Runs an app on uvicorn as one task of the daemon: ``await serve()`` until
+    ``await shutdown()``; :meth:`bind` first if the port is needed before serving."""
+
+    def __init__(
+        self, app: FastAPI, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
+    ) -> None:
+        self.host = host
+        self._requested_port = port
+        self._config = uvicorn.Config(
+            app,
+            log_config=None,
+            log_level=log_level,
+            access_log=False,
+            lifespan="on",
+            server_header=False,
+            proxy_headers=False,
+            timeout_graceful_shutdown=2,
+        )
+        self._server = _EmbeddedServer(self._config)
+        self._sock: socket.socket | None = None
+        self._started = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._serving = False
+
+    @classmethod
+    def from_config(cls, app: FastAPI, cfg: ApiConfig) -> ApiServer:
+        return cls(app, host=cfg.host, port=cfg.port)
+
+    def bind(self) -> int:
+        """Open the listening socket (idempotent); returns the bound port."""
+        if self._sock is None:
+            self._sock = _bind(self.host, self._requested_port)
+        return self.port
+
+    @property
+    def port(self) -> int:
+        if self._sock is None:
+            raise RuntimeError("ApiServer is not bound yet: call bind() or serve() first")
+        port: int = self._sock.getsockname()[1]
+        return port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def serve(self) -> None:
+        """Serve until :meth:`shutdown`; cancelling the task closes the socket too."""
+        sock = self._sock if self._sock is not None else _bind(self.host, self._requested_port)
+        self._sock = sock
+        self._serving = True
+        watcher = asyncio.create_task(self._watch_started(), name="api-started")
+        try:
+            await self._server.serve(sockets=[sock])
+        except SystemExit as exc:  # uvicorn exits when the lifespan fails
+            raise RuntimeError(f"API server failed to start (exit {exc.code})") from None
+        finally:
+            watcher.cancel()
+            for srv in getattr(self._server, "servers", ()):
+                srv.close()
+            sock.close()
+            self._stopped.set()
+
+    async def _watch_started(self) -> None:
+        # uvicorn has no started event, only a flag. The socket listens already, so a
+        # client that connects earlier waits in the backlog; this is for callers that log.
+        while not self._server.started:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        self._started.set()
+
+    async def wait_started(self) -> None:
+        """Return once requests are being answered."""
+        await self._started.wait()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let in-flight requests finish (2 s at most), return when done."""
+        self._server.should_exit = True
+        if self._serving:
+            await self._stopped.wait()
+        elif self._sock is not None:
+            self._sock.close()
