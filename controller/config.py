@@ -33,6 +33,8 @@ from pydantic import (
     model_validator,
 )
 
+from drivers.devicemap import DeviceMapError, ModbusMap, SnmpMap, load_map
+
 # ---------------------------------------------------------------------------
 # Errors
 
@@ -907,6 +909,50 @@ def check_site(
                 )
 
     problems.extend(_check_redundancy(spec, nodes, by_id, dev_ids))
+    problems.extend(_check_maps(nodes, devices, device_paths))
+    return problems
+
+
+def _check_maps(
+    nodes: Sequence[NodeDef], devices: Sequence[DeviceSpec], device_paths: Mapping[str, str]
+) -> list[Problem]:
+    """Each device's map exists and speaks its protocol; each meter names a point of it."""
+    problems: list[Problem] = []
+    points: dict[str, set[str]] = {}
+    maps: dict[str, ModbusMap | SnmpMap | DeviceMapError] = {}
+    for d in devices:
+        if d.map is None:
+            continue
+        where = device_paths.get(d.id, "devices")
+        if d.map not in maps:  # a hall has a thousand PDUs of one model
+            try:
+                maps[d.map] = load_map(d.map)
+            except DeviceMapError as exc:
+                maps[d.map] = exc
+        dmap = maps[d.map]
+        if isinstance(dmap, DeviceMapError):
+            problems.append(Problem(f"{where}.map", str(dmap).splitlines()[-1].strip()))
+            continue
+        if dmap.protocol != d.driver:
+            problems.append(
+                Problem(f"{where}.map", f"map {d.map!r} is for {dmap.protocol}, not {d.driver}")
+            )
+        points[d.id] = set(dmap.point_names())
+    for n in nodes:
+        meters = [(f"{n.path}.meters[{k}]", m) for k, m in enumerate(n.meters)]
+        for s_i, src in enumerate(n.sources):
+            meters += [
+                (f"{n.path}.sources[{s_i}].meters[{k}]", m) for k, m in enumerate(src.meters)
+            ]
+        for where, m in meters:
+            known = points.get(m.device)
+            if known is not None and m.point not in known:
+                problems.append(
+                    Problem(
+                        f"{where}.point",
+                        f"device {m.device!r} has no point {m.point!r} in its map",
+                    )
+                )
     return problems
 
 
