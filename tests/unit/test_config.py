@@ -182,6 +182,27 @@ BAD_CONFIGS: list[tuple[str, Callable[[], dict[str, Any]], Mutation, str, str]] 
     ),
     ("zero count", tiny_site, _set(f"{RACK}.count", 0), f"{RACK}.count", "greater than or equal"),
     (
+        "unknown device map",
+        tiny_site,
+        _set("devices[0].map", "acme-x"),
+        "devices[0].map",
+        "no device map named 'acme-x'",
+    ),
+    (
+        "map of another protocol",
+        tiny_site,
+        _set("devices[0].map", "apc-rpdu2"),
+        "devices[0].map",
+        "is for snmp, not modbus",
+    ),
+    (
+        "meter point not in map",
+        tiny_site,
+        _set("feeds[0].meters[0].point", "watts"),
+        "feeds[0].meters[0].point",
+        "has no point 'watts'",
+    ),
+    (
         "A/B source cannot carry floors",
         ab_site,
         _set("feeds[0].sources[1].envelope_w", 2000),
