@@ -1,10 +1,17 @@
 """SNMP driver: polls rack PDUs, UPSes and meters described by an SNMP device map.
 
 One :class:`SnmpDevice` per device, driven by :class:`drivers.base.DevicePoller`. A poll
-asks for every scalar point in as few GETs as the varbind limit allows, walks the map's
-table cells with GETBULK (one request per conceptual table, all its columns side by
-side), and turns each varbind into a :class:`~drivers.reading.Reading`: a missing object
-or a value of the wrong type is BAD with the reason, no answer is ERROR for the device.
+asks for all of a device's points in as few GETs as the varbind limit allows, and turns
+each varbind into a :class:`~drivers.reading.Reading`: a missing object or a value of the
+wrong type is BAD with the reason, no answer is ERROR for the device.
+
+Table cells: with ``tables="bulk"`` they are walked with GETBULK, one request per
+conceptual table with all its wanted columns side by side, from just below the first
+wanted row until every wanted row is seen. The default is ``"get"``, because a map names
+each cell's index, so the cells ride in the same GET as the scalars: measured on the
+APC map (7 points in 2 tables), one GET costs 19 us of CPU per point on the fast path,
+GET + 2 GETBULKs 37 us (pysnmp: 358 vs 404 us). Use bulk for agents that answer GETBULK
+better than long GETs, or for maps with many rows per column.
 
 Two transports, picked per device:
 
@@ -403,7 +410,7 @@ class SnmpDevice:
     def __init__(
         self, device_id: str, smap: SnmpMap, target: SnmpTarget, transport: SnmpTransport,
         *, timeout_s: float = 0.5, retries: int = DEFAULT_RETRIES,
-        max_varbinds: int = DEFAULT_MAX_VARBINDS, tables: TableMode = "bulk",
+        max_varbinds: int = DEFAULT_MAX_VARBINDS, tables: TableMode = "get",
         divisor_refresh_s: float = DEFAULT_DIVISOR_REFRESH_S,
     ) -> None:
         if max_varbinds < 1:
@@ -677,7 +684,7 @@ def build_snmp_devices(
     """Devices for the poll loop; all of them share one fast socket and one pysnmp engine.
 
     ``options``: ``transport`` (auto | fast | pysnmp; auto = fast for v2c, pysnmp for v3),
-    ``retries`` (1), ``max_varbinds`` (32 per request), ``tables`` (bulk | get),
+    ``retries`` (1), ``max_varbinds`` (32 per request), ``tables`` (get | bulk),
     ``divisor_refresh_s`` (300), ``v3_auth_protocol`` (SHA-256), ``v3_priv_protocol`` (AES).
     """
     fast = fast or FastV2cTransport()
@@ -694,7 +701,7 @@ def build_snmp_devices(
         if choice == "fast" and target.version == "3":
             raise ValueError(f"{p.device_id}: the fast transport speaks v2c only")
         use_fast = choice == "fast" or (choice == "auto" and target.version == "2c")
-        tables = str(opts.get("tables", "bulk"))
+        tables = str(opts.get("tables", "get"))
         if tables not in ("bulk", "get"):
             raise ValueError(f"{p.device_id}: tables must be bulk or get")
         out.append(SnmpDevice(
