@@ -64,7 +64,9 @@ def node_bands(
     hi = cfg.cap_above * envelope_w
     tgt = cfg.target * envelope_w
     lo = cfg.uncap_below * envelope_w
-    capping = (plan_w > hi) | (margin_plan_w > envelope_w)
+    # The load counts too: a silent meter reads as its rating and must not let the node
+    # relax, even when the GPUs' own telemetry says the plan is fine.
+    capping = (plan_w > hi) | (margin_plan_w > envelope_w) | (load_w > hi)
     releasing = ~capping & (load_w < lo)
     moving = capping | releasing
     # The margin constraint keeps the same hysteresis as the band, measured from the envelope.

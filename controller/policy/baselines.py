@@ -120,14 +120,17 @@ def three_band_policy(
     envelope = effective_envelopes(index, snapshot.lost_sources, snapshot.envelope_override_w)
     ratio = np.maximum(loads.load_w / np.maximum(loads.attributed_w, 1.0), 1.0)
     new = caps.copy()
+    cut = np.zeros(index.n_gpus, dtype=bool)  # under a node that cut this sample
     why: dict[int, str] = {}
-    # Lower levels first: a rack's cut also counts toward its row.
+    # Lower levels first: a rack's cut also counts toward its row, and a row's release
+    # never undoes it.
     for level in index.levels:
         for k in level.nodes.tolist():
             first, stop = int(index.start[k]), int(index.stop[k])
             drawn = np.minimum(power[first:stop], new[first:stop])
             cut_so_far = float((np.minimum(power[first:stop], caps[first:stop]) - drawn).sum())
             load = loads.load_w[k] - ratio[k] * cut_so_far
+            before = new[first:stop].copy()
             if load > cfg.cap_above * envelope[k]:
                 need = (load - cfg.target * envelope[k]) / ratio[k]
                 new[first:stop] = _cut(
@@ -137,7 +140,8 @@ def three_band_policy(
                     jobs.floor_w[first:stop],
                     jobs.gpu_rank[first:stop],
                 )
-                why[k] = f"above cap threshold {cfg.cap_above * envelope[k] / 1e3:.1f} kW"
+                cut[first:stop] = True
+                label = f"above cap threshold {cfg.cap_above * envelope[k] / 1e3:.1f} kW"
             elif load < cfg.uncap_below * envelope[k] and not loads.stale_below[k]:
                 room = (cfg.target * envelope[k] - load) / ratio[k]
                 new[first:stop] = _release(
@@ -145,10 +149,14 @@ def three_band_policy(
                     new[first:stop],
                     max_w[first:stop],
                     jobs.gpu_rank[first:stop],
-                    stale[first:stop],
+                    stale[first:stop] | cut[first:stop],
                     cfg.uncap_step_fraction,
                 )
-                why[k] = f"below release threshold {cfg.uncap_below * envelope[k] / 1e3:.1f} kW"
+                label = f"below release threshold {cfg.uncap_below * envelope[k] / 1e3:.1f} kW"
+            else:
+                continue
+            if np.any(new[first:stop] != before):
+                why[k] = label
     new = np.minimum(np.maximum(np.floor(new), jobs.floor_w), max_w)
     leaf = index.server_owner[index.gpu_server]
 
@@ -195,12 +203,15 @@ def _release(
     caps_w: FloatArray,
     max_w: FloatArray,
     rank: np.ndarray,
-    stale: np.ndarray,
+    keep: np.ndarray,
     step: float,
 ) -> FloatArray:
-    """Give back up to ``room_w``, highest priority first, a step of each gap at a time."""
+    """Give back up to ``room_w``, highest priority first, a step of each gap at a time.
+
+    ``keep`` GPUs (unseen, or just cut by a node below) are not raised.
+    """
     order = np.lexsort((caps_w, rank))
-    want = np.where(stale, 0.0, step * (max_w - caps_w))[order]
+    want = np.where(keep, 0.0, step * (max_w - caps_w))[order]
     before = np.cumsum(want) - want
     give = np.clip(room_w - before, 0.0, want)
     out = caps_w.copy()
@@ -213,8 +224,8 @@ def _deciding_node(
     why: dict[int, str],
     leaf: np.ndarray,
 ) -> np.ndarray:
-    """Per GPU the highest node that acted over it (its reason is the one printed)."""
+    """Per GPU the lowest node that moved its cap (its reason is the one printed)."""
     out = leaf.copy()
-    for k in sorted(why, reverse=True):
+    for k in sorted(why):
         out[index.start[k] : index.stop[k]] = k
     return out

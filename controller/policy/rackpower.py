@@ -255,7 +255,9 @@ def _allocate_jobwide(
     jobwide = job_min(alloc.level, jobs)
     if not (jobwide < alloc.level).any():
         return alloc
-    second = allocate(index, terms, a1, a2, margin_gpu, level_cap=jobwide, n_classes=n_classes)
+    # Only the GPUs another part of their job holds back; the rest may now rise.
+    held = np.where(jobwide < alloc.level, jobwide, np.inf)
+    second = allocate(index, terms, a1, a2, margin_gpu, level_cap=held, n_classes=n_classes)
     binding = np.where(second.binding >= 0, second.binding, alloc.binding)
     return Allocation(
         level=job_min(second.level, jobs), binding=binding, infeasible=second.infeasible
