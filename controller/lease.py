@@ -92,6 +92,33 @@ class Lease(_Message):
             }
         return value
 
+    @classmethod
+    def issue(
+        cls,
+        controller_id: str,
+        seq: int,
+        caps_w: Mapping[int | str, float],
+        lease_s: float,
+        *,
+        agent_id: str | None = None,
+        job_id: str | None = None,
+        reason: str | None = None,
+        issued_at: float | None = None,
+    ) -> Lease:
+        """A validated lease from the controller side; GPUs by index (int) or site id."""
+        return cls.model_validate(
+            {
+                "controller_id": controller_id,
+                "seq": seq,
+                "issued_at": time.time() if issued_at is None else issued_at,
+                "lease_s": lease_s,
+                "caps_w": dict(caps_w),
+                "agent_id": agent_id,
+                "job_id": job_id,
+                "reason": reason,
+            }
+        )
+
     def encode(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()
 

@@ -1,0 +1,97 @@
+"""``rackpower agent --config FILE``: the node agent as a process.
+
+Exit codes as for every command: 0 after a clean stop (SIGTERM or Ctrl-C), 2 for a bad
+config, 1 when it cannot run (no NVML on this machine, a broker secret missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from controller.agent import NodeAgent
+from controller.agent_config import AgentConfig, load_agent_config
+from controller.config import ConfigError
+from controller.link import MqttAgentLink
+from controller.mqtt import MqttSetupError
+from drivers.nvml import NvmlDriver, NvmlDriverError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+
+log = logging.getLogger("rackpower.agent")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "agent",
+        help="run the node agent: NVML telemetry up, leased caps down, failsafe cap",
+        description=(
+            "Run on a GPU node. Reads every GPU through NVML and sends telemetry to the"
+            " controller over MQTT; applies the power caps the controller leases (only from"
+            " its configured controller, only newer ones, only inside each GPU's limits);"
+            " applies the configured failsafe cap at start, when a lease runs out and on"
+            " stop. Setting limits needs root."
+        ),
+        epilog="Exit codes: 0 clean stop, 2 bad config, 1 cannot run (e.g. no NVML).",
+    )
+    p.add_argument("--config", required=True, help="agent YAML, e.g. configs/agents/example.yaml")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity (default info)",
+    )
+    p.set_defaults(handler=cmd_agent)
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_agent_config(args.config)
+    except ConfigError as exc:
+        n = len(exc.problems)
+        print(f"{exc.source}: {n} problem{'s' if n != 1 else ''}:", file=sys.stderr)
+        for p in exc.problems:
+            print(f"  {p.render(exc.source)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return asyncio.run(run_agent(cfg))
+    except (NvmlDriverError, MqttSetupError) as exc:
+        print(f"rackpower agent: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+async def run_agent(cfg: AgentConfig) -> int:
+    """NVML driver, MQTT link and agent until SIGTERM/SIGINT; failsafe applied on the way out."""
+    link = MqttAgentLink(
+        cfg.mqtt.as_site_mqtt(), cfg.site, cfg.agent_id, keepalive_s=cfg.mqtt.keepalive_s
+    )
+    async with NvmlDriver(cfg.node_id, confirm_timeout_s=cfg.nvml.confirm_timeout_s) as driver:
+        agent = NodeAgent(cfg, driver, link)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, agent.stop)
+        log.info(
+            "agent %s for node %s (%d GPUs), obeying controller %s, failsafe %g W per GPU",
+            cfg.agent_id,
+            cfg.node_id,
+            len(driver.gpus),
+            cfg.controller_id,
+            cfg.failsafe_w,
+        )
+        async with asyncio.TaskGroup() as tg:
+            link_task = tg.create_task(link.run(), name="agent-link")
+            await agent.run()
+            await link.stop()
+            await link_task
+    return EXIT_OK
