@@ -33,6 +33,8 @@ from typing import Annotated, Any, Literal
 
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
@@ -557,6 +559,15 @@ def create_app(
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no file {name!r}")
         return Response(page[name], media_type=_STATIC_TYPES[name])
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the input, and an input of NaN or 1e400 then
+        # fails to render as JSON: a 500 for bad input. Same body, numbers made safe.
+        return JSONResponse(
+            status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+            content={"detail": _json_safe(jsonable_encoder(exc.errors()))},
+        )
+
     @app.exception_handler(KeyError)
     async def _key_error(_: Request, exc: KeyError) -> JSONResponse:
         # A node that vanished in a config reload between the check and the use.
@@ -565,6 +576,17 @@ def create_app(
         )
 
     return app
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats (not JSON) as their text, everything else unchanged."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------------------
@@ -604,6 +626,7 @@ class ApiServer:
     def __init__(
         self, app: FastAPI, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
     ) -> None:
+        self.app = app
         self.host = host
         self._requested_port = port
         self._config = uvicorn.Config(
