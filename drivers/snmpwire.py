@@ -369,16 +369,3 @@ def _decode(data: bytes) -> Message:
     return Message(community, pdu_type, fields[0], tuple(varbinds), fields[1], fields[2],
                    version)
 
-
-def peek_request_id(data: bytes) -> int | None:
-    """The request id of a message without decoding its varbinds, or None if unreadable."""
-    try:
-        end = len(data)
-        s, e = _expect(data, 0, end, SEQUENCE)
-        _, _, ve = _read(data, s, e)
-        _, _, ce = _read(data, ve, e)
-        _, ps, pe = _read(data, ce, e)
-        rs, re_ = _expect(data, ps, pe, INTEGER)
-        return _int(data, rs, re_)
-    except (SnmpWireError, IndexError):
-        return None
