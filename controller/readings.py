@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from controller.policy.inputs import node_power_from_readings
 from controller.topology import PowerTree
 from drivers.reading import Quality, Reading
 
@@ -41,15 +42,6 @@ class ReadingsStore:
         self.gpu_power_w: FloatArray = np.full(n, np.nan)
         self.gpu_limit_w: FloatArray = np.full(n, np.nan)
         self.gpu_ts_s: FloatArray = np.full(n, -np.inf)
-        # Meters per tree node (and per feed source), resolved once.
-        self._meters: dict[str, tuple[tuple[str, str], ...]] = {}
-        for nid in tree.order:
-            node = tree.node(nid)
-            if node.meters:
-                self._meters[nid] = tuple((m.device, m.point) for m in node.meters)
-            for src in node.sources:
-                if src.meters:
-                    self._meters[src.id] = tuple((m.device, m.point) for m in src.meters)
 
     def stale_limit_s(self, device: str) -> float:
         return self._stale_s.get(device, 3.0)
@@ -88,23 +80,8 @@ class ReadingsStore:
         return r.value
 
     def metered_power_w(self, now_s: float) -> dict[str, float | None]:
-        """Measured power of every metered node (or feed source): the sum of its meters.
-
-        One unusable meter makes the whole node unknown: a half-measured rack is not a
-        rack drawing half.
-        """
-        out: dict[str, float | None] = {}
-        for nid, meters in self._meters.items():
-            total = 0.0
-            for device, point in meters:
-                v = self.value(device, point, now_s)
-                if v is None:
-                    out[nid] = None
-                    break
-                total += v
-            else:
-                out[nid] = total
-        return out
+        """Measured power of every metered node; one unusable meter makes the node unknown."""
+        return node_power_from_readings(self.tree, self._latest, now_s)
 
     def gpu_view(self, now_s: float, stale_s: float) -> tuple[FloatArray, FloatArray]:
         """Per-GPU power and limit with stale entries as NaN (the policy's worst case)."""

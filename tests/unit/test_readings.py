@@ -37,12 +37,15 @@ def test_bad_quality_is_unknown_and_health_reports_it() -> None:
     assert health["pdu-2"].stale
 
 
-def test_feed_source_meters() -> None:
+def test_feed_without_meters_reads_its_sources() -> None:
     cfg = ab_site()
-    cfg["feeds"][0]["sources"][0]["meters"] = [{"device": "sst-meter", "point": "a_w"}]
+    cfg["feeds"][0]["sources"][0]["meters"] = [{"device": "sst-meter", "point": "input_power_w"}]
+    cfg["feeds"][0]["sources"][1]["meters"] = [{"device": "sst-meter", "point": "output_power_w"}]
     store = ReadingsStore(PowerTree(parse_site(cfg)))
-    store.put(_r("sst-meter", "a_w", 5000, ts=1.0))
-    assert store.metered_power_w(now_s=1.5)["feed-a"] == 5000
+    store.put(_r("sst-meter", "input_power_w", 5000, ts=1.0))
+    assert store.metered_power_w(now_s=1.5)["feed"] is None  # side B unread: unknown
+    store.put(_r("sst-meter", "output_power_w", 4000, ts=1.0))
+    assert store.metered_power_w(now_s=1.5)["feed"] == 9000
 
 
 def test_gpu_view_marks_stale_gpus_nan() -> None:
