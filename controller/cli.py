@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from controller import agent_cmd
 from controller.config import ConfigError, load_site
 from controller.topology import PowerTree
 
@@ -70,7 +71,7 @@ Handler = Callable[[argparse.Namespace], int]
 Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
 # Explicit list of command modules (no import-by-name): each has ``register(sub)``.
-_COMMANDS: list[Register] = []
+_COMMANDS: list[Register] = [agent_cmd.register]
 
 
 def build_parser() -> argparse.ArgumentParser:
