@@ -9,6 +9,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 SYSTEM_DEPS := mbpoll:mbpoll snmpget:snmp snmpd:snmpd collectd:collectd-core
+SYSTEM_DEPS += mosquitto:mosquitto victoria-metrics:victoria-metrics openssl:openssl chromium:chromium
 
 ifeq ($(shell id -u),0)
 SUDO :=
