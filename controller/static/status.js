@@ -31,9 +31,9 @@ function barHtml(node) {
   const ratio = node.envelope_w > 0 ? node.load_w / node.envelope_w : 1;
   const width = Math.max(0, Math.min(1, ratio)) * 100;
   return (
-    `<div class="bar" title="${esc(fmtW(node.load_w))} of ${esc(fmtW(node.envelope_w))}">` +
-    `<div class="fill ${band(ratio)}" data-ratio="${ratio.toFixed(4)}"` +
-    ` style="width:${width.toFixed(1)}%"></div>` +
+    `<div class="barwrap" title="${esc(fmtW(node.load_w))} of ${esc(fmtW(node.envelope_w))}">` +
+    `<div class="bar"><div class="fill ${band(ratio)}" data-ratio="${ratio.toFixed(4)}"` +
+    ` style="width:${width.toFixed(1)}%"></div></div>` +
     `<span class="pct">${(ratio * 100).toFixed(0)} %</span></div>`
   );
 }
@@ -72,7 +72,7 @@ function renderTree(tree) {
   list.innerHTML = alarms.length
     ? alarms
         .map((a) => `<li class="alarm" data-kind="${esc(a.kind)}">${esc(a.node)}: ` +
-          `${esc(a.kind)} – ${esc(a.message)}</li>`)
+          `${esc(a.kind)} - ${esc(a.message)}</li>`)
         .join("")
     : '<li class="muted">none</li>';
 }
