@@ -110,8 +110,8 @@ class ReservationIn(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     node: str = Field(min_length=1, max_length=200, description="tree node id (rack, row, ...)")
-    watts: float = Field(gt=0, le=1e9, description="power to hold for the job, W")
-    ttl_s: float = Field(gt=0, le=MAX_TTL_S, description="seconds until it expires by itself")
+    watts: float = Field(ge=1, le=1e9, description="power to hold for the job, W")
+    ttl_s: float = Field(ge=1, le=MAX_TTL_S, description="seconds until it expires by itself")
     job_id: JobId
 
 
@@ -409,7 +409,12 @@ def create_app(
         response_model=ReservationOut,
         tags=["scheduling"],
         dependencies=authorized,
-        responses={409: {"model": RefusalOut}, **not_found, **auth_errors},
+        responses={
+            400: {"model": ErrorOut, "description": "body is not decodable"},
+            409: {"model": RefusalOut},
+            **not_found,
+            **auth_errors,
+        },
     )
     async def reserve(body: ReservationIn, response: Response) -> ReservationOut | JSONResponse:
         """Hold ``watts`` under ``node`` for ``ttl_s`` seconds, or 409 with the reason.

@@ -392,6 +392,8 @@ BAD_POSTS: list[tuple[str, Any, int, str]] = [
     ("negative watts", body_with(watts=-5), 422, "watts"),
     ("absurd watts", body_with(watts=1e12), 422, "watts"),
     ("zero ttl", body_with(ttl_s=0), 422, "ttl_s"),
+    ("sub-second ttl", body_with(ttl_s=0.5), 422, "ttl_s"),
+    ("sub-watt", body_with(watts=5e-324), 422, "watts"),
     ("ttl over a day", body_with(ttl_s=86_401), 422, "ttl_s"),
     ("empty job id", body_with(job_id=""), 422, "job_id"),
     ("job id with space", body_with(job_id="a b"), 422, "job_id"),
@@ -422,6 +424,7 @@ BAD_RAW: list[tuple[str, bytes, str, int, str]] = [
     ("not JSON", b"watts=100", "application/json", 422, "json"),
     ("form", b"node=rack-2&watts=100", "application/x-www-form-urlencoded", 422, "body"),
     ("empty", b"", "application/json", 422, "body"),
+    ("not UTF-8", b'{"node":"\xff\xfe"}', "application/json", 400, "error parsing the body"),
 ]
 BAD_GETS: list[tuple[str, str, int, str]] = [
     ("GET", "/v1/headroom?node=", 422, "node"),
@@ -626,7 +629,7 @@ async def test_openapi_lists_every_path(api: Any) -> None:
         "/metrics",
     }
     post = spec["paths"]["/v1/reservations"]["post"]
-    assert {"201", "401", "404", "409", "422", "503"} <= set(post["responses"])
+    assert {"201", "400", "401", "404", "409", "422", "503"} <= set(post["responses"])
     assert post["security"] == [{"HTTPBearer": []}]
     assert "get" in spec["paths"]["/v1/reservations"]
 
