@@ -13,6 +13,7 @@ policy: a scheduler must never be promised power that a silent meter might be hi
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -277,6 +278,24 @@ class HealthOut(ApiModel):
     message: str
 
 
+_ORDERS: weakref.WeakKeyDictionary[PowerTree, dict[bool, tuple[str, ...]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _order(tree: PowerTree, servers: bool) -> tuple[str, ...]:
+    """``tree.order`` without the GPUs (and without the servers), computed once per tree:
+    a hall has four GPUs and one server for every node above them."""
+    orders = _ORDERS.get(tree)
+    if orders is None:
+        skip_servers = frozenset(("gpu", "node"))
+        orders = _ORDERS[tree] = {
+            True: tuple(n for n in tree.order if tree.node(n).kind != "gpu"),
+            False: tuple(n for n in tree.order if tree.node(n).kind not in skip_servers),
+        }
+    return orders[servers]
+
+
 def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
@@ -297,7 +316,10 @@ def build_rows(
     available: dict[str, float] = {}
     depth: dict[str, int] = {}
     rows: list[NodeOut] = []
-    ids = [*reversed(tree.ancestors(only)), only] if only is not None else tree.order
+    if only is not None:
+        ids: Sequence[str] = [*reversed(tree.ancestors(only)), only]
+    else:
+        ids = _order(tree, servers="node" in wanted)
     for nid in ids:
         node = tree.node(nid)
         if node.kind == "gpu":
