@@ -1,0 +1,84 @@
+"""Which alarms hold right now, derived from one cycle's numbers (pure: no I/O, no clock).
+
+The daemon diffs this set against the previous cycle's to raise and clear alarms on the
+BMS, so an alarm is a function of state, never an event that can be missed. Messages are
+stable while the condition holds (numbers go in ``details``), so a held alarm is
+published once, not every cycle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from controller.bms import Alarm, AlarmKind
+from controller.policy import NodeStatus
+
+TRIP_RISK_FRACTION = 0.5  # half of a breaker's thermal allowance used
+
+
+def node_alarms(status: NodeStatus, now_s: float) -> list[Alarm]:
+    out: list[Alarm] = []
+    for k, nid in enumerate(status.node_ids):
+        load, env = float(status.load_w[k]), float(status.envelope_w[k])
+        used = float(status.trip_used[k])
+        numbers = {"load_w": round(load, 1), "envelope_w": round(env, 1), "trip_used": used}
+        if load > env:
+            out.append(
+                Alarm(
+                    AlarmKind.ENVELOPE_EXCEEDED,
+                    nid,
+                    f"{nid} draws more than its envelope",
+                    now_s,
+                    node=nid,
+                    details=numbers,
+                )
+            )
+        if used >= TRIP_RISK_FRACTION:
+            out.append(
+                Alarm(
+                    AlarmKind.TRIP_RISK,
+                    nid,
+                    f"{nid} has used over {TRIP_RISK_FRACTION:.0%} of its breaker's overload"
+                    " allowance",
+                    now_s,
+                    severity="critical",
+                    node=nid,
+                    details=numbers,
+                )
+            )
+    return out
+
+
+def device_alarms(stale_devices: Iterable[str], now_s: float) -> list[Alarm]:
+    return [
+        Alarm(
+            AlarmKind.DEVICE_STALE,
+            dev,
+            f"device {dev} has no fresh reading: the nodes it meters count at their rating",
+            now_s,
+        )
+        for dev in sorted(stale_devices)
+    ]
+
+
+def agent_alarms(
+    lost_agents: Iterable[str], failsafe: Mapping[str, str], now_s: float
+) -> list[Alarm]:
+    """Silent agents (their GPUs count at maximum) and agents sitting at their failsafe cap."""
+    lost = set(lost_agents)
+    out = [
+        Alarm(
+            AlarmKind.AGENT_LOST,
+            a,
+            f"node agent {a} is silent: its GPUs count at their maximum",
+            now_s,
+            severity="critical",
+        )
+        for a in sorted(lost)
+    ]
+    out += [
+        Alarm(AlarmKind.AGENT_LOST, a, f"node agent {a} is at its failsafe cap: {why}", now_s)
+        for a, why in sorted(failsafe.items())
+        if a not in lost
+    ]
+    return out

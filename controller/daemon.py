@@ -1,0 +1,492 @@
+"""The controller: readings in, one policy decision per cycle, caps out as leases.
+
+:class:`Controller` holds the live state and runs one cycle at a time; it is also the
+:class:`~controller.view.ControllerView` the HTTP API reads. :func:`run_controller` wires
+it to the outside world (drivers, agent link, BMS, TSDB, API, systemd) as named tasks in
+one ``TaskGroup``. The cycle itself never awaits the network: publishers take what it
+hands them into bounded queues, so a dead broker or TSDB never delays a cap.
+
+Safety rules that live here rather than in the policy:
+- ``advisory`` mode computes, audits and publishes what it would do, and leases every GPU
+  its NVML default limit, so agents stay out of failsafe and nothing is constrained.
+- A GPU whose agent is silent counts at its maximum (the store turns it NaN).
+- A feed source whose meter is silent or reads nearly nothing while the feed carries
+  load counts as lost: the feed's envelope shrinks to what the other side can carry.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from controller.alarms import agent_alarms, device_alarms, node_alarms
+from controller.audit import AuditLog
+from controller.bms import Alarm, NodeTelemetry
+from controller.config import Site
+from controller.cycle import CycleStats
+from controller.lease import Lease, LeaseSequence, Telemetry
+from controller.link import ControllerLink
+from controller.metrics import Metrics
+from controller.overrides import EnvelopeOverrides
+from controller.policy import Job, PolicyState, SetCap, Snapshot, get_policy
+from controller.readings import ReadingsStore
+from controller.reservations import ReservationStore
+from controller.topology import PowerTree
+from controller.tsdb import Point, cycle_point, node_point
+from controller.view import Alarm as ViewAlarm
+from controller.view import CapRow, Health, NodeLive
+from drivers.reading import Quality, Reading
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["enforce", "advisory"]
+SOURCE_LOST_FRACTION = 0.02  # a source reading under 2 % of its envelope while the feed is loaded
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    """A node agent as the site config knows it: which server, which GPU index range."""
+
+    agent_id: str
+    node_id: str
+    first: int
+    stop: int
+    stale_s: float
+
+
+@dataclass
+class _CapSince:
+    limit_w: float
+    since_s: float
+    reason: str
+    node_id: str
+    job_id: str | None
+    gpus: tuple[int, ...] = field(default_factory=tuple)
+
+
+def agents_of(tree: PowerTree) -> dict[str, AgentInfo]:
+    """Agents by id from the GPU servers' ``agent`` references."""
+    stale = {d.id: d.effective_stale_s for d in tree.site.devices}
+    out: dict[str, AgentInfo] = {}
+    for nid in tree.of_kind("node"):
+        node = tree.node(nid)
+        if node.agent is None:
+            continue
+        first, stop = tree.gpu_range(nid)
+        out[node.agent] = AgentInfo(node.agent, nid, first, stop, stale.get(node.agent, 3.0))
+    return out
+
+
+class Controller:
+    """Live state of one site's controller and its control cycle (see module docstring)."""
+
+    def __init__(
+        self,
+        site: Site,
+        *,
+        mode: Mode = "enforce",
+        link: ControllerLink | None = None,
+        controller_id: str | None = None,
+        audit: AuditLog | None = None,
+        metrics: Metrics | None = None,
+        reservations: ReservationStore | None = None,
+        jobs: Callable[[], Sequence[Job]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.mode: Mode = mode
+        self.link = link
+        self.controller_id = controller_id or f"rackpower-{site.name}@{socket.gethostname()}"
+        self.audit = audit if audit is not None else AuditLog()
+        self.metrics = metrics if metrics is not None else Metrics(site.name)
+        self.reservations = reservations if reservations is not None else ReservationStore()
+        self.jobs_provider = jobs
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.cycle_stats = CycleStats()
+        self.lease_seq = LeaseSequence()
+        self.started_at_s = wall_clock()
+        self.stopping = False
+        # Publishers (set by run_controller); each must not block.
+        self.on_alarm_raise: Callable[[Alarm], None] | None = None
+        self.on_alarm_clear: Callable[[str], None] | None = None
+        # What the BMS link publishes on its own period (it calls back for the latest).
+        self.telemetry_frames: list[NodeTelemetry] = []
+        self.on_points: Callable[[Sequence[Point]], None] | None = None
+        self.device_health: Callable[[], Mapping[str, tuple[bool, str | None]]] | None = None
+        self._install(site)
+
+    # -- configuration ---------------------------------------------------------------
+
+    def _install(self, site: Site) -> None:
+        self.site = site
+        self._tree = PowerTree(site)
+        old = getattr(self, "store", None)
+        self.store = ReadingsStore(self._tree)
+        if old is not None:  # keep what the meters said; GPU arrays restart (indices move)
+            self.store.put_many(old._latest.values())
+        self.policy = get_policy(site.policy.name)
+        self.policy_state: PolicyState | None = None
+        self.agents = agents_of(self._tree)
+        self._agent_of_node = {a.node_id: a for a in self.agents.values()}
+        self._agent_seen_s: dict[str, float] = {}
+        self._agent_failsafe: dict[str, str] = {}
+        if not hasattr(self, "overrides"):
+            self.overrides = EnvelopeOverrides(self._tree)
+        else:
+            self.overrides.replace_tree(self._tree)
+        self._live: dict[str, NodeLive] = {}
+        self._caps: dict[str, _CapSince] = {}
+        self._alarms: dict[str, Alarm] = {}
+        self._last_cycle_wall_s: float | None = None
+        self._gpu_stale_s = max((a.stale_s for a in self.agents.values()), default=3.0)
+        self._tsdb_every = max(1, round(5.0 / site.policy.cycle_s))
+
+    def reload(self, site: Site) -> None:
+        """Replace the running config by one already validated (SIGHUP)."""
+        self.audit.record(
+            "config_reload",
+            f"configuration reloaded from {site.source}",
+            now_s=self.wall_clock(),
+        )
+        self._install(site)
+
+    # -- ControllerView ----------------------------------------------------------------
+
+    @property
+    def tree(self) -> PowerTree:
+        return self._tree
+
+    def health(self) -> Health:
+        devices = self.device_health() if self.device_health else {}
+        stale = sum(1 for is_stale, _ in devices.values() if is_stale)
+        late = (
+            self._last_cycle_wall_s is None
+            or self.wall_clock() - self._last_cycle_wall_s > 5 * self.site.policy.cycle_s
+        )
+        status: Literal["starting", "ok", "degraded", "stopping"]
+        if self.stopping:
+            status = "stopping"
+        elif self._last_cycle_wall_s is None:
+            status = "starting"
+        elif late or stale:
+            status = "degraded"
+        else:
+            status = "ok"
+        message = "control cycle is late" if late and self._last_cycle_wall_s else ""
+        if stale:
+            message = (message + "; " if message else "") + f"{stale} devices stale"
+        return Health(
+            status=status,
+            mode=self.mode,
+            started_at_s=self.started_at_s,
+            last_cycle_at_s=self._last_cycle_wall_s,
+            cycle_s=self.site.policy.cycle_s,
+            cycles=self.cycle_stats.cycles,
+            overruns=self.cycle_stats.overruns,
+            devices_total=len(devices),
+            devices_stale=stale,
+            message=message,
+        )
+
+    def nodes(self) -> Mapping[str, NodeLive]:
+        return self._live
+
+    def caps(self) -> Sequence[CapRow]:
+        lease_s = self.site.policy.lease_s
+        rows = []
+        for cap in self._caps.values():
+            servers = tuple(sorted({self._tree.gpus[g].node for g in cap.gpus}))
+            rows.append(
+                CapRow(
+                    job_id=cap.job_id,
+                    node_id=cap.node_id,
+                    servers=servers,
+                    gpu_count=len(cap.gpus),
+                    limit_w=cap.limit_w,
+                    reason=cap.reason,
+                    since_s=cap.since_s,
+                    lease_expires_s=(self._last_cycle_wall_s or cap.since_s) + lease_s,
+                )
+            )
+        return rows
+
+    # -- inputs --------------------------------------------------------------------------
+
+    def accept_readings(self, readings: Sequence[Reading]) -> None:
+        """The drivers' sink."""
+        self.store.put_many(readings)
+
+    def accept_telemetry(self, t: Telemetry, received_s: float | None = None) -> None:
+        """An agent's report; staleness is judged by arrival time, not the agent's clock."""
+        info = self.agents.get(t.agent_id)
+        if info is None or info.node_id != t.node_id:
+            log.warning("telemetry from unknown agent %s (node %s) ignored", t.agent_id, t.node_id)
+            return
+        now = self.clock() if received_s is None else received_s
+        n = info.stop - info.first
+        if t.gpu_count != n:
+            log.warning("agent %s reports %d GPUs, config says %d", t.agent_id, t.gpu_count, n)
+            return
+        good = [q is Quality.GOOD for q in t.q]
+        power = np.array(
+            [
+                p if (p is not None and ok) else math.nan
+                for p, ok in zip(t.power_w, good, strict=True)
+            ]
+        )
+        limit = np.array([v if v is not None else math.nan for v in t.limit_w])
+        self.store.put_gpus(np.arange(info.first, info.stop), power, limit, now)
+        self._agent_seen_s[t.agent_id] = now
+        if t.failsafe:
+            self._agent_failsafe[t.agent_id] = t.failsafe_reason or "lease expired"
+        else:
+            self._agent_failsafe.pop(t.agent_id, None)
+
+    def lost_sources(self, node_power: Mapping[str, float | None], now_s: float) -> frozenset[str]:
+        """Feed sources that are gone, or that we cannot see: worst case, they are gone."""
+        lost: set[str] = set()
+        for nid in self._tree.of_kind("feed"):
+            node = self._tree.node(nid)
+            for src in node.sources:
+                if not src.meters:
+                    continue
+                total = 0.0
+                for m in src.meters:
+                    v = self.store.value(m.device, m.point, now_s)
+                    if v is None:
+                        total = math.nan
+                        break
+                    total += v
+                feed_w = node_power.get(nid)
+                loaded = feed_w is not None and feed_w > 0.1 * node.envelope_w
+                if math.isnan(total) or (loaded and total < SOURCE_LOST_FRACTION * src.envelope_w):
+                    lost.add(src.id)
+        return frozenset(lost)
+
+    # -- the cycle ------------------------------------------------------------------------
+
+    def snapshot(self, now_s: float) -> Snapshot:
+        wall = self.wall_clock()
+        node_power = self.store.metered_power_w(now_s)
+        gpu_power, gpu_limit = self._gpu_view(now_s)
+        jobs = tuple(self.jobs_provider()) if self.jobs_provider else ()
+        return Snapshot.build(
+            self._tree,
+            now_s,
+            gpu_power_w=gpu_power,
+            gpu_limit_w=gpu_limit,
+            node_power_w=node_power,
+            jobs=jobs,
+            reservations_w=self.reservations.reserved_w(self._tree, wall),
+            envelope_override_w=self.overrides.active(wall),
+            lost_sources=self.lost_sources(node_power, now_s),
+        )
+
+    def _gpu_view(self, now_s: float) -> tuple[np.ndarray, np.ndarray]:
+        power = np.full(len(self._tree.gpus), math.nan)
+        limit = np.full(len(self._tree.gpus), math.nan)
+        for info in self.agents.values():
+            seen = self._agent_seen_s.get(info.agent_id)
+            if seen is None or now_s - seen > info.stale_s:
+                continue
+            sl = slice(info.first, info.stop)
+            power[sl] = self.store.gpu_power_w[sl]
+            limit[sl] = self.store.gpu_limit_w[sl]
+        return power, limit
+
+    def lost_agents(self, now_s: float) -> list[str]:
+        return [
+            a.agent_id
+            for a in self.agents.values()
+            if (seen := self._agent_seen_s.get(a.agent_id)) is None or now_s - seen > a.stale_s
+        ]
+
+    def run_cycle(self, now_s: float) -> Snapshot:
+        """One control cycle: snapshot, decide, act, publish. Returns the snapshot used."""
+        wall = self.wall_clock()
+        snap = self.snapshot(now_s)
+        actions, self.policy_state = self.policy(snap, self._tree, self.policy_state)
+        advisory = self.mode == "advisory"
+        status = self.policy_state.nodes.as_dict()
+        for action in actions:
+            node = action.node_id
+            readings: dict[str, float | None] = {}
+            if node in status:
+                readings = {
+                    "measured_w": snap.node_power_w.get(node),
+                    "load_w": float(status[node]["load_w"]),
+                    "envelope_w": float(status[node]["envelope_w"]),
+                    "margin_w": float(status[node]["margin_w"]),
+                }
+            event = self.audit.record_action(
+                action, self._tree, now_s=wall, readings=readings, advisory=advisory
+            )
+            self.metrics.count_action(event.kind)
+            if isinstance(action, SetCap):
+                self._note_cap(action, wall)
+        if not advisory:
+            self._send_leases(self.policy_state.target_w)
+        else:
+            self._send_leases(np.array([g.default_w for g in self._tree.gpus]))
+        self._last_cycle_wall_s = wall
+        self._publish(snap, now_s, wall)
+        return snap
+
+    def _note_cap(self, action: SetCap, wall: float) -> None:
+        """Track caps in force (for /v1/caps): a new cap replaces any it overlaps."""
+        gpus = set(action.gpus)
+        self._caps = {k: v for k, v in self._caps.items() if not gpus & set(v.gpus)}
+        if all(action.limit_w >= self._tree.gpus[g].max_w for g in action.gpus):
+            return  # released
+        key = action.job_id or f"server:{self._tree.gpus[action.gpus[0]].node}"
+        self._caps[key] = _CapSince(
+            action.limit_w, wall, action.reason, action.node_id, action.job_id, action.gpus
+        )
+
+    def _send_leases(self, target_w: np.ndarray) -> None:
+        if self.link is None or self.stopping:
+            return
+        seq = self.lease_seq.next()
+        lease_s = self.site.policy.lease_s
+        for info in self.agents.values():
+            caps: dict[int | str, float] = {
+                k: float(target_w[info.first + k]) for k in range(info.stop - info.first)
+            }
+            lease = Lease.issue(self.controller_id, seq, caps, lease_s, agent_id=info.agent_id)
+            self.link.send_lease(info.agent_id, lease)
+
+    # -- publishing -------------------------------------------------------------------------
+
+    def _publish(self, snap: Snapshot, now_s: float, wall: float) -> None:
+        assert self.policy_state is not None
+        status = self.policy_state.nodes
+        target = self.policy_state.target_w
+        est = self._estimates(snap)
+        live: dict[str, NodeLive] = {}
+        node_alarm_list = node_alarms(status, wall)
+        by_node: dict[str, list[ViewAlarm]] = {}
+        for a in node_alarm_list:
+            if a.node:
+                by_node.setdefault(a.node, []).append(ViewAlarm(str(a.kind), a.message, wall))
+        for k, nid in enumerate(status.node_ids):
+            first, stop = self._tree.gpu_range(nid)
+            sub = target[first:stop]
+            maxes = np.array([g.max_w for g in self._tree.gpus[first:stop]])
+            capped = int(np.count_nonzero(sub < maxes - 0.5)) if stop > first else 0
+            measured = snap.node_power_w.get(nid)
+            metered = nid in snap.node_power_w
+            live[nid] = NodeLive(
+                id=nid,
+                envelope_w=float(status.envelope_w[k]),
+                power_w=measured,
+                estimated_w=est.get(nid),
+                stale=metered and measured is None,
+                capped_gpus=capped,
+                cap_limit_w=float(sub.min()) if capped else None,
+                mode=status.mode[k] if status.mode else "",
+                margin_w=float(status.margin_w[k]),
+                trip_used=float(status.trip_used[k]),
+                alarms=tuple(by_node.get(nid, ())),
+            )
+        for nid in self._tree.of_kind("node"):
+            first, stop = self._tree.gpu_range(nid)
+            node = self._tree.node(nid)
+            live[nid] = NodeLive(
+                id=nid,
+                envelope_w=node.envelope_w,
+                estimated_w=est.get(nid),
+                stale=bool(np.isnan(snap.gpu_power_w[first:stop]).any()),
+                capped_gpus=int(
+                    np.count_nonzero(
+                        target[first:stop]
+                        < np.array([g.max_w for g in self._tree.gpus[first:stop]]) - 0.5
+                    )
+                ),
+            )
+        self._live = live
+        self._update_alarms(node_alarm_list, now_s, wall)
+        self.telemetry_frames = [
+            NodeTelemetry(
+                node=nid,
+                power_w=lv.power_w if lv.power_w is not None else math.nan,
+                envelope_w=lv.envelope_w,
+                headroom_w=float(status.headroom_w[k]),
+                ts_s=wall,
+                quality=Quality.STALE if lv.stale else Quality.GOOD,
+            )
+            for k, nid in enumerate(status.node_ids)
+            if (lv := live[nid]) is not None
+        ]
+        if self.on_points is not None and self.cycle_stats.cycles % self._tsdb_every == 0:
+            ts_ns = int(wall * 1e9)
+            site = self.site.name
+            points: list[Point] = []
+            for k, nid in enumerate(status.node_ids):
+                lv = live[nid]
+                points.append(
+                    node_point(
+                        site,
+                        nid,
+                        self._tree.node(nid).kind,
+                        power_w=math.nan if lv.power_w is None else lv.power_w,
+                        envelope_w=float(status.envelope_w[k]),
+                        headroom_w=float(status.headroom_w[k]),
+                        estimated_w=est.get(nid),
+                        capped_gpus=lv.capped_gpus,
+                        ts_ns=ts_ns,
+                    )
+                )
+            points.append(
+                cycle_point(
+                    site,
+                    duration_s=self.cycle_stats.last_duration_s,
+                    overruns=self.cycle_stats.overruns,
+                    ts_ns=ts_ns,
+                    mode=self.mode,
+                    period_s=self.site.policy.cycle_s,
+                )
+            )
+            self.on_points(points)
+
+    def _estimates(self, snap: Snapshot) -> dict[str, float]:
+        """GPU + baseline power under each node (no losses): what the agents report."""
+        gpu = np.where(
+            np.isnan(snap.gpu_power_w),
+            np.array([g.max_w for g in self._tree.gpus]),
+            snap.gpu_power_w,
+        )
+        own: dict[str, float] = {}
+        for nid in self._tree.of_kind("node"):
+            first, stop = self._tree.gpu_range(nid)
+            own[nid] = float(gpu[first:stop].sum()) + self._tree.node(nid).baseline_w
+        return self._tree.aggregate(own)
+
+    def _update_alarms(self, node_list: Iterable[Alarm], now_s: float, wall: float) -> None:
+        current: dict[str, Alarm] = {a.alarm_id: a for a in node_list}
+        if self.device_health is not None:
+            stale = [d for d, (is_stale, _) in self.device_health().items() if is_stale]
+            current.update({a.alarm_id: a for a in device_alarms(stale, wall)})
+        current.update(
+            {
+                a.alarm_id: a
+                for a in agent_alarms(self.lost_agents(now_s), self._agent_failsafe, wall)
+            }
+        )
+        for aid, alarm in current.items():
+            if aid not in self._alarms:
+                self.audit.record(f"alarm:{alarm.kind}", alarm.message, now_s=wall, node=alarm.node)
+            if self.on_alarm_raise is not None:
+                self.on_alarm_raise(alarm)
+        for aid in set(self._alarms) - set(current):
+            self.audit.record("alarm_cleared", f"{aid} cleared", now_s=wall)
+            if self.on_alarm_clear is not None:
+                self.on_alarm_clear(aid)
+        self._alarms = current
