@@ -22,11 +22,11 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import uvicorn
-from fastapi import Body, FastAPI, HTTPException
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import FastAPI, HTTPException, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sim.faults import Fault, FaultKind
 from sim.runtime import SimRuntime
@@ -50,6 +50,17 @@ class Reclose(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     elements: list[str] | None = None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def _body(request: Request, model: type[M]) -> M:
+    """The JSON body whatever its content type: ``curl -d '{...}'`` says form-urlencoded."""
+    try:
+        return model.model_validate_json(await request.body() or b"{}")
+    except ValidationError as exc:
+        raise HTTPException(422, exc.errors(include_url=False, include_context=False)) from None
 
 
 def control_app(sim: SimRuntime) -> FastAPI:
@@ -85,8 +96,9 @@ def control_app(sim: SimRuntime) -> FastAPI:
         return dict(sim.summary()["faults"])
 
     @app.put("/v1/faults/{device}")
-    async def set_fault(device: str, body: FaultBody) -> dict[str, Any]:
+    async def set_fault(device: str, request: Request) -> dict[str, Any]:
         known(device)
+        body = await _body(request, FaultBody)
         sim.set_fault(device, Fault(FaultKind(body.kind), body.delay_s, body.exception_code))
         return {"device": device, "fault": body.model_dump()}
 
@@ -102,7 +114,8 @@ def control_app(sim: SimRuntime) -> FastAPI:
         return {"faults": {}}
 
     @app.post("/v1/load-step")
-    async def load_step(body: LoadStep) -> dict[str, Any]:
+    async def load_step(request: Request) -> dict[str, Any]:
+        body = await _body(request, LoadStep)
         sim.load_step(body.scale)
         return {"load_scale": sim.load_scale}
 
@@ -115,7 +128,8 @@ def control_app(sim: SimRuntime) -> FastAPI:
         return {"lost_sources": sorted(sim.lost_sources)}
 
     @app.post("/v1/reclose")
-    async def reclose(body: Reclose = Body(default_factory=Reclose)) -> dict[str, Any]:  # noqa: B008
+    async def reclose(request: Request) -> dict[str, Any]:
+        body = await _body(request, Reclose)
         return {"reclosed": sim.reclose(body.elements)}
 
     return app

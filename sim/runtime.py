@@ -162,7 +162,11 @@ class SimRuntime:
         specs = default_workloads(self.tree, seed, classes) if workloads is None else workloads
         for spec in specs:
             self.scheduler.submit(spec)
-        self._state: PlantState = self.plant.initial_state()
+        # Meters settled on the load at t=0: a tool reading before the first step sees a
+        # running site, not zeros.
+        self._state: PlantState = self.plant.initial_state(
+            demand_w=self.scheduler.demand_w(0.0)
+        )
         self.source = PlantSource(self.site, self.plant, self._state)
         self._limit_generation = 0
         self._lost: frozenset[str] = frozenset()
