@@ -349,6 +349,35 @@ class SimScheduler:
             placed = self._job_of_load(k).state == "running"
             load.account(rate, placed, dt_s)
 
+    def work_weights(self, now_s: float, dt_s: float) -> FloatArray:
+        """Per GPU: 1 where its power turns into counted work this step, else 0.
+
+        Call after :meth:`demand_w` for the same step. Training GPUs count while their job
+        iterates (not in startup or checkpoints), inference GPUs while their replica has a
+        request in flight: exactly the GPU-seconds :meth:`advance` will count as demanded
+        and deliver in proportion to the throughput curve. A scenario's work bound
+        (the oracle) weighs GPUs with this.
+        """
+        w = np.zeros(self._n_slots)
+        n_train = len(self.fleet)
+        if n_train:
+            w[:n_train] = self.fleet.iterating(now_s, dt_s)
+        for k, load in enumerate(self._loads):
+            if self._job_of_load(k).state == "running":
+                a = self._inf_base[k]
+                w[a : a + load.n] = load.busy
+        out: FloatArray = w[self._gpu_slot]
+        return out
+
+    def work_groups(self) -> IntArray:
+        """Per GPU: its pace group (a training job, or an inference replica); -1 if idle.
+
+        GPUs of one group progress at the pace of the slowest of them, as :meth:`advance`
+        counts it, so a bound on the work must treat a group as one unit.
+        """
+        out: IntArray = np.where(self._gpu_slot < self._idle_slot, self._gpu_slot, -1)
+        return out
+
     def _job_of_load(self, k: int) -> _Job:
         spec_id = self._loads[k].spec.job_id
         return self._jobs[spec_id]

@@ -233,6 +233,22 @@ class TrainingFleet:
         out: FloatArray = np.where(self.running, f, 0.0)
         return out
 
+    def _ckpt_ended(self, end_s: float) -> BoolArray:
+        out: BoolArray = (
+            self.running & (self.ckpt_until_s > -math.inf) & (end_s >= self.ckpt_until_s)
+        )
+        return out
+
+    def iterating(self, now_s: float, dt_s: float) -> BoolArray:
+        """Jobs that will make progress in the step ``[now_s, now_s + dt_s)``.
+
+        The same rule :meth:`advance` applies, without changing anything: a scenario's
+        work bound needs to know which GPUs' power turns into progress this step.
+        """
+        ckpt_until = np.where(self._ckpt_ended(now_s + dt_s), -math.inf, self.ckpt_until_s)
+        out: BoolArray = self.running & (now_s >= self.iterate_from_s) & (now_s >= ckpt_until)
+        return out
+
     def advance(self, x: FloatArray, now_s: float, dt_s: float) -> BoolArray:
         """Progress by ``rate(x) * dt`` where iterating; returns jobs that just finished.
 
@@ -242,7 +258,7 @@ class TrainingFleet:
         """
         end = now_s + dt_s
         # A checkpoint that has ended makes its progress safe.
-        ended = self.running & (self.ckpt_until_s > -math.inf) & (end >= self.ckpt_until_s)
+        ended = self._ckpt_ended(end)
         if ended.any():
             self.safe_s = np.where(ended, self.pending_safe_s, self.safe_s)
             self.ckpt_until_s = np.where(ended, -math.inf, self.ckpt_until_s)
@@ -449,6 +465,11 @@ class InferenceLoad:
             code[self.prefilling > 0] = self.spec.batch_saturation + 1
             self._fracs = self._levels[code]
         return self._fracs
+
+    @property
+    def busy(self) -> BoolArray:
+        """Replicas with a request in flight at the last :meth:`fracs` call."""
+        return self._busy
 
     def account(self, rate: FloatArray, placed: bool, dt_s: float) -> None:
         """Busy replicas demand their GPUs; they deliver ``rate`` of it when placed."""

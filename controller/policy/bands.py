@@ -5,7 +5,7 @@ and what cannot be attributed):
 
 - cap     plan above ``cap_above`` x envelope, or plan + margin above the envelope:
           caps drop at once to the allocation that aims at ``target``;
-- release measured load below ``uncap_below`` x envelope: caps rise toward the
+- release measured load and plan below ``uncap_below`` x envelope: caps rise toward the
           allocation that aims at ``target``, by ``uncap_step_fraction`` of the gap per
           cycle, so the rebound cannot overshoot;
 - hold    in between: the total stays where it is, but it may be shifted between
@@ -67,7 +67,10 @@ def node_bands(
     # The load counts too: a silent meter reads as its rating and must not let the node
     # relax, even when the GPUs' own telemetry says the plan is fine.
     capping = (plan_w > hi) | (margin_plan_w > envelope_w) | (load_w > hi)
-    releasing = ~capping & (load_w < lo)
+    # Release on the plan as well as the measured load: a synchronous job's load dips in
+    # every communication phase, and releasing on a dip re-caps it at the next compute
+    # phase (cap, release, cap: the oscillation the bands exist to prevent).
+    releasing = ~capping & (load_w < lo) & (plan_w < lo)
     moving = capping | releasing
     # The margin constraint keeps the same hysteresis as the band, measured from the envelope.
     return NodeBands(

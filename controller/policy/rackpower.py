@@ -45,6 +45,7 @@ from .window import WindowMax
 
 DEMAND_HOLD_S = 10.0  # longer than the slowest training iteration (5 s)
 DEMAND_BUCKETS = 5
+UNATTRIBUTED_HOLD_S = 10.0  # unexplained power is believed only once it persists this long
 BOUND_FRACTION = 0.03  # a GPU within 3 % (+2 W) of its enforced limit is held by it
 BOUND_W = 2.0
 LOSS_SMOOTHING = 0.2  # EMA weight of this cycle's measured/attributed ratio
@@ -63,6 +64,7 @@ class Memory:
     infeasible_since_s: FloatArray
     last_escalation_s: FloatArray
     unattributed_w: FloatArray
+    unattributed_low: WindowMax  # of minus the raw unexplained power: a sliding minimum
     pending: Mapping[str, float] = field(default_factory=dict)
     jobs: JobIndex | None = None
 
@@ -77,6 +79,7 @@ def _fresh_memory(index: TreeIndex, tree: PowerTree) -> Memory:
         infeasible_since_s=np.full(n, np.inf),
         last_escalation_s=np.full(n, -np.inf),
         unattributed_w=np.zeros(n),
+        unattributed_low=WindowMax.empty(n, UNATTRIBUTED_HOLD_S, DEMAND_BUCKETS),
     )
 
 
@@ -126,10 +129,16 @@ def decide(
     # reads as its rating for the estimate, headroom and bands, but its unexplained part
     # stays at the last fresh value: otherwise every watt the caps take off would reappear
     # as unexplained power and the caps would ratchet down to their floors.
+    # Meters and GPU telemetry are sampled at different moments and averaged differently,
+    # so on a fast swing the meter can run ahead of the GPUs by kilowatts for a cycle or
+    # two. Real unexplained load (fans, unmetered kit) is slow: take the least seen over
+    # a few seconds, or a transient mismatch would read as load no cap can shed (and
+    # trigger needless migrations).
+    raw = np.maximum(loads.load_w - ratio * loads.attributed_w, 0.0)
+    low_mem = memory.unattributed_low.push(now, np.where(loads.stale_below, -np.inf, -raw))
+    low = -low_mem.maximum()
     unattributed = np.where(
-        loads.stale_below,
-        memory.unattributed_w,
-        np.maximum(loads.load_w - ratio * loads.attributed_w, 0.0),
+        loads.stale_below | ~np.isfinite(low), memory.unattributed_w, np.minimum(low, raw)
     )
     margin, margin_mem = update_margin(
         memory.margin, now, loads.load_w, ~loads.stale_below, envelope, cfg.margin
@@ -208,6 +217,7 @@ def decide(
         infeasible_since_s=since,
         last_escalation_s=last,
         unattributed_w=unattributed,
+        unattributed_low=low_mem,
         pending=MappingProxyType(pending),
         jobs=jobs,
     )

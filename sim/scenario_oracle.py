@@ -1,0 +1,208 @@
+"""The work bound of a scenario step: no policy inside the envelopes can deliver more.
+
+Per step the scheduler knows each GPU's uncapped demand ``u`` (capped at its maximum),
+whether its power turns into counted work (``w`` = 1: a training job iterating, an
+inference replica with a request in flight) and the floor no cap may go below. Delivered
+work in the step is ``dt * sum over jobs of n_j * rate(min over the job's GPUs of p/u)``.
+
+The bound relaxes that problem three ways, each of which can only raise the optimum:
+
+1. a pace group (a synchronous job, or an inference replica) runs all its GPUs at one
+   ratio ``x = p/u`` (more power to some GPUs of a group adds no work), and the floors
+   of counted GPUs are dropped;
+2. ``rate`` is replaced by its upper concave hull;
+3. conversion losses are taken at each converter's best efficiency: a node's GPU
+   budget is ``envelope * eta - baselines`` with ``eta`` the product of the peak
+   efficiencies down its most efficient chain, so any allocation whose real input fits
+   the envelope fits this budget too.
+
+What remains is a concave maximisation over the tree's nested (laminar) budgets. Its
+Lagrangian dual gives, for ANY prices ``lambda >= 0`` on the nodes, a value at least the
+optimum (weak duality); the prices come from water-filling each level bottom-up by
+marginal work per watt, GPU by GPU (exact greedy per level), which leaves a small gap
+when a job spans a tight and a slack rack. So the reported ``oracle_work`` is a true
+upper bound along the run's own demand trajectory for any policy that keeps every node
+inside its effective envelope at every step; a policy that overdraws (``none``) can
+exceed it, and that shows.
+
+The bound is clairvoyant: it re-solves every 100 ms step with that step's demand, so
+it moves power to a job in its compute phase from a neighbour in its communication
+phase within the same rack. No causal controller can do that (a limit lands 0.2-2 s
+after it is asked for, and telemetry is a cycle old); a policy that holds each job's
+cap over its iterations, as static caps and rackpower do, stays some percent below it
+wherever jobs with unaligned phases share a constrained node. That part of the gap is
+the price of causality, not of the policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import numpy.typing as npt
+
+from controller.policy.index import TreeIndex
+from controller.topology import PowerTree
+from sim.workloads import ThroughputCurve
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.intp]
+Curve = tuple[tuple[float, float], ...]
+
+
+def concave_hull(points: Curve) -> tuple[FloatArray, FloatArray]:
+    """Upper concave hull of a rising curve through (0, 0) and (1, 1): breakpoints x, y."""
+    pts = sorted(points)
+    hull: list[tuple[float, float]] = []
+    for p in pts:
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            # Drop the middle point when it lies on or below the chord to p.
+            if (y2 - y1) * (p[0] - x1) <= (p[1] - y1) * (x2 - x1):
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return np.array([x for x, _ in hull]), np.array([y for _, y in hull])
+
+
+def chain_efficiency(tree: PowerTree, index: TreeIndex, curves: Mapping[str, Curve]) -> FloatArray:
+    """Per constraint node: product of peak efficiencies down its most efficient chain."""
+    eta = dict.fromkeys(tree.order, 1.0)
+    for nid in reversed(tree.order):
+        node = tree.node(nid)
+        if node.kind in ("gpu", "node"):
+            continue
+        best_child = max((eta[c] for c in tree.children(nid)), default=1.0)
+        curve = curves.get(nid)
+        peak = max(e for _, e in curve) if curve else 1.0
+        eta[nid] = peak * best_child
+    return np.array([eta[nid] for nid in index.node_ids], dtype=np.float64)
+
+
+class WorkOracle:
+    """Per-step upper bound on GPU-seconds of work, vectorised over GPUs and hull segments."""
+
+    def __init__(self, index: TreeIndex, eta: FloatArray, curve: ThroughputCurve) -> None:
+        self.index = index
+        self.eta = eta
+        hx, hy = concave_hull(curve.points)
+        self.hull_x = hx
+        self.hull_y = hy
+        self.seg_lo = hx[:-1]
+        self.seg_hi = hx[1:]
+        self.slope = np.diff(hy) / np.diff(hx)  # falling: concave
+        self.floor_w = index.gpu_floor_w
+        self.max_w = index.gpu_max_w
+        # Top-down order of levels (feed first) for turning node prices into duals.
+        self._levels_down = tuple(reversed(index.levels))
+
+    def budgets_w(self, envelope_w: FloatArray, base_w: FloatArray) -> FloatArray:
+        """GPU-watt budget per constraint node (see module docstring, relaxation 3)."""
+        out: FloatArray = envelope_w * self.eta - base_w
+        return out
+
+    def bound(
+        self,
+        demand_w: FloatArray,
+        weight: FloatArray,
+        group: IntArray,
+        budget_w: FloatArray,
+    ) -> float:
+        """Upper bound of the step's work rate (GPU-seconds per second).
+
+        ``weight`` is 1 where a GPU's power turns into counted work this step, ``group``
+        its pace group (a synchronous job or an inference replica, -1 for none).
+        """
+        index = self.index
+        u = np.minimum(np.maximum(demand_w, 0.0), self.max_w)
+        lo = np.minimum(u, self.floor_w)
+        counted = (weight > 0) & (group >= 0)
+        if not (index.seg_sum(u) > budget_w).any():
+            return float(np.count_nonzero(counted))  # everything fits uncapped: all at 1
+        safe_u = np.where(u > 0, u, 1.0)
+        lo_x = np.where(u > 0, lo / safe_u, 1.0)
+        # Per-GPU segments above the floor, for the prices only (any prices give a bound).
+        start = np.maximum(self.seg_lo[None, :], lo_x[:, None])
+        cap = np.where(
+            counted[:, None], np.maximum(self.seg_hi[None, :] - start, 0.0) * u[:, None], 0.0
+        )
+        density = np.where(cap > 0, self.slope[None, :] / safe_u[:, None], 0.0)
+        price = self._prices(lo, cap, density, budget_w)
+        lam = self._duals(price)
+        pi = self._gpu_price(lam)
+        # Dual value. A counted group takes one ratio x for all its GPUs (p_g = x u_g; the
+        # floors of counted GPUs are dropped, which only loosens): its best term is
+        # max over the hull's breakpoints of N r(x) - x sum(pi u), a concave piecewise
+        # linear function of x. Everything else sits at its floor: -pi lo.
+        g = group[counted]
+        slots, inverse = np.unique(g, return_inverse=True)
+        n_in = np.bincount(inverse, minlength=slots.size).astype(np.float64)
+        cost = np.bincount(inverse, weights=(pi * u)[counted], minlength=slots.size)
+        terms = n_in[:, None] * self.hull_y[None, :] - cost[:, None] * self.hull_x[None, :]
+        fixed = float((pi * lo)[~counted].sum())
+        return float(lam @ budget_w + terms.max(axis=1).sum() - fixed)
+
+    def _prices(
+        self, lo: FloatArray, cap: FloatArray, density: FloatArray, budget_w: FloatArray
+    ) -> FloatArray:
+        """Work-per-watt price of each node: the density of its marginal segment."""
+        index = self.index
+        price = np.zeros(index.n_nodes)
+        below = np.zeros(index.n_gpus)  # the highest price a node below already set
+        top = float(density.max(initial=0.0)) * 2.0 + 1.0
+        for level in index.levels:
+            seg = level.seg_of_gpu
+            nodes = level.nodes
+            avail = (cap > 0) & (density > below[:, None]) & (seg >= 0)[:, None]
+            g_idx, k_idx = np.nonzero(avail)
+            node_of = seg[g_idx]
+            forced = np.bincount(seg[seg >= 0], weights=lo[seg >= 0], minlength=nodes.size)
+            room = budget_w[nodes] - forced
+            d = density[g_idx, k_idx]
+            c = cap[g_idx, k_idx]
+            order = np.lexsort((-d, node_of))
+            node_s, d_s, c_s = node_of[order], d[order], c[order]
+            cum = np.cumsum(c_s)
+            first = np.searchsorted(node_s, np.arange(nodes.size), side="left")
+            before = np.where(first > 0, cum[np.maximum(first - 1, 0)] if cum.size else 0.0, 0.0)
+            used = cum - before[node_s]
+            over = used > room[node_s] + 1e-9
+            lvl = np.zeros(nodes.size)
+            if over.any():
+                pos = np.flatnonzero(over)
+                # First over-budget segment of each node (sorted by density within a node).
+                nodes_over, first_pos = np.unique(node_s[pos], return_index=True)
+                lvl[nodes_over] = d_s[pos[first_pos]]
+            lvl = np.where(room < 0, top, lvl)
+            price[nodes] = lvl
+            covered = seg >= 0
+            below = np.where(covered, np.maximum(below, lvl[np.maximum(seg, 0)]), below)
+        return price
+
+    def _duals(self, price: FloatArray) -> FloatArray:
+        """lambda_n = price_n above the highest price of its ancestors (never negative)."""
+        index = self.index
+        lam = np.zeros(index.n_nodes)
+        anc_max = np.zeros(index.n_nodes)  # highest price among each node's ancestors
+        for level in self._levels_down:
+            nodes = level.nodes
+            parent = index.parent[nodes]
+            above = np.where(
+                parent >= 0,
+                np.maximum(anc_max[np.maximum(parent, 0)], price[np.maximum(parent, 0)]),
+                0.0,
+            )
+            above = np.where(parent >= 0, above, 0.0)
+            anc_max[nodes] = above
+            lam[nodes] = np.maximum(price[nodes] - above, 0.0)
+        return lam
+
+    def _gpu_price(self, lam: FloatArray) -> FloatArray:
+        """Sum of the duals of every node above each GPU."""
+        index = self.index
+        pi = np.zeros(index.n_gpus)
+        for level in index.levels:
+            seg = level.seg_of_gpu
+            pi += np.where(seg >= 0, lam[level.nodes][np.maximum(seg, 0)], 0.0)
+        return pi
