@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from controller.config import DeviceSpec, Site
+from controller.config import Site
 from controller.topology import PowerTree
 from drivers.devicemap import load_snmp_map
 from sim.fake_nvml import FakeGpuSpec, FakeNvml
@@ -116,10 +117,6 @@ def default_workloads(
             )
         )
     return specs
-
-
-def _bind_host_port(dev: DeviceSpec, default_port: int) -> tuple[str, int]:
-    return dev.host_port(default_port)
 
 
 class SimRuntime:
@@ -234,7 +231,7 @@ class SimRuntime:
         for d in devices:
             if d.tls:
                 log.warning("%s: Modbus/TCP over TLS is served in plain TCP by the sim", d.id)
-            host, port = _bind_host_port(d, MODBUS_DEFAULT_PORT)
+            host, port = d.host_port(MODBUS_DEFAULT_PORT)
             address = d.address or ""
             by_host.setdefault(self.host or host, []).append(
                 SimModbusDevice(
@@ -254,7 +251,7 @@ class SimRuntime:
             if d.snmp_version == "3":
                 log.warning("%s: the sim's SNMP agent speaks v2c only; v3 requests go "
                             "unanswered", d.id)
-            host, port = _bind_host_port(d, SNMP_DEFAULT_PORT)
+            host, port = d.host_port(SNMP_DEFAULT_PORT)
             community = d.community or (
                 os.environ.get(d.community_env) if d.community_env else None
             ) or "public"
@@ -336,6 +333,19 @@ class SimRuntime:
         order = {d.id: k for k, d in enumerate(self.site.devices)}
         out.sort(key=lambda e: order.get(e["device"], len(order)))
         return out
+
+    def served_site(self) -> Site:
+        """The site with each served device's address where the sim serves it (ephemeral
+        ports, an offset, ``host``): what a controller in the same process polls."""
+        where = {}
+        for e in self.endpoints():
+            host = f"[{e['host']}]" if ":" in e["host"] else e["host"]
+            where[e["device"]] = f"{host}:{e['port']}"
+        devices = tuple(
+            d.model_copy(update={"address": where[d.id]}) if d.id in where else d
+            for d in self.site.devices
+        )
+        return dataclasses.replace(self.site, devices=devices)
 
     # -- fake NVML ---------------------------------------------------------------------
 

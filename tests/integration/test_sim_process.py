@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,7 +27,14 @@ from typing import Any
 
 import pytest
 
+from controller.config import load_site, parse_site
+from controller.devices import polled_device_params
 from drivers.devicemap import load_modbus_map
+from drivers.modbus import build_modbus_devices
+from drivers.reading import Quality
+from drivers.snmp import build_snmp_devices
+from sim.runtime import SimRuntime
+from tests.sites import tiny_site
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs/sites/demo.yaml"
@@ -252,3 +260,54 @@ def test_bad_config_exits_2_with_the_problems(tmp_path: Path) -> None:
     out = run_tool([*sim_command(), "--config", str(bad), "--ephemeral-ports"], 60)
     assert out.returncode == 2
     assert "envelope_w" in out.stderr and str(bad) in out.stderr
+
+
+# -- the same runtime in-process, as the demo uses it -----------------------------------
+
+
+async def test_in_process_runtime_serves_our_own_drivers() -> None:
+    """``async with SimRuntime(..., ephemeral=True)``; our Modbus and SNMP drivers poll
+    it at the addresses of :meth:`SimRuntime.served_site` and read the plant's values."""
+    site = load_site(DEMO)
+    async with SimRuntime(site, seed=2, ephemeral=True) as sim:
+        served = sim.served_site()
+        params = {p.device_id: p for p in polled_device_params(served.devices)}
+        ports = {e["device"]: e["port"] for e in sim.endpoints()}
+        assert params["shelf-row-2"].port == ports["shelf-row-2"]
+        shelf = build_modbus_devices([params["shelf-row-2"]])[0]
+        pdu = build_snmp_devices([params["pdu-row-2-rack-4"]])[0]
+        await shelf.connect()
+        await pdu.connect()
+        try:
+            for device, point, reader, tol in (
+                ("shelf-row-2", "input_power_w", shelf, 0.05),
+                ("pdu-row-2-rack-4", "power_w", pdu, 10.0),  # 0.01 kW resolution
+            ):
+                before = sim.value(device, point)
+                readings = {r.point: r for r in await reader.read()}
+                after = sim.value(device, point)
+                assert before is not None and after is not None
+                # Every point the driver polls decodes as good: derived values are sane.
+                bad = {n: r.error for n, r in readings.items() if r.quality is not Quality.GOOD}
+                assert not bad, bad
+                value = readings[point].value
+                assert min(abs(value - before), abs(value - after)) <= tol, (before, value)
+        finally:
+            await shelf.close()
+            await pdu.close()
+
+
+async def test_a_taken_port_is_an_error_naming_it() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        data = tiny_site()
+        data["devices"][0]["address"] = f"127.0.0.1:{port}"
+        sim = SimRuntime(parse_site(data, "tiny"), seed=1)
+        with pytest.raises(OSError):
+            await sim.start()
+        assert sim.modbus == [] and sim.snmp == []
+        # The same site on an offset (or ephemeral) port starts.
+        async with SimRuntime(parse_site(data, "tiny"), seed=1, ephemeral=True) as ok:
+            assert {e["port"] for e in ok.endpoints()}.isdisjoint({port, 0})

@@ -18,6 +18,7 @@ from controller.topology import PowerTree
 from drivers import codec
 from drivers.devicemap import ModbusMap, ModbusPoint, SnmpMap, SnmpPoint, load_map
 from sim.fake_nvml import FakeNvml
+from sim.faults import Fault, FaultKind
 from sim.plant import Plant, PlantState, Setpoints
 from sim.plant_source import PlantSource
 from sim.runtime import SimRuntime
@@ -321,3 +322,68 @@ def test_fake_nvml_limit_reaches_the_plant(demo: Site) -> None:
     assert sim.state.gpu_limit_w[g - 1] == pytest.approx(700.0)
     with pytest.raises(KeyError):
         sim.fake_nvml("row-2-rack-3")
+
+
+# -- the runtime around it (stepped by hand: no sockets, no clock) ----------------------
+
+
+def test_default_workloads_fill_most_gpus_and_overload_racks(demo: Site) -> None:
+    sim = SimRuntime(demo, seed=11)
+    sim.step(600)  # a minute: past the jobs' warm-up
+    jobs = sim.scheduler.jobs()
+    busy = sum(len(j.gpus) for j in jobs)
+    assert busy >= 0.8 * len(sim.tree.gpus)
+    classes = {j.priority_class for j in jobs}
+    assert {"critical", "training", "batch", "inference"} <= classes
+    assert any(not j.synchronous for j in jobs)  # the inference service
+    racks = [sim.plant.power_w(sim.state, r) for r in sim.tree.of_kind("rack")]
+    assert max(racks) > 23_400  # above the envelope: there is something to control
+    # Seeded: the same seed gives the same plant, another seed another.
+    again = SimRuntime(demo, seed=11)
+    again.step(600)
+    assert again.state.feed_power_w == sim.state.feed_power_w
+    other = SimRuntime(demo, seed=12)
+    other.step(600)
+    assert other.state.feed_power_w != sim.state.feed_power_w
+
+
+def test_runtime_actions_reach_the_plant(many: Site) -> None:
+    sim = SimRuntime(many, seed=1, workloads=[])
+    sim.step(10)
+    assert (sim.value("feed-a-meter", "power_w") or 0) > 0
+    sim.lose_source("feed-a")
+    sim.step(3)
+    assert sim.value("feed-a-meter", "power_w") == 0.0
+    assert sim.value("feed-b-meter", "power_w") == pytest.approx(
+        sim.plant.power_w(sim.state, "feed"))
+    sim.restore_source("feed-a")
+    sim.step(3)
+    assert (sim.value("feed-a-meter", "power_w") or 0) > 0
+    with pytest.raises(KeyError):
+        sim.lose_source("feed-c")
+
+    idle = sim.plant.power_w(sim.state, "rack-2")
+    sim.load_step(5.0)
+    sim.step(5)
+    assert sim.plant.power_w(sim.state, "rack-2") > 2 * idle
+    with pytest.raises(ValueError):
+        sim.load_step(float("nan"))
+
+    sim.set_fault("pdu-1", Fault(FaultKind.TIMEOUT))
+    sim.set_fault(sim.tree.gpus[0].id, Fault(FaultKind.GONE))
+    assert set(sim.faults.active()) == {"pdu-1", sim.tree.gpus[0].id}
+    sim.set_fault("pdu-1", None)
+    assert set(sim.faults.active()) == {sim.tree.gpus[0].id}
+    with pytest.raises(KeyError):
+        sim.set_fault("no-such-device", Fault(FaultKind.TIMEOUT))
+
+
+def test_reclose_resets_a_tripped_breaker(demo: Site) -> None:
+    sim = SimRuntime(demo, seed=1, workloads=[])
+    row = sim.plant.element_index["row-1"]
+    tripped = sim.state.tripped.copy()
+    tripped[row] = True
+    sim._state = dataclasses.replace(sim.state, tripped=tripped)  # as a trip leaves it
+    assert sim.reclose() == ["row-1"]
+    assert not sim.plant.tripped_ids(sim.state)
+    assert sim.reclose() == []
