@@ -66,7 +66,11 @@ CURRENT_UNITS = {"A": 1.0, "mA": 1e3, "kA": 1e-3}
 VOLTAGE_UNITS = {"V": 1.0, "kV": 1e-3, "mV": 1e3}
 PHASE_RE = re.compile(r"(?:^|_)(?:l|phase_?)([1-3])(?:_|$)")
 MODULE_CURRENT_RE = re.compile(r"^module_\d+_current")
-GPU_POINTS = ("power_w", "power_avg_w", "energy_j", "limit_w")
+#: GPU point -> live array; GPUs are looked up by id, not tabled (a hall has 70,000).
+GPU_ARRAYS = {
+    "power_w": "gpu_power", "power_avg_w": "gpu_avg", "energy_j": "gpu_energy",
+    "limit_w": "gpu_limit",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,11 +375,6 @@ class PlantSource:
                 binding = derive(name, point, home, facts, self._rating(home))
                 if binding is not None:
                     self.table[key] = binding
-        arrays = {"gpu_power": "power_w", "gpu_avg": "power_avg_w", "gpu_energy": "energy_j",
-                  "gpu_limit": "limit_w"}
-        for g in self.plant.tree.gpus:
-            for array, gpu_point in arrays.items():
-                self.table[(g.id, gpu_point)] = Binding(array, g.index)
 
     def _rating(self, subject: _Subject) -> float:
         if subject.prefix == "node":
@@ -441,7 +440,11 @@ class PlantSource:
             return written
         b = self.table.get(key)
         if b is None:
-            return None
+            g = self._gpu_index.get(device_id)
+            array = GPU_ARRAYS.get(point)
+            if g is None or array is None:
+                return None
+            return float(self.live[array][g])
         x = float(self.live[b.array][b.index])
         if b.table is not None:
             return b.table[int(x)]
@@ -471,4 +474,6 @@ class PlantSource:
 
     def points(self, device_id: str) -> dict[str, float | None]:
         """Every served value of a device, for the control channel and tests."""
+        if device_id in self._gpu_index:
+            return {p: self.value(device_id, p) for p in GPU_ARRAYS}
         return {p: self.value(d, p) for d, p in self.table if d == device_id}
