@@ -573,13 +573,6 @@ def create_app(
             content={"detail": _json_safe(jsonable_encoder(exc.errors()))},
         )
 
-    @app.exception_handler(KeyError)
-    async def _key_error(_: Request, exc: KeyError) -> JSONResponse:
-        # A node that vanished in a config reload between the check and the use.
-        return JSONResponse(
-            status_code=404, content={"detail": str(exc.args[0] if exc.args else exc)}
-        )
-
     return app
 
 
@@ -674,8 +667,13 @@ class ApiServer:
 
     async def serve(self) -> None:
         """Serve until :meth:`shutdown`; cancelling the task closes the socket too."""
-        sock = self._sock if self._sock is not None else _bind(self.host, self._requested_port)
-        self._sock = sock
+        try:
+            self.bind()
+        except OSError:
+            self._stopped.set()  # wait_started() callers learn it will never start
+            raise
+        sock = self._sock
+        assert sock is not None
         self._serving = True
         watcher = asyncio.create_task(self._watch_started(), name="api-started")
         try:
@@ -697,8 +695,16 @@ class ApiServer:
         self._started.set()
 
     async def wait_started(self) -> None:
-        """Return once requests are being answered."""
-        await self._started.wait()
+        """Return once requests are being answered; raise if serving ended first."""
+        waits = {
+            asyncio.create_task(self._started.wait()),
+            asyncio.create_task(self._stopped.wait()),
+        }
+        _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        if not self._started.is_set():
+            raise RuntimeError("the API server stopped before it started")
 
     async def shutdown(self) -> None:
         """Stop accepting, let in-flight requests finish (2 s at most), return when done."""

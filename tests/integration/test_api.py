@@ -674,6 +674,8 @@ async def test_taken_port_is_an_oserror_not_an_exit(view: MemoryView) -> None:
         server = ApiServer(create_app(view, ApiConfig()), port=taken.getsockname()[1])
         with pytest.raises(OSError):
             await server.serve()
+        with pytest.raises(RuntimeError, match="stopped before it started"):
+            await server.wait_started()
 
 
 async def test_cancelling_serve_closes_the_socket(view: MemoryView) -> None:
