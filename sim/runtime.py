@@ -274,20 +274,23 @@ class SimRuntime:
             return
         try:
             for fe in self._modbus_frontends():
-                await fe.start()
-                self.modbus.append(fe)
+                self.modbus.append(fe)  # before start: a half-started one is stopped too
+                try:
+                    await fe.start()
+                except (OSError, RuntimeError) as exc:
+                    ports = ", ".join(str(s.port) for s in fe.servers)
+                    raise OSError(f"cannot open Modbus port(s) {ports} on {fe.host}: {exc}"
+                                  ) from exc
             for sfe in self._snmp_frontends():
+                self.snmp.append(sfe)
                 try:
                     await sfe.start()
                 except OSError as exc:
-                    raise OSError(exc.errno, f"SNMP agent on {sfe.host}:{sfe.port}: "
-                                             f"{exc.strerror}") from exc
-                self.snmp.append(sfe)
-        except (OSError, RuntimeError) as exc:
+                    raise OSError(f"cannot open SNMP port {sfe.port} on {sfe.host}: "
+                                  f"{exc.strerror or exc}") from exc
+        except OSError:
             await self._stop_frontends()
-            if isinstance(exc, OSError):
-                raise
-            raise OSError(f"cannot open a Modbus port: {exc}") from exc
+            raise
         self._task = asyncio.get_running_loop().create_task(self._run(), name="sim-plant")
 
     async def _stop_frontends(self) -> None:

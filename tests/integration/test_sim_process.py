@@ -305,7 +305,7 @@ async def test_a_taken_port_is_an_error_naming_it() -> None:
         data = tiny_site()
         data["devices"][0]["address"] = f"127.0.0.1:{port}"
         sim = SimRuntime(parse_site(data, "tiny"), seed=1)
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match=f"Modbus port.*{port}"):
             await sim.start()
         assert sim.modbus == [] and sim.snmp == []
         # The same site on an offset (or ephemeral) port starts.
