@@ -37,10 +37,10 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from controller import audit as audit_kinds
-from controller.audit import AuditLog, EventKind
+from controller.audit import AuditLog
 from controller.config import ApiConfig, Kind
 from controller.metrics import CONTENT_TYPE, Metrics
 from controller.reservations import MAX_TTL_S, Refusal, Reservation, ReservationStore
@@ -68,6 +68,8 @@ Clock = Callable[[], float]
 # Module level: handlers' annotations are strings (``from __future__ import annotations``)
 # that FastAPI resolves in this module's namespace, not in create_app's.
 _bearer = HTTPBearer(auto_error=False, description="the token from integrations.api")
+# The trail is open to kinds beyond controller.audit.KINDS (the daemon adds alarm:*).
+EventKindName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
@@ -524,7 +526,10 @@ def create_app(
     async def events(
         limit: Annotated[int, Query(ge=1, le=5000)] = 100,
         since: Annotated[int, Query(ge=0, description="only events with seq above this")] = 0,
-        kind: Annotated[list[EventKind] | None, Query(description="repeat to pick several")] = None,
+        kind: Annotated[
+            list[EventKindName] | None,
+            Query(description="only these kinds (cap, uncap, refusal, ...); repeat for more"),
+        ] = None,
     ) -> EventsOut:
         """The audit trail, oldest first: actions with their reasons and readings."""
         picked = trail.recent(limit=limit, since_seq=since, kinds=kind or ())
