@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from controller import agent_cmd, run_cmd, sim_cmd
+from controller import agent_cmd, demo_cmd, run_cmd, sim_cmd, status_cmd
 from controller.config import ConfigError, load_site
 from controller.topology import PowerTree
 
@@ -71,7 +71,13 @@ Handler = Callable[[argparse.Namespace], int]
 Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
 # Explicit list of command modules (no import-by-name): each has ``register(sub)``.
-_COMMANDS: list[Register] = [run_cmd.register, agent_cmd.register, sim_cmd.register]
+_COMMANDS: list[Register] = [
+    run_cmd.register,
+    agent_cmd.register,
+    sim_cmd.register,
+    demo_cmd.register,
+    status_cmd.register,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -285,7 +285,7 @@ class Controller:
             gpu_limit_w=gpu_limit,
             node_power_w=node_power,
             jobs=jobs,
-            reservations_w=self.reservations.reserved_w(self._tree, wall),
+            reservations_w=self.reservations.own_w(wall),  # the policy sums up the tree itself
             envelope_override_w=self.overrides.active(wall),
             lost_sources=self.lost_sources(node_power, now_s),
         )

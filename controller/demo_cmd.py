@@ -1,0 +1,239 @@
+"""``rackpower demo``: simulator, agents, controller, API and status page in one process.
+
+The simulator serves the demo site's meters over real Modbus/TCP and SNMP on loopback
+(ports picked by the kernel), each GPU server gets a node agent on the simulator's fake
+NVML, joined to the controller by the in-process link (or MQTT with ``--mqtt``), and the
+controller polls, caps and serves its API exactly as ``rackpower run`` would. This module
+is one of the two code paths where the controller imports the simulator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from controller.config import ConfigError, InfluxConfig, MqttConfig, Site, load_site
+from controller.topology import PowerTree
+
+DEMO_SITE = Path(__file__).resolve().parents[1] / "configs" / "sites" / "demo.yaml"
+
+
+def failsafe_w(tree: PowerTree, node_id: str) -> float:
+    """The static safe share per GPU: what every GPU may draw at once with no controller
+    and every constraint above it still inside its envelope."""
+    first, stop = tree.gpu_range(node_id)
+    best = max(g.max_w for g in tree.gpus[first:stop])
+    for anc in tree.ancestors(node_id):
+        a_first, a_stop = tree.gpu_range(anc)
+        gpus = a_stop - a_first
+        if gpus == 0:
+            continue
+        baseline = tree.floor_draw_w(anc) - sum(g.floor_w for g in tree.gpus[a_first:a_stop])
+        best = min(best, (tree.effective_envelope_w(anc) - baseline) / gpus)
+    floor = max(g.floor_w for g in tree.gpus[first:stop])
+    return max(best, floor)
+
+
+def _with_integrations(site: Site, mqtt: str | None, influx: str | None) -> Site:
+    spec = site.spec
+    integ = spec.integrations
+    if mqtt:
+        integ = integ.model_copy(update={"mqtt": MqttConfig(url=mqtt)})
+    if influx:
+        integ = integ.model_copy(update={"influx": InfluxConfig(url=influx)})
+    return site.__class__(
+        name=site.name,
+        source=site.source,
+        spec=spec.model_copy(update={"integrations": integ}),
+        nodes=site.nodes,
+        devices=site.devices,
+        device_paths=site.device_paths,
+    )
+
+
+async def run_demo(args: argparse.Namespace, site: Site) -> int:
+    from controller.agent import NodeAgent
+    from controller.agent_config import parse_agent_config
+    from controller.link import ControllerLink, InProcessLink, MqttAgentLink, MqttControllerLink
+    from controller.service import ServiceOptions, run_service
+    from drivers.nvml import NvmlDriver
+    from sim.runtime import SimRuntime
+
+    token_env = site.integrations.api.token_env
+    if token_env and not os.environ.get(token_env):
+        os.environ[token_env] = secrets.token_urlsafe(24)
+    stop = asyncio.Event()
+    async with SimRuntime(site, seed=args.seed, ephemeral=True) as sim:
+        served = _with_integrations(sim.served_site(), args.mqtt, args.influx)
+        tree = PowerTree(served)
+        hub = InProcessLink()
+        controller_link: ControllerLink
+        mqtt_cfg = served.integrations.mqtt
+        if mqtt_cfg is not None:
+            controller_link = MqttControllerLink(mqtt_cfg, served.name)
+        else:
+            controller_link = hub.controller()
+        tasks: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {}
+        agents: list[NodeAgent] = []
+        for node_id in sim.gpu_servers():
+            node = tree.node(node_id)
+            if node.agent is None:
+                continue
+            driver = NvmlDriver(node_id, backend=sim.fake_nvml(node_id))
+            await driver.start()
+            cfg = parse_agent_config(
+                {
+                    "site": served.name,
+                    "agent_id": node.agent,
+                    "node_id": node_id,
+                    "controller_id": f"rackpower-{served.name}-demo",
+                    "failsafe_w": failsafe_w(tree, node_id),
+                    "telemetry_hz": 4,
+                    "mqtt": {"url": mqtt_cfg.url if mqtt_cfg else "mqtt://127.0.0.1:1883"},
+                },
+                "<demo>",
+            )
+            agent_link = (
+                MqttAgentLink(mqtt_cfg, served.name, node.agent)
+                if mqtt_cfg is not None
+                else hub.agent(node.agent)
+            )
+            agent = NodeAgent(cfg, driver, agent_link)
+            agents.append(agent)
+            tasks[f"agent:{node.agent}"] = agent.run
+            if mqtt_cfg is not None:
+                tasks[f"agent-link:{node.agent}"] = agent_link.run
+
+        def ready(controller: Any, url: str | None) -> None:
+            controller.controller_id = f"rackpower-{served.name}-demo"
+            token = os.environ.get(token_env or "", "")
+            print(
+                f"rackpower demo: site {served.name!r}, {len(tree.gpus)} GPUs, "
+                f"{len(agents)} node agents",
+                flush=True,
+            )
+            print(f"  status page  {url}/", flush=True)
+            print(
+                f"  API          {url}/v1/tree   {url}/v1/headroom   {url}/openapi.json", flush=True
+            )
+            print(f"  metrics      {url}/metrics", flush=True)
+            if token:
+                print(
+                    f"  API token    {token}   (for POST/DELETE: Authorization: Bearer ...)",
+                    flush=True,
+                )
+            for e in sim.endpoints()[:4]:
+                where = e.get("unit_id") or e.get("community")
+                print(
+                    f"  {e['protocol']:6} {e['device']:22} {e['host']}:{e['port']} ({where})",
+                    flush=True,
+                )
+            print(
+                "  Ctrl-C to stop"
+                + (f"; stops by itself after {args.duration:g} s" if args.duration else ""),
+                flush=True,
+            )
+            reporter_state["controller"] = controller
+
+        reporter_state: dict[str, Any] = {}
+
+        async def reporter() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=args.report_s)
+                ctl = reporter_state.get("controller")
+                if ctl is None or stop.is_set():
+                    continue
+                nodes = ctl.nodes()
+                racks = [nodes[r] for r in tree.of_kind("rack") if r in nodes]
+                worst = max(racks, key=lambda n: (n.power_w or 0) / n.envelope_w, default=None)
+                capped = sum(c.gpu_count for c in ctl.caps())
+                feed = nodes.get(tree.roots[0])
+                line = f"t={sim.t_s:7.1f}s"
+                if feed is not None and feed.power_w is not None:
+                    line += f"  feed {feed.power_w / 1e3:6.1f}/{feed.envelope_w / 1e3:.1f} kW"
+                if worst is not None and worst.power_w is not None:
+                    line += (
+                        f"  hottest rack {worst.id} {worst.power_w / 1e3:5.1f}/"
+                        f"{worst.envelope_w / 1e3:.1f} kW"
+                    )
+                line += f"  capped GPUs {capped}  trips {len(sim.state.trips)}"
+                print(line, flush=True)
+
+        async def deadline() -> None:
+            if args.duration:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=args.duration)
+                stop.set()
+
+        tasks["demo-reporter"] = reporter
+        tasks["demo-deadline"] = deadline
+        options = ServiceOptions(
+            mode=args.mode,
+            api_port=args.api_port,
+            link=controller_link,
+            allow_unauthenticated=False,
+            on_ready=ready,
+            extra_tasks=tasks,
+        )
+        code = await run_service(served, options, stop)
+        for agent in agents:
+            agent.stop()
+        print(
+            f"rackpower demo: stopped after {sim.t_s:.0f} s of plant time,"
+            f" {len(sim.state.trips)} trips",
+            flush=True,
+        )
+        return code
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        site = load_site(args.config)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    started = time.monotonic()
+    try:
+        return asyncio.run(run_demo(args, site))
+    except OSError as exc:
+        print(f"rackpower demo: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        logging.getLogger(__name__).info("demo ran %.0f s", time.monotonic() - started)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="simulator + agents + controller + API + status page in one process",
+        description=(
+            "Run the demo site on the embedded simulator: real Modbus/TCP and SNMP on"
+            " loopback, node agents on a fake NVML, the controller capping GPU power to keep"
+            " every rack inside its envelope, and the API and status page. No external"
+            " server is needed; --mqtt and --influx add a broker and a TSDB."
+        ),
+    )
+    p.add_argument("--config", default=str(DEMO_SITE), help="site YAML (default: the demo site)")
+    p.add_argument("--duration", type=float, default=None, help="stop after S seconds")
+    p.add_argument("--api-port", type=int, default=8080, help="API port (0: any free port)")
+    p.add_argument("--mqtt", default=None, help="broker URL (mqtt://host:port) for BMS + agents")
+    p.add_argument("--influx", default=None, help="InfluxDB 2 URL (http://host:8086)")
+    p.add_argument("--mode", choices=("enforce", "advisory"), default="enforce")
+    p.add_argument("--seed", type=int, default=1, help="workload seed")
+    p.add_argument("--report-s", type=float, default=5.0, help="status line period")
+    p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(handler=cmd_demo)
