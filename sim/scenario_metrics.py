@@ -14,12 +14,15 @@ Definitions (also in docs printed by ``rackpower scenario run --help``):
 - ``priority_inversions``: seconds (sampled once per simulated second) in which some job
   H is capped below its demand while a job L of a lower class runs above its floor, and
   every *constraining* node holding H back also holds L: moving power from L to H was
-  possible and the policy did not. A node constrains when its capped plan (each GPU at
-  min(peak demand over the last second, its enforced limit), plus baselines, times the
-  node's measured loss ratio) is at least 90 % of its effective envelope. The last
-  clause is what keeps a cross-rack synchronous job honest: when H is held to its
-  tightest rack A, a batch job running above its floor in rack B is no inversion,
-  because the power it could give up cannot reach H in A.
+  possible and the policy did not. A node constrains when the power its limits allow
+  (every GPU under it at its enforced limit, plus baselines, times the node's measured
+  loss ratio) reaches 90 % of its effective envelope: its budget is committed, so H
+  can only gain there at the expense of someone under the same node. The last clause
+  is what keeps a cross-rack synchronous job honest: when H is held to its tightest
+  rack A, a batch job running above its floor in rack B is no inversion, because the
+  power it could give up cannot reach H in A. "Capped below demand" and "above its
+  floor" need a gap of 2 % of the GPU's maximum (actuation noise), and demand is the
+  GPU's peak over the last second.
 """
 
 from __future__ import annotations
@@ -73,8 +76,8 @@ class InversionCheck:
         if not capped.any():
             return 0
         above = (limit_w > floor_w + tol) & (peak_demand_w > floor_w + tol) & (gpu_job >= 0)
-        plan = index.seg_sum(np.minimum(peak_demand_w, limit_w)) + base_w
-        binding = plan * node_loss_ratio >= BINDING_FRACTION * envelope_w
+        allowed = index.seg_sum(limit_w) + base_w
+        binding = allowed * node_loss_ratio >= BINDING_FRACTION * envelope_w
         # Per capped job: the lowest "highest class rank running above floor" over its
         # constraining nodes; an inversion when that is still a lower class than the job.
         worst: dict[int, int] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from controller.config import PolicyConfig
 
@@ -34,6 +35,7 @@ class JobIndex:
     sync_perm: IntArray  # GPUs of synchronous jobs, sorted by job
     sync_starts: IntArray  # where each synchronous job starts in sync_perm
     sync_jobs: IntArray  # job index of each run in sync_perm
+    sync_gpu: npt.NDArray[np.bool_]  # per GPU: in a synchronous job
 
     def rank_of(self, class_name: str) -> int:
         try:
@@ -96,6 +98,7 @@ def build_job_index(index: TreeIndex, jobs: tuple[Job, ...], policy: PolicyConfi
         sync_perm=perm.astype(np.intp),
         sync_starts=starts.astype(np.intp),
         sync_jobs=sync_jobs.astype(np.intp),
+        sync_gpu=np.isin(np.arange(n), perm),
     )
 
 

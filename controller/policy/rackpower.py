@@ -45,6 +45,8 @@ from .window import WindowMax
 
 DEMAND_HOLD_S = 10.0  # longer than the slowest training iteration (5 s)
 DEMAND_BUCKETS = 5
+ASYNC_HOLD_S = 6.0  # asynchronous GPUs (inference replicas, no job): recent level only
+ASYNC_BUCKETS = 2
 UNATTRIBUTED_HOLD_S = 10.0  # unexplained power is believed only once it persists this long
 BOUND_FRACTION = 0.03  # a GPU within 3 % (+2 W) of its enforced limit is held by it
 BOUND_W = 2.0
@@ -58,6 +60,7 @@ class Memory:
     """What rackpower remembers between cycles (private to this module)."""
 
     demand: WindowMax
+    demand_async: WindowMax
     margin: MarginMemory
     loss_ratio: FloatArray
     trip_used: FloatArray
@@ -73,6 +76,7 @@ def _fresh_memory(index: TreeIndex, tree: PowerTree) -> Memory:
     n = index.n_nodes
     return Memory(
         demand=WindowMax.empty(index.n_gpus, DEMAND_HOLD_S, DEMAND_BUCKETS),
+        demand_async=WindowMax.empty(index.n_gpus, ASYNC_HOLD_S, ASYNC_BUCKETS),
         margin=MarginMemory.empty(n, tree.site.policy.margin),
         loss_ratio=np.full(n, np.nan),
         trip_used=np.zeros(n),
@@ -116,8 +120,15 @@ def decide(
     power, stale_gpu = gpu_power_worst_case(index, snapshot.gpu_power_w)
     enforced = np.where(np.isfinite(snapshot.gpu_limit_w), snapshot.gpu_limit_w, prev)
     held = power >= enforced * (1.0 - BOUND_FRACTION) - BOUND_W
-    demand_mem = memory.demand.push(now, np.where(stale_gpu | held, max_w, power))
-    demand = np.minimum(demand_mem.maximum(), max_w)
+    wanted = np.where(stale_gpu | held, max_w, power)
+    demand_mem = memory.demand.push(now, wanted)
+    async_mem = memory.demand_async.push(now, wanted)
+    # A synchronous job's cap must fit its compute phase, so its demand is the peak over
+    # its slowest iterations. Asynchronous GPUs (inference replicas, GPUs without a job)
+    # burst independently: reserving every GPU's own peak would strand the power their
+    # bursts almost never use together. Their plan is the recent level; the learned
+    # margin (the node's worst rise within one actuation latency) covers the bursts.
+    demand = np.minimum(np.where(jobs.sync_gpu, demand_mem.maximum(), async_mem.maximum()), max_w)
 
     # 2. loads, losses, envelopes, margin
     loads = estimate_loads(index, snapshot, power, stale_gpu)
@@ -211,6 +222,7 @@ def decide(
     actions.extend(escalations)
     new_memory = Memory(
         demand=demand_mem,
+        demand_async=async_mem,
         margin=margin_mem,
         loss_ratio=ratio,
         trip_used=trip_used,
