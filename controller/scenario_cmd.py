@@ -108,7 +108,10 @@ def cmd_scenario_run(args: argparse.Namespace) -> int:
         for name in policies:
             results[name] = run_policy(scenario, name, progress)
     out = {"scenario": scenario.name, "description": scenario.spec.description, "results": results}
-    Console().print(render_table(scenario.name, results))
+    out_console = Console()
+    if not out_console.is_terminal:
+        out_console = Console(width=160)  # a pipe or file gets the whole table, unwrapped
+    out_console.print(render_table(scenario.name, results))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     return EXIT_OK

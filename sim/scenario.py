@@ -119,7 +119,7 @@ class _World:
 
 
 @dataclass(frozen=True)
-class _Reading:
+class TelemetryReading:
     """What the telemetry path delivered at one cycle (before outage masking)."""
 
     t_s: float
@@ -128,7 +128,7 @@ class _Reading:
     gpu_limit_w: FloatArray
 
 
-class _Telemetry:
+class Telemetry:
     """Meter and GPU readings from the plant, as a controller would receive them."""
 
     def __init__(self, scenario: Scenario, tree: PowerTree, plant: Plant) -> None:
@@ -166,7 +166,7 @@ class _Telemetry:
         self.out_at = np.array([k for _, k in self.outputs], dtype=np.intp)
         self.gpu_range: dict[str, tuple[int, int]] = {}
 
-    def read(self, state: PlantState) -> _Reading:
+    def read(self, state: PlantState) -> TelemetryReading:
         values = np.concatenate((state.node_power_w[self.in_at], state.node_output_w[self.out_at]))
         if self.spec.meter_noise_fraction > 0:
             values = values * (
@@ -179,10 +179,10 @@ class _Telemetry:
         for nid, idx in self.sources:
             node_w[nid] = float(state.source_power_w[list(idx)].sum())
         power = state.gpu_power_1s_w if self.spec.gpu_power == "average" else state.gpu_power_w
-        return _Reading(state.t_s, node_w, np.round(power), state.gpu_limit_w.copy())
+        return TelemetryReading(state.t_s, node_w, np.round(power), state.gpu_limit_w.copy())
 
     def masked(
-        self, r: _Reading, outages: Iterable[TelemetryOutage]
+        self, r: TelemetryReading, outages: Iterable[TelemetryOutage]
     ) -> tuple[dict[str, float | None], FloatArray, FloatArray]:
         """The reading with whatever was silent when it was taken shown as missing."""
         node_w: dict[str, float | None] = dict(r.node_w)
@@ -244,7 +244,7 @@ def run_policy(
     for nid in spec.drain:
         sched.drain(nid)
     policy = get_policy(policy_name)
-    telemetry = _Telemetry(scenario, tree, plant)
+    telemetry = Telemetry(scenario, tree, plant)
     metrics = RunMetrics(plant, index, rank)
     curves = {nid: c for nid, c in _efficiency_curves(tree, plant).items()}
     oracle = WorkOracle(index, chain_efficiency(tree, index, curves), sched.config.throughput)
@@ -302,7 +302,7 @@ def run_policy(
 
     state = plant.initial_state(demand_w=sched.demand_w(0.0))
     pstate: PolicyState | None = None
-    readings: deque[_Reading] = deque(maxlen=lag + 1)
+    readings: deque[TelemetryReading] = deque(maxlen=lag + 1)
     request: FloatArray | None = None
     last_target: FloatArray | None = None
     envelope = index.envelope_w
@@ -310,7 +310,6 @@ def run_policy(
     jobs_seen: tuple[Any, ...] | None = None
     floor = index.gpu_floor_w
     policy_cfg = scenario.site.policy
-    decide_s: list[float] = []
 
     for i in range(steps):
         t = i * dt
@@ -334,9 +333,7 @@ def run_policy(
                 envelope_override_w=world.overrides,
                 lost_sources=world.lost,
             )
-            d0 = time.perf_counter()
             actions, pstate = policy(snap, tree, pstate)
-            decide_s.append(time.perf_counter() - d0)
             target = np.asarray(pstate.target_w)
             if last_target is None:
                 metrics.cap_changes += int(
@@ -386,7 +383,6 @@ def run_policy(
 
     work = sched.work()
     sim_s = steps * dt
-    decide_ms = sorted(1e3 * x for x in decide_s)
     return {
         "trips": len(state.trips),
         "trip_events": [
@@ -404,7 +400,6 @@ def run_policy(
         "cap_changes_per_gpu_min": round(metrics.cap_changes / (index.n_gpus * sim_s / 60.0), 4),
         "migrations": sched.migrations,
         "peak_ramp_w_per_s": round(metrics.peak_ramp, 1),
-        "decide_ms_median": round(decide_ms[len(decide_ms) // 2], 3) if decide_ms else 0.0,
         "sim_s": round(sim_s, 3),
         "wall_s": round(time.perf_counter() - wall0, 3),
     }
