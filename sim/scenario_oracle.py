@@ -96,6 +96,8 @@ class WorkOracle:
         self.max_w = index.gpu_max_w
         # Top-down order of levels (feed first) for turning node prices into duals.
         self._levels_down = tuple(reversed(index.levels))
+        self._lam: FloatArray = np.zeros(index.n_nodes)
+        self._pi: FloatArray | None = None
 
     def budgets_w(self, envelope_w: FloatArray, base_w: FloatArray) -> FloatArray:
         """GPU-watt budget per constraint node (see module docstring, relaxation 3)."""
@@ -108,11 +110,14 @@ class WorkOracle:
         weight: FloatArray,
         group: IntArray,
         budget_w: FloatArray,
+        reprice: bool = True,
     ) -> float:
         """Upper bound of the step's work rate (GPU-seconds per second).
 
         ``weight`` is 1 where a GPU's power turns into counted work this step, ``group``
-        its pace group (a synchronous job or an inference replica, -1 for none).
+        its pace group (a synchronous job or an inference replica, -1 for none). With
+        ``reprice`` False the node prices of the last repriced step are reused: any
+        prices give a bound, fresh ones a tighter one, and pricing is most of the cost.
         """
         index = self.index
         u = np.minimum(np.maximum(demand_w, 0.0), self.max_w)
@@ -128,9 +133,11 @@ class WorkOracle:
             counted[:, None], np.maximum(self.seg_hi[None, :] - start, 0.0) * u[:, None], 0.0
         )
         density = np.where(cap > 0, self.slope[None, :] / safe_u[:, None], 0.0)
-        price = self._prices(lo, cap, density, budget_w)
-        lam = self._duals(price)
-        pi = self._gpu_price(lam)
+        if reprice or self._pi is None:
+            price = self._prices(lo, cap, density, budget_w)
+            self._lam = self._duals(price)
+            self._pi = self._gpu_price(self._lam)
+        lam, pi = self._lam, self._pi
         # Dual value. A counted group takes one ratio x for all its GPUs (p_g = x u_g; the
         # floors of counted GPUs are dropped, which only loosens): its best term is
         # max over the hull's breakpoints of N r(x) - x sum(pi u), a concave piecewise
@@ -151,14 +158,19 @@ class WorkOracle:
         price = np.zeros(index.n_nodes)
         below = np.zeros(index.n_gpus)  # the highest price a node below already set
         top = float(density.max(initial=0.0)) * 2.0 + 1.0
+        lo_sum = index.seg_sum(lo)
         for level in index.levels:
             seg = level.seg_of_gpu
             nodes = level.nodes
-            avail = (cap > 0) & (density > below[:, None]) & (seg >= 0)[:, None]
+            room = budget_w[nodes] - lo_sum[nodes]
+            avail = (cap > 0) & (density > below[:, None])
+            # Most levels fit whatever the GPUs take at the prices set below: no price.
+            taken = index.seg_sum((cap * avail).sum(axis=1))[nodes]
+            if not (taken > room + 1e-9).any():
+                continue
+            avail &= (seg >= 0)[:, None]
             g_idx, k_idx = np.nonzero(avail)
             node_of = seg[g_idx]
-            forced = np.bincount(seg[seg >= 0], weights=lo[seg >= 0], minlength=nodes.size)
-            room = budget_w[nodes] - forced
             d = density[g_idx, k_idx]
             c = cap[g_idx, k_idx]
             order = np.lexsort((-d, node_of))

@@ -33,7 +33,7 @@ import numpy.typing as npt
 from .index import IntArray, TreeIndex
 from .types import FloatArray
 
-ITERATIONS = 22  # the level range is a few kW; 2^-22 of it is well under a watt
+ITERATIONS = 15  # the level range is under 4 kW; 2^-15 of it is a tenth of a watt
 TOLERANCE_W = 1e-6
 
 
