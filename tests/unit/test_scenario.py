@@ -305,3 +305,40 @@ def test_scenario_copy_is_independent() -> None:
     doc = step_scenario()
     sc = parse_scenario(copy.deepcopy(doc), "a.yaml")
     assert sc.cycle_s == 0.5 and sc.spec.step_s == 0.1
+
+
+# -- the inversion metric ---------------------------------------------------------------
+
+
+def _inversions(limit_rack1_idle_w: float) -> int:
+    """Training job H on GPUs 0-3 (rack-1) and 8-11 (rack-2) capped at 300 W below its
+    480 W demand; batch job L on 12-15 (rack-2) at 500 W, above its 100 W floor."""
+    from controller.policy.types import Job
+    from sim.scenario_metrics import InversionCheck
+
+    tree = PowerTree(parse_site(small_site(), "tiny"))
+    index = tree_index(tree)
+    check = InversionCheck(index, {"critical": 0, "training": 1, "inference": 2, "batch": 3})
+    jobs = [Job("h", "training", (0, 1, 2, 3, 8, 9, 10, 11)), Job("l", "batch", (12, 13, 14, 15))]
+    demand = np.full(16, 480.0)
+    limit = np.full(16, 300.0)
+    limit[4:8] = limit_rack1_idle_w
+    limit[12:16] = 500.0
+    return check.count(
+        jobs,
+        demand,
+        limit,
+        index.gpu_floor_w,
+        np.ones(index.n_nodes),
+        index.envelope_w,
+        index.base_w,
+    )
+
+
+def test_inversion_needs_the_lower_job_under_every_node_holding_the_higher_one() -> None:
+    # Rack-1's limits commit its envelope (4 x 300 + 4 x 500 + 400 W >= 90 % of 3.8 kW):
+    # H is held there too, where no batch power could be moved to it: no inversion.
+    assert _inversions(limit_rack1_idle_w=500.0) == 0
+    # With rack-1's other GPUs at 100 W nothing holds H back in rack-1; only rack-2 (and
+    # the row above), where batch runs above its floor: an inversion.
+    assert _inversions(limit_rack1_idle_w=100.0) == 1
