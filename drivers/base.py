@@ -62,7 +62,14 @@ class PointKey:
 
 @runtime_checkable
 class Pollable(Protocol):
-    """Something the poll loop can drive: connect, read everything, close."""
+    """Something the poll loop can drive: connect, read everything, close.
+
+    The loop bounds ``read()`` by the device's ``timeout_s``. A pollable that shares a link
+    with others (units behind one Modbus gateway) sets ``times_itself = True`` and bounds
+    only its own time on the wire by ``timeout_s``: waiting for the link while a neighbour
+    is being read must not count as this device timing out. The loop then bounds the read
+    by the period.
+    """
 
     @property
     def name(self) -> str: ...
@@ -231,6 +238,9 @@ class DevicePoller:
         self.stats = DeviceStats(device=target.name)
         self._backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s, rng=rng)
         self._connected = False
+        # Python 3.11's wait_for (used inside pymodbus) can swallow a cancellation that
+        # races with a reply, so stopping is also a flag the loop checks.
+        self.stopping = False
 
     def _emit(self, readings: Sequence[Reading]) -> None:
         try:
@@ -264,8 +274,10 @@ class DevicePoller:
         if not self._connected and not await self._connect():
             return self._backoff.next_delay_s()
         start = time.monotonic()
+        times_itself = bool(getattr(self.target, "times_itself", False))
+        limit_s = self.settings.period_s if times_itself else self.settings.timeout_s
         try:
-            async with asyncio.timeout(self.settings.timeout_s):
+            async with asyncio.timeout(limit_s):
                 readings = await self.target.read()
         except (TimeoutError, DeviceTimeout) as e:
             self._record_duration(start)
@@ -320,7 +332,7 @@ class DevicePoller:
         period = self.settings.period_s
         next_s = time.monotonic()
         try:
-            while True:
+            while not self.stopping:
                 delay = await self.poll_once()
                 now = time.monotonic()
                 next_s += period
@@ -363,9 +375,13 @@ class PollGroup:
 
     async def remove(self, name: str) -> None:
         task = self._tasks.pop(name, None)
-        self.pollers.pop(name, None)
+        poller = self.pollers.pop(name, None)
+        if poller is not None:
+            poller.stopping = True
         if task is not None:
-            task.cancel()
+            while not task.done():  # re-cancel: one cancellation may be swallowed (see above)
+                task.cancel()
+                await asyncio.wait({task}, timeout=1.0)
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 

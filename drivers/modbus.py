@@ -129,6 +129,9 @@ class ModbusConnection:
         self.sslctx = sslctx
         self._client: AsyncModbusTcpClient | None = None
         self._connect_lock = asyncio.Lock()
+        # Held for a whole device poll: units behind a gateway take turns, and each unit's
+        # timeout starts when its turn does.
+        self.link = asyncio.Lock()
         self.users = 0
 
     @property
@@ -238,11 +241,14 @@ class ModbusDevice:
     :mod:`drivers.base`. String points (identity) are not polled; see :meth:`read_strings`.
     """
 
+    times_itself = True  # see drivers.base.Pollable: queueing for the link is not a timeout
+
     def __init__(
         self, device_id: str, conn: ModbusConnection, dmap: ModbusMap, unit_id: int = 1,
-        *, max_hole: int = 8, power_point: str | None = None,
+        *, timeout_s: float = 0.5, max_hole: int = 8, power_point: str | None = None,
     ) -> None:
         self.device_id = device_id
+        self.timeout_s = timeout_s
         self.conn = conn
         self.map = dmap
         self.unit_id = unit_id
@@ -280,6 +286,19 @@ class ModbusDevice:
         self, blocks: Sequence[Block]
     ) -> tuple[dict[str, list[int]], dict[str, str]]:
         """Raw registers per point, and an error per point whose block failed."""
+        async with self.conn.link:
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    return await self._read_blocks_now(blocks)
+            except TimeoutError as e:
+                raise DeviceTimeout(
+                    f"no complete answer within {self.timeout_s:g} s from unit {self.unit_id} "
+                    f"at {self.conn.endpoint}"
+                ) from e
+
+    async def _read_blocks_now(
+        self, blocks: Sequence[Block]
+    ) -> tuple[dict[str, list[int]], dict[str, str]]:
         raw: dict[str, list[int]] = {}
         errors: dict[str, str] = {}
         retries = 0
@@ -355,7 +374,8 @@ class ModbusDevice:
         out: dict[str, str] = {}
         for n, p in self.map.points.items():
             if p.type == "string":
-                regs, _ = await self.conn.read(p.table, p.address, p.registers, self.unit_id)
+                async with self.conn.link, asyncio.timeout(self.timeout_s):
+                    regs, _ = await self.conn.read(p.table, p.address, p.registers, self.unit_id)
                 out[n] = str(codec.decode(p, regs))
         return out
 
@@ -380,7 +400,9 @@ class ModbusDevice:
             if sf_reading.quality is not Quality.GOOD:
                 raise DriverError(f"{self.device_id}: cannot read scale factor for {point}")
             sf = int(sf_reading.value)
-        await self.conn.write(p.table, p.address, codec.encode(p, value, sf), self.unit_id)
+        words = codec.encode(p, value, sf)
+        async with self.conn.link, asyncio.timeout(self.timeout_s):
+            await self.conn.write(p.table, p.address, words, self.unit_id)
 
 
 # ---------------------------------------------------------------------------
@@ -427,7 +449,8 @@ def build_modbus_devices(
         conn.timeout_s = min(conn.timeout_s, d.timeout_s)
         power_point = d.options.get("power_point")
         out.append(ModbusDevice(
-            d.device_id, conn, dmap, d.unit_id, max_hole=_opt_int(d.options, "max_hole", 8),
+            d.device_id, conn, dmap, d.unit_id, timeout_s=d.timeout_s,
+            max_hole=_opt_int(d.options, "max_hole", 8),
             power_point=str(power_point) if power_point else None,
         ))
     return out
