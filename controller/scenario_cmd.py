@@ -62,7 +62,7 @@ def register(sub: SubParsers) -> None:
         epilog=METRICS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    r.add_argument("file", type=Path, help="scenario YAML, e.g. configs/scenarios/step.yaml")
+    r.add_argument("file", type=Path, help="scenario YAML, e.g. configs/scenarios/sync-step.yaml")
     r.add_argument(
         "--policy",
         action="append",

@@ -39,6 +39,11 @@ class TrainingSpec(_Strict):
     migratable: bool = True
     submit_s: NonNegS = 0.0
 
+    @model_validator(mode="after")
+    def _ids(self) -> TrainingSpec:
+        _check_id_pattern(self.id, self.count)
+        return self
+
 
 class BatchSpec(TrainingSpec):
     """Batch work: training-shaped, in the lowest class, and movable by default."""
@@ -64,6 +69,7 @@ class InferenceSpec(_Strict):
 
     @model_validator(mode="after")
     def _replicas(self) -> InferenceSpec:
+        _check_id_pattern(self.id, self.count)
         if self.gpus % self.gpus_per_replica:
             raise ValueError(
                 f"gpus ({self.gpus}) must be a multiple of gpus_per_replica"
@@ -354,6 +360,18 @@ def check_scenario(spec: ScenarioSpec, site: Site) -> list[Problem]:
 
 
 def expand_ids(j: TrainingSpec | InferenceSpec) -> Sequence[str]:
+    """Job ids of an entry: ``{i}`` in the id is the instance number, 1-based."""
     if j.count is None:
         return [j.id]
     return [j.id.format(i=i) for i in range(1, j.count + 1)]
+
+
+def _check_id_pattern(job_id: str, count: int | None) -> str:
+    if count is not None:
+        try:
+            job_id.format(i=1)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"id {job_id!r}: only {{i}} may be filled in ({exc})") from None
+        if count > 1 and "{i" not in job_id:
+            raise ValueError(f"id {job_id!r} needs {{i}} to tell its {count} jobs apart")
+    return job_id

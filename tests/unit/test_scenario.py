@@ -103,11 +103,16 @@ def write(tmp_path: Path, doc: dict[str, Any], name: str = "s.yaml") -> Path:
             "unknown class 'gold'",
         ),
         (
-            {"workloads": {"training": [{"id": "t", "count": 3, "gpus": 8}]}},
+            {"workloads": {"training": [{"id": "t{i}", "count": 3, "gpus": 8}]}},
             "workloads",
             "need 24 GPUs, the site has 16",
         ),
         ({"step_s": 0}, "step_s", "greater than 0"),
+        (
+            {"workloads": {"training": [{"id": "t-{j}", "count": 2, "gpus": 4}]}},
+            "workloads.training[0]",
+            "only {i} may be filled in",
+        ),
         ({"telemetry": {"gpu_power": "psychic"}}, "telemetry.gpu_power", "'instant' or 'average'"),
     ],
 )
