@@ -227,6 +227,7 @@ class NodeAgent:
 
     async def sample(self) -> Telemetry:
         """Read every GPU, put back limits found above what was set, and report."""
+        applied_before = list(self._applied_w)
         samples = await self._driver.read_all()
         if self._refresh_ranges():
             log.info("GPU limit ranges changed (a GPU came back): caps re-evaluated")
@@ -235,6 +236,8 @@ class NodeAgent:
             if s.quality is Quality.ERROR or s.index >= len(self._applied_w):
                 continue
             applied = self._applied_w[s.index]
+            if s.index < len(applied_before) and applied_before[s.index] != applied:
+                continue  # a lease changed it while we read: the sample predates the set
             if applied is not None and s.limit_w is not None:
                 if s.limit_w > applied + LIMIT_TOLERANCE_W:
                     log.warning(

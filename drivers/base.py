@@ -409,8 +409,15 @@ def _modbus(devices: Sequence[DeviceParams]) -> Sequence[Pollable]:
     return build_modbus_devices(devices)
 
 
+def _snmp(devices: Sequence[DeviceParams]) -> Sequence[Pollable]:
+    from drivers.snmp import build_snmp_devices
+
+    return build_snmp_devices(devices)
+
+
 DRIVER_TYPES: dict[str, DriverFactory] = {
     "modbus": _modbus,
+    "snmp": _snmp,
 }
 
 
