@@ -52,14 +52,9 @@ unit: venv
 test: venv system-deps lint typecheck
 	$(BIN)/pytest
 
+# The demo site on the embedded simulator; Ctrl-C stops it (DEMO_ARGS="--duration 60").
 demo: venv
-	@if $(BIN)/rackpower --help | grep -q ' demo '; then \
-	  $(BIN)/rackpower demo; \
-	else \
-	  echo "rackpower demo is not built yet (issue: controller daemon end to end)." >&2; \
-	  echo "What works today: $(BIN)/rackpower validate configs/sites/demo.yaml" >&2; \
-	  exit 1; \
-	fi
+	$(BIN)/rackpower demo $(DEMO_ARGS)
 
 bench: venv
 	@for m in $(wildcard benchmarks/*.py); do \
