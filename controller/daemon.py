@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +70,11 @@ class _CapSince:
     gpus: tuple[int, ...] = field(default_factory=tuple)
 
 
+def default_controller_id(site: Site) -> str:
+    """``rackpower-<site>``: what agents are configured to obey unless told otherwise."""
+    return f"rackpower-{site.name}"
+
+
 def agents_of(tree: PowerTree) -> dict[str, AgentInfo]:
     """Agents by id from the GPU servers' ``agent`` references."""
     stale = {d.id: d.effective_stale_s for d in tree.site.devices}
@@ -103,7 +107,10 @@ class Controller:
     ) -> None:
         self.mode: Mode = mode
         self.link = link
-        self.controller_id = controller_id or f"rackpower-{site.name}@{socket.gethostname()}"
+        # Agents obey one configured controller id, so the default must be stable (not the
+        # host's name: a standby on another host is the same controller) and a valid lease
+        # id (letters, digits, ``_ . : -``).
+        self.controller_id = controller_id or default_controller_id(site)
         self.audit = audit if audit is not None else AuditLog()
         self.metrics = metrics if metrics is not None else Metrics(site.name)
         self.reservations = reservations if reservations is not None else ReservationStore()

@@ -5,11 +5,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import sys
 from pathlib import Path
 
 from controller.config import ConfigError, load_site
 from controller.devices import DeviceSetupError
+from controller.lease import ID_PATTERN
+
+
+def _controller_id(text: str) -> str:
+    if not re.fullmatch(ID_PATTERN, text) or len(text) > 128:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use 1-128 letters, digits or _ . : - (agents match it exactly)"
+        )
+    return text
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -26,6 +36,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     options = ServiceOptions(
         mode=args.mode,
+        controller_id=args.controller_id,
         config_path=Path(args.config),
         api_port=args.api_port,
         api=not args.no_api,
@@ -60,6 +71,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default="enforce",
         help="advisory computes and publishes what it would do and changes nothing"
         " (default: enforce)",
+    )
+    p.add_argument(
+        "--controller-id",
+        type=_controller_id,
+        default=None,
+        help="the id leases carry, which every node agent's controller_id must match"
+        " (letters, digits, _ . : -; default: rackpower-<site>)",
     )
     p.add_argument("--api-port", type=int, default=None, help="override the API port (0: any)")
     p.add_argument("--no-api", action="store_true", help="do not serve the HTTP API")

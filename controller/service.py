@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class ServiceOptions:
     mode: Mode = "enforce"
+    controller_id: str | None = None  # what the agents obey (default: rackpower-<site>)
     config_path: Path | None = None  # for SIGHUP reloads
     api_port: int | None = None  # overrides the config (0 = any free port)
     api: bool = True
@@ -99,7 +100,14 @@ async def run_service(site: Site, options: ServiceOptions, stop: asyncio.Event) 
     link = options.link
     if link is None and integrations.mqtt is not None:
         link = MqttControllerLink(integrations.mqtt, site.name)
-    controller = Controller(site, mode=options.mode, link=link, audit=audit, metrics=metrics)
+    controller = Controller(
+        site,
+        mode=options.mode,
+        link=link,
+        controller_id=options.controller_id,
+        audit=audit,
+        metrics=metrics,
+    )
     audit.record(
         "start",
         f"controller {controller.controller_id} starting in {options.mode} mode"

@@ -172,3 +172,26 @@ async def test_silent_agent_counts_at_maximum(rig: Rig) -> None:
     first, stop = rig.controller.tree.gpu_range("rack-2-n1")
     assert np.isnan(snap.gpu_power_w[first:stop]).all()
     assert "agent-rack-2-n1" in rig.controller.lost_agents(time.monotonic())
+
+
+async def test_default_controller_id_issues_leases_an_agent_can_be_configured_to_obey() -> None:
+    """`rackpower run` without an id used to send ``rackpower-<site>@<host>``: '@' is not
+    a lease id character, so the first lease raised and killed the cycle, and no agent
+    config could name that controller."""
+    site = site_with_agents(rack_envelope_w=3000.0)
+    hub = InProcessLink()
+    controller = Controller(site, link=hub.controller())
+    parse_agent_config(  # raises if the id is not one an agent may obey
+        {
+            "site": site.name,
+            "agent_id": "agent-rack-1-n1",
+            "node_id": "rack-1-n1",
+            "controller_id": controller.controller_id,
+            "failsafe_w": 300.0,
+            "mqtt": {},
+        }
+    )
+    agent_link = hub.agent("agent-rack-1-n1")
+    controller.run_cycle(time.monotonic())
+    lease = await asyncio.wait_for(anext(aiter(agent_link.leases())), 5.0)
+    assert getattr(lease, "controller_id", None) == controller.controller_id == "rackpower-tiny"
