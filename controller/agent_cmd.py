@@ -54,10 +54,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     try:
         cfg = load_agent_config(args.config)
     except ConfigError as exc:
-        n = len(exc.problems)
-        print(f"{exc.source}: {n} problem{'s' if n != 1 else ''}:", file=sys.stderr)
-        for p in exc.problems:
-            print(f"  {p.render(exc.source)}", file=sys.stderr)
+        print(exc.report(), file=sys.stderr)
         return EXIT_BAD_INPUT
     logging.basicConfig(
         level=args.log_level.upper(),

@@ -13,7 +13,13 @@ from typing import Annotated, Any
 import yaml
 from pydantic import Field, StringConstraints, ValidationError
 
-from controller.config import ConfigError, MqttConfig, Problem, Strict, format_loc
+from controller.config import (
+    ConfigError,
+    MqttConfig,
+    Problem,
+    Strict,
+    pydantic_problems,
+)
 from controller.lease import ID_PATTERN, MAX_LEASE_S
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=ID_PATTERN)]
@@ -68,27 +74,13 @@ class AgentConfig(Strict):
     nvml: NvmlSettings = NvmlSettings()
 
 
-def _problems(exc: ValidationError) -> list[Problem]:
-    out = []
-    for err in exc.errors(include_url=False):
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (not part of the schema; check the spelling)"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        elif "input" in err and not isinstance(err["input"], dict | list):
-            msg = f"{msg} (got {err['input']!r})"
-        out.append(Problem(format_loc(err["loc"]), msg))
-    return out
-
-
 def parse_agent_config(data: Any, source: str = "<agent config>") -> AgentConfig:
     if not isinstance(data, dict):
         raise ConfigError(source, [Problem("", "the file must be a mapping (key: value) at top")])
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(source, _problems(exc)) from None
+        raise ConfigError(source, pydantic_problems(exc)) from None
 
 
 def load_agent_config(path: str | Path) -> AgentConfig:

@@ -39,10 +39,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     try:
         site = load_site(args.config)
     except ConfigError as exc:
-        n = len(exc.problems)
-        print(f"{exc.source}: {n} problem{'s' if n != 1 else ''}:", file=sys.stderr)
-        for p in exc.problems:
-            print(f"  {p.render(exc.source)}", file=sys.stderr)
+        print(exc.report(), file=sys.stderr)
         return EXIT_BAD_INPUT
     tree = PowerTree(site)
     elapsed_s = time.perf_counter() - started

@@ -59,6 +59,13 @@ class ConfigError(Exception):
         self.problems = tuple(problems)
         super().__init__("\n".join(p.render(source) for p in self.problems))
 
+    def report(self) -> str:
+        """What a command prints on stderr: a count, then one indented line per problem."""
+        n = len(self.problems)
+        lines = [f"{self.source}: {n} problem{'s' if n != 1 else ''}:"]
+        lines += [f"  {p.render(self.source)}" for p in self.problems]
+        return "\n".join(lines)
+
 
 def format_loc(loc: Iterable[str | int]) -> str:
     """Render a pydantic location as ``rows[3].racks[12].envelope_w``."""
@@ -556,7 +563,7 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(str(path), [Problem(where, f"not valid YAML: {problem}")]) from exc
 
 
-def _pydantic_problems(exc: ValidationError, prefix: Sequence[str | int] = ()) -> list[Problem]:
+def pydantic_problems(exc: ValidationError, prefix: Sequence[str | int] = ()) -> list[Problem]:
     problems = []
     for err in exc.errors(include_url=False):
         loc = [*prefix, *err["loc"]]
@@ -578,7 +585,7 @@ def parse_site(data: Any, source: str = "<config>") -> Site:
     try:
         spec = SiteSpec.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(source, _pydantic_problems(exc)) from None
+        raise ConfigError(source, pydantic_problems(exc)) from None
     return _build(spec, source)
 
 
@@ -643,7 +650,7 @@ class _Builder:
             try:
                 inst = type(spec).model_validate({**filled, "id": inst_id})
             except ValidationError as exc:
-                for prob in _pydantic_problems(exc):
+                for prob in pydantic_problems(exc):
                     self.problem(f"{where}.{prob.path}", prob.message)
                 continue
             out.append((inst, where, ictx))
@@ -690,7 +697,7 @@ class _Builder:
             return RackSpec.model_validate(merged)
         except ValidationError as exc:
             where = f" (rack uses template {name!r})" if name is not None else ""
-            for p in _pydantic_problems(exc):
+            for p in pydantic_problems(exc):
                 self.problem(f"{path}.{p.path}", p.message + where)
             return None
 
@@ -702,7 +709,7 @@ class _Builder:
                 RackSpec.model_validate({"id": "template", **body})
             except ValidationError as exc:
                 self.bad_templates.add(name)
-                self.problems.extend(_pydantic_problems(exc, ("rack_templates", name)))
+                self.problems.extend(pydantic_problems(exc, ("rack_templates", name)))
         self.add_devices(spec.devices, "devices", {})
         for f_i, fspec in enumerate(spec.feeds):
             for feed, where, _ in self.expand(fspec, f"feeds[{f_i}]", {}, "feed"):

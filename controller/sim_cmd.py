@@ -78,27 +78,40 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
     ports = p.add_mutually_exclusive_group()
     ports.add_argument(
-        "--ephemeral-ports", action="store_true",
+        "--ephemeral-ports",
+        action="store_true",
         help="let the kernel pick every port (grouping by address stays the config's)",
     )
     ports.add_argument(
-        "--port-offset", type=int, default=0, metavar="N",
+        "--port-offset",
+        type=int,
+        default=0,
+        metavar="N",
         help="serve on the config's ports plus N",
     )
     p.add_argument("--host", help="bind every frontend here instead of the config's hosts")
     p.add_argument("--duration", type=_positive, metavar="S", help="stop after S seconds")
     p.add_argument(
-        "--time-scale", type=_positive, default=1.0, metavar="X",
+        "--time-scale",
+        type=_positive,
+        default=1.0,
+        metavar="X",
         help="simulated seconds per wall second (default 1)",
     )
     p.add_argument(
-        "--control-port", type=int, default=0, metavar="P",
+        "--control-port",
+        type=int,
+        default=0,
+        metavar="P",
         help="control channel port on 127.0.0.1 (default 0: any free port)",
     )
-    p.add_argument("--control-file", metavar="OUT",
-                   help='write {"url": ...} of the control channel here')
     p.add_argument(
-        "--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+        "--control-file", metavar="OUT", help='write {"url": ...} of the control channel here'
+    )
+    p.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
         help="log verbosity (default warning)",
     )
     p.set_defaults(handler=cmd_sim)
@@ -124,7 +137,9 @@ def _probe_text(probe: dict[str, Any]) -> str:
 def print_endpoints(endpoints: list[dict[str, Any]], out: TextIO) -> None:
     rows = [
         (
-            e["device"], e["protocol"], f"{e['host']}:{e['port']}",
+            e["device"],
+            e["protocol"],
+            f"{e['host']}:{e['port']}",
             f"unit {e['unit_id']}" if "unit_id" in e else f"community {e['community']}",
             _probe_text(e["probe"]),
         )
@@ -133,18 +148,17 @@ def print_endpoints(endpoints: list[dict[str, Any]], out: TextIO) -> None:
     header = ("DEVICE", "PROTOCOL", "ADDRESS", "UNIT/COMMUNITY", "PROBE")
     widths = [max(len(r[k]) for r in [header, *rows]) for k in range(4)]
     for r in [header, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4],
-              file=out)
+        print(
+            "  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4],
+            file=out,
+        )
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
     try:
         site = load_site(args.config)
     except ConfigError as exc:
-        n = len(exc.problems)
-        print(f"{exc.source}: {n} problem{'s' if n != 1 else ''}:", file=sys.stderr)
-        for p in exc.problems:
-            print(f"  {p.render(exc.source)}", file=sys.stderr)
+        print(exc.report(), file=sys.stderr)
         return EXIT_BAD_INPUT
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -162,8 +176,12 @@ async def run_sim(site: Site, args: argparse.Namespace) -> int:
     from sim.runtime import SimRuntime
 
     sim = SimRuntime(
-        site, seed=args.seed, time_scale=args.time_scale, host=args.host,
-        port_offset=args.port_offset, ephemeral=args.ephemeral_ports,
+        site,
+        seed=args.seed,
+        time_scale=args.time_scale,
+        host=args.host,
+        port_offset=args.port_offset,
+        ephemeral=args.ephemeral_ports,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -192,7 +210,8 @@ def _announce(sim: SimRuntime, site: Site, args: argparse.Namespace, control_url
     print(
         f"rackpower sim: site {site.name!r}, {len(sim.tree.gpus)} GPUs,"
         f" {len(sim.scheduler.progress())} jobs, seed {args.seed},"
-        f" time x{args.time_scale:g}", file=out,
+        f" time x{args.time_scale:g}",
+        file=out,
     )
     print_endpoints(endpoints, out)
     print(f"control: {control_url}  (rackpower sim --help lists its endpoints)", file=out)
