@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import secrets
 import sys
@@ -21,26 +22,65 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from controller.config import ConfigError, InfluxConfig, MqttConfig, Site, load_site
-from controller.topology import PowerTree
+from controller.topology import CONSTRAINT_KINDS, PowerTree
 
 DEMO_SITE = Path(__file__).resolve().parents[1] / "configs" / "sites" / "demo.yaml"
 
 
-def failsafe_w(tree: PowerTree, node_id: str) -> float:
-    """The static safe share per GPU: what every GPU may draw at once with no controller
-    and every constraint above it still inside its envelope."""
-    first, stop = tree.gpu_range(node_id)
-    best = max(g.max_w for g in tree.gpus[first:stop])
-    for anc in tree.ancestors(node_id):
-        a_first, a_stop = tree.gpu_range(anc)
-        gpus = a_stop - a_first
-        if gpus == 0:
+def _efficiency_at_envelope(tree: PowerTree, node_id: str) -> float:
+    """The node's configured conversion efficiency with its envelope at its input (1 with no
+    curve): out = in x eff, the curve read at out / rating, settled in one more step and
+    the lower of the two kept."""
+    node = tree.node(node_id)
+    curve = node.efficiency
+    if curve is None or node.kind not in CONSTRAINT_KINDS:
+        return 1.0
+    xp = [x for x, _ in curve.points]
+    fp = [e for _, e in curve.points]
+    first = float(np.interp(node.envelope_w / node.rating_w, xp, fp))
+    settled = float(np.interp(node.envelope_w * first / node.rating_w, xp, fp))
+    return min(first, settled)
+
+
+def failsafe_shares_w(tree: PowerTree) -> dict[str, float]:
+    """The static safe share per GPU of every GPU server: what each GPU may draw with every
+    server at it at once, no controller, and every constraint above still inside its
+    envelope. Envelopes are measured at a node's input, so the share is what is left
+    after each converter on the way down (the least efficient path below a node, at the
+    envelope's load) less the baselines, split evenly; never below a GPU's floor."""
+    chain: dict[str, float] = {}  # worst path efficiency from a node's input to the servers
+    for nid in reversed(tree.order):
+        below = [chain[c] for c in tree.children(nid) if c in chain]
+        own = _efficiency_at_envelope(tree, nid)
+        if tree.node(nid).kind == "gpu":
             continue
-        baseline = tree.floor_draw_w(anc) - sum(g.floor_w for g in tree.gpus[a_first:a_stop])
-        best = min(best, (tree.effective_envelope_w(anc) - baseline) / gpus)
-    floor = max(g.floor_w for g in tree.gpus[first:stop])
-    return max(best, floor)
+        chain[nid] = own * (min(below) if below else 1.0)
+    baseline = tree.aggregate({n: tree.node(n).baseline_w for n in tree.of_kind("node")})
+    share: dict[str, float] = {}
+    for nid in tree.constraint_nodes():
+        first, stop = tree.gpu_range(nid)
+        if stop > first:
+            usable = tree.effective_envelope_w(nid) * chain[nid] - baseline[nid]
+            share[nid] = usable / (stop - first)
+    out: dict[str, float] = {}
+    for nid in tree.of_kind("node"):
+        first, stop = tree.gpu_range(nid)
+        if stop == first:
+            continue
+        gpus = tree.gpus[first:stop]
+        best = min(
+            [max(g.max_w for g in gpus)] + [share[a] for a in tree.ancestors(nid) if a in share]
+        )
+        out[nid] = max(math.floor(best), max(g.floor_w for g in gpus))
+    return out
+
+
+def failsafe_w(tree: PowerTree, node_id: str) -> float:
+    """The static safe share per GPU of one server (see :func:`failsafe_shares_w`)."""
+    return failsafe_shares_w(tree)[node_id]
 
 
 def _with_integrations(site: Site, mqtt: str | None, influx: str | None) -> Site:
@@ -84,6 +124,7 @@ async def run_demo(args: argparse.Namespace, site: Site) -> int:
             controller_link = hub.controller()
         tasks: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {}
         agents: list[NodeAgent] = []
+        shares = failsafe_shares_w(tree)
         for node_id in sim.gpu_servers():
             node = tree.node(node_id)
             if node.agent is None:
@@ -96,7 +137,7 @@ async def run_demo(args: argparse.Namespace, site: Site) -> int:
                     "agent_id": node.agent,
                     "node_id": node_id,
                     "controller_id": f"rackpower-{served.name}-demo",
-                    "failsafe_w": failsafe_w(tree, node_id),
+                    "failsafe_w": shares[node_id],
                     "telemetry_hz": 4,
                     "mqtt": {"url": mqtt_cfg.url if mqtt_cfg else "mqtt://127.0.0.1:1883"},
                 },
