@@ -454,7 +454,10 @@ class Controller:
             points.append(
                 cycle_point(
                     site,
-                    duration_s=self.cycle_stats.last_duration_s,
+                    # The last finished cycle's; before the first there is none (NaN: left out).
+                    duration_s=self.cycle_stats.last_duration_s
+                    if self.cycle_stats.cycles
+                    else math.nan,
                     overruns=self.cycle_stats.overruns,
                     ts_ns=ts_ns,
                     mode=self.mode,

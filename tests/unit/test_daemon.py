@@ -227,3 +227,21 @@ def test_failsafe_share_keeps_every_envelope_with_conversion_losses() -> None:
     assert not over
     # Safe, not needlessly low: the tightest level is within 2 % of its envelope.
     assert max(power[n] / tree.node(n).envelope_w for n in tree.constraint_nodes()) > 0.98
+
+
+def test_first_cycle_point_claims_no_duration() -> None:
+    """The cycle point carries the last finished cycle's duration; the first cycle has none
+    yet and used to write 0 s, a duration no cycle took (found reading the TSDB back)."""
+    site = site_with_agents(rack_envelope_w=3000.0)
+    controller = Controller(site, controller_id="ctl")
+    written: list[Any] = []
+    controller.on_points = written.extend
+    controller.run_cycle(time.monotonic())
+    first = next(p for p in written if p.measurement == "rackpower_cycle")
+    assert "duration_s" not in first.fields and first.fields["overruns"] == 0
+    controller.cycle_stats.record(0.004)
+    written.clear()
+    controller.cycle_stats.cycles = controller._tsdb_every  # the next cycle that writes
+    controller.run_cycle(time.monotonic())
+    later = next(p for p in written if p.measurement == "rackpower_cycle")
+    assert later.fields["duration_s"] == 0.004
