@@ -323,6 +323,8 @@ class KubernetesScheduler:
             meta = pod["metadata"]
             try:
                 await self._evict(meta["namespace"], meta["name"])
+            except JobNotFound:
+                continue  # went away since the list: gone is what eviction wanted
             except ActionRefused as exc:
                 done = f" after evicting {', '.join(evicted)}" if evicted else " (nothing evicted)"
                 raise type(exc)(exc.reason + done, retry_after_s=exc.retry_after_s) from exc
