@@ -56,9 +56,12 @@ test: venv system-deps lint typecheck
 demo: venv
 	$(BIN)/rackpower demo $(DEMO_ARGS)
 
+# Every benchmark module with a main block; helper modules (no main) are skipped.
 bench: venv
-	@for m in $(wildcard benchmarks/*.py); do \
-	  name=$$(basename $$m .py); [ "$$name" = "__init__" ] && continue; \
+	@mkdir -p out
+	@for m in $$(grep -l '__main__' benchmarks/*.py); do \
+	  name=$$(basename $$m .py); \
+	  echo "== benchmarks.$$name"; \
 	  $(BIN)/python -m benchmarks.$$name --json out/bench-$$name.json || exit 1; \
 	done
 
