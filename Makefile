@@ -10,6 +10,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SYSTEM_DEPS := mbpoll:mbpoll snmpget:snmp snmpd:snmpd collectd:collectd-core
 SYSTEM_DEPS += mosquitto:mosquitto victoria-metrics:victoria-metrics openssl:openssl chromium:chromium
+SYSTEM_DEPS += slurmctld:slurmctld slurmd:slurmd slurmrestd:slurmrestd munged:munge scontrol:slurm-client
 
 ifeq ($(shell id -u),0)
 SUDO :=
@@ -27,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-system-deps:
+system-deps: slurm-deps
 	@missing=""; \
 	for pair in $(SYSTEM_DEPS); do \
 	  cmd=$${pair%%:*}; pkg=$${pair#*:}; \
@@ -38,6 +39,14 @@ system-deps:
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+
+# slurmrestd's JWT auth is a plugin library, not a command: checked by its path.
+.PHONY: slurm-deps
+slurm-deps:
+	@ls /usr/lib/*/slurm-wlm/auth_jwt.so >/dev/null 2>&1 || { \
+	  echo "installing Debian packages: slurm-wlm-jwt-plugin"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends slurm-wlm-jwt-plugin; }
 
 lint: venv
 	$(BIN)/ruff check .

@@ -156,6 +156,11 @@ def parse_job(raw: Mapping[str, Any]) -> SchedJob:
     )
 
 
+def _is_drained(node: Mapping[str, Any]) -> bool:
+    words = [str(node.get("state", ""))] + [str(f) for f in node.get("state_flags") or ()]
+    return any("DRAIN" in w.upper() for w in words)
+
+
 TokenSource = str | Callable[[], str] | None
 
 
@@ -303,10 +308,9 @@ class SlurmAdapter:
         """
         await self.scontrol("requeuehold", job_id)
         try:
-            if away_from_hosts:
-                await self.scontrol(
-                    "update", f"JobId={job_id}", f"ExcNodeList={','.join(away_from_hosts)}"
-                )
+            away = await self._known(away_from_hosts, f"migrate {job_id}")
+            if away:
+                await self.scontrol("update", f"JobId={job_id}", f"ExcNodeList={','.join(away)}")
         except (ActionRefused, SchedulerUnavailable) as exc:
             log.warning(
                 "slurm: job %s requeued but not kept off %s: %s", job_id, away_from_hosts, exc
@@ -315,15 +319,38 @@ class SlurmAdapter:
             await self.scontrol("release", job_id)
         return "requeued"
 
+    async def _known(self, hosts: Sequence[str], what: str) -> list[str]:
+        """The hosts Slurm manages (scontrol rejects a whole update for one unknown name).
+
+        A power tree may hold servers another scheduler runs; those are skipped with a log
+        line. None known at all is a refusal: there is nothing Slurm can do.
+        """
+        nodes = await self.nodes()
+        known = [h for h in hosts if h in nodes]
+        unknown = [h for h in hosts if h not in nodes]
+        if unknown:
+            log.info("slurm: %s skips hosts Slurm does not manage: %s", what, ", ".join(unknown))
+        if hosts and not known:
+            raise ActionRefused(f"slurm: {what}: none of {', '.join(hosts)} is a Slurm node")
+        return known
+
     async def drain(self, hosts: Sequence[str], reason: str) -> None:
-        if hosts:
+        """``State=DRAIN``: running jobs stay, nothing new starts; the reason is shown by
+        ``sinfo -R`` and ``scontrol show node``."""
+        known = await self._known(hosts, "drain")
+        if known:
             await self.scontrol(
-                "update", f"NodeName={','.join(hosts)}", "State=DRAIN", f"Reason={reason}"
+                "update", f"NodeName={','.join(known)}", "State=DRAIN", f"Reason={reason}"
             )
 
     async def resume(self, hosts: Sequence[str]) -> None:
-        if hosts:
-            await self.scontrol("update", f"NodeName={','.join(hosts)}", "State=RESUME")
+        """``State=RESUME``, only for hosts that are draining or drained (Slurm refuses
+        to resume a node in any other state, and a resume must be safe to repeat)."""
+        nodes = await self.nodes()
+        known = await self._known(hosts, "resume")
+        draining = [h for h in known if _is_drained(nodes[h])]
+        if draining:
+            await self.scontrol("update", f"NodeName={','.join(draining)}", "State=RESUME")
 
     async def note(self, job_id: str, text: str) -> None:
         """``AdminComment``: visible in ``scontrol show job``, not the user's own ``Comment``."""
