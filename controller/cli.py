@@ -11,7 +11,15 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from controller import agent_cmd, demo_cmd, run_cmd, scenario_cmd, sim_cmd, status_cmd
+from controller import (
+    agent_cmd,
+    demo_cmd,
+    headroom_cmd,
+    run_cmd,
+    scenario_cmd,
+    sim_cmd,
+    status_cmd,
+)
 from controller.config import ConfigError, load_site
 from controller.topology import PowerTree
 
@@ -75,6 +83,7 @@ _COMMANDS: list[Register] = [
     demo_cmd.register,
     status_cmd.register,
     scenario_cmd.register,
+    headroom_cmd.register,
 ]
 
 
