@@ -125,6 +125,10 @@ class NodeAgent:
         self._failsafe_reason: str | None = "agent not started"
         self._refused: Refusal | None = None
         self._set_errors: dict[int, str] = {}
+        # _enforce runs started / finished: a set is in NVML before it is confirmed and
+        # recorded in _applied_w, so a sample read while one runs cannot be judged.
+        self._enforce_started = 0
+        self._enforce_done = 0
         self._warned_controllers: set[str] = set()
         self._lease_changed = asyncio.Event()
         self._stop = asyncio.Event()
@@ -227,17 +231,21 @@ class NodeAgent:
 
     async def sample(self) -> Telemetry:
         """Read every GPU, put back limits found above what was set, and report."""
-        applied_before = list(self._applied_w)
+        started_before = self._enforce_started
+        in_flight = started_before != self._enforce_done
         samples = await self._driver.read_all()
+        # A lease's set ran while we read: the sample may show a limit set but not yet
+        # recorded (not out of band). Judge the next sample instead.
+        in_flight = in_flight or self._enforce_started != started_before
         if self._refresh_ranges():
             log.info("GPU limit ranges changed (a GPU came back): caps re-evaluated")
         need = False
         for s in samples:
             if s.quality is Quality.ERROR or s.index >= len(self._applied_w):
                 continue
+            if in_flight:
+                continue
             applied = self._applied_w[s.index]
-            if s.index < len(applied_before) and applied_before[s.index] != applied:
-                continue  # a lease changed it while we read: the sample predates the set
             if applied is not None and s.limit_w is not None:
                 if s.limit_w > applied + LIMIT_TOLERANCE_W:
                     log.warning(
@@ -384,9 +392,13 @@ class NodeAgent:
                 todo.append((i, want))
         if not todo:
             return (), ()
-        results = await asyncio.gather(
-            *(self._driver.set_limit(i, w) for i, w in todo), return_exceptions=True
-        )
+        self._enforce_started += 1
+        try:
+            results = await asyncio.gather(
+                *(self._driver.set_limit(i, w) for i, w in todo), return_exceptions=True
+            )
+        finally:
+            self._enforce_done += 1
         done, failed = [], []
         for (i, want), result in zip(todo, results, strict=True):
             if isinstance(result, NvmlDriverError):

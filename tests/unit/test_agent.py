@@ -277,6 +277,42 @@ async def test_limit_raised_out_of_band_is_set_again(rig: Rig) -> None:
     assert rig.enforced()[0] == 450.0
 
 
+async def test_a_sample_read_while_a_set_awaits_confirmation_is_not_out_of_band(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A set is in NVML before the driver confirms it and the agent records it; a sample
+    read in that window saw the new, higher limit against the old record and took it for
+    an out-of-band change: a WARNING and a second set call (the e2e release ramp logged
+    it on every GPU)."""
+    await rig.agent.handle(lease(1, {0: 450}))
+    real_set, real_read = rig.driver.set_limit, rig.driver.read_all
+    set_in_nvml, read_done, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def set_then_wait(index: int, limit_w: float) -> Any:
+        result = await real_set(index, limit_w)
+        set_in_nvml.set()
+        await release.wait()  # still confirming
+        return result
+
+    async def read_then_say(*args: Any, **kwargs: Any) -> Any:
+        got = await real_read(*args, **kwargs)
+        read_done.set()
+        return got
+
+    monkeypatch.setattr(rig.driver, "set_limit", set_then_wait)
+    monkeypatch.setattr(rig.driver, "read_all", read_then_say)
+    calls = rig.fake.set_calls
+    raising = asyncio.create_task(rig.agent.handle(lease(2, {0: 650})))
+    await set_in_nvml.wait()
+    sampling = asyncio.create_task(rig.agent.sample())
+    await read_done.wait()
+    release.set()
+    await asyncio.wait_for(asyncio.gather(raising, sampling), 5.0)
+    assert rig.enforced()[0] == 650.0
+    assert rig.fake.set_calls == calls + 1
+    assert not [r for r in caplog.records if "out of band" in r.getMessage()]
+
+
 async def test_agent_survives_a_lost_gpu_and_caps_the_others(rig: Rig) -> None:
     rig.fake.lose(1)
     out = await rig.agent.handle(lease(1, {0: 450, 1: 450, 2: 450, 3: 450}))
