@@ -10,6 +10,7 @@ from controller.scheduler.base import (
     SchedulerError,
     SchedulerUnavailable,
 )
+from controller.scheduler.link import ActionResult, LinkStatus, SchedulerLink
 from controller.scheduler.mapping import (
     HostMap,
     JobMapping,
@@ -20,14 +21,17 @@ from controller.scheduler.mapping import (
 
 __all__ = [
     "ActionRefused",
+    "ActionResult",
     "HostMap",
     "JobMapping",
     "JobNotFound",
     "JobState",
+    "LinkStatus",
     "MoveOutcome",
     "SchedJob",
     "SchedulerAdapter",
     "SchedulerError",
+    "SchedulerLink",
     "SchedulerUnavailable",
     "fallback_jobs",
     "map_class",

@@ -319,13 +319,16 @@ class SlurmAdapter:
             await self.scontrol("release", job_id)
         return "requeued"
 
-    async def _known(self, hosts: Sequence[str], what: str) -> list[str]:
+    async def _known(
+        self, hosts: Sequence[str], what: str, nodes: Mapping[str, object] | None = None
+    ) -> list[str]:
         """The hosts Slurm manages (scontrol rejects a whole update for one unknown name).
 
         A power tree may hold servers another scheduler runs; those are skipped with a log
         line. None known at all is a refusal: there is nothing Slurm can do.
         """
-        nodes = await self.nodes()
+        if nodes is None:
+            nodes = await self.nodes()
         known = [h for h in hosts if h in nodes]
         unknown = [h for h in hosts if h not in nodes]
         if unknown:
@@ -347,7 +350,7 @@ class SlurmAdapter:
         """``State=RESUME``, only for hosts that are draining or drained (Slurm refuses
         to resume a node in any other state, and a resume must be safe to repeat)."""
         nodes = await self.nodes()
-        known = await self._known(hosts, "resume")
+        known = await self._known(hosts, "resume", nodes)
         draining = [h for h in known if _is_drained(nodes[h])]
         if draining:
             await self.scontrol("update", f"NodeName={','.join(draining)}", "State=RESUME")
