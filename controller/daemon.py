@@ -121,6 +121,7 @@ class Controller:
         self.lease_seq = LeaseSequence()
         self.started_at_s = wall_clock()
         self.stopping = False
+        self._first_cycle_s: float | None = None  # monotonic; the start-up grace counts from it
         # Publishers (set by run_controller); each must not block.
         self.on_alarm_raise: Callable[[Alarm], None] | None = None
         self.on_alarm_clear: Callable[[str], None] | None = None
@@ -154,6 +155,9 @@ class Controller:
         self._alarms: dict[str, Alarm] = {}
         self._last_cycle_wall_s: float | None = None
         self._gpu_stale_s = max((a.stale_s for a in self.agents.values()), default=3.0)
+        # Until every meter and agent has had its stale limit to report, silence is not yet
+        # a fault: no alarm is raised for it (caps still treat it as worst case).
+        self._startup_grace_s = max((d.effective_stale_s for d in site.devices), default=0.0)
         self._tsdb_every = max(1, round(5.0 / site.policy.cycle_s))
 
     def reload(self, site: Site) -> None:
@@ -479,11 +483,24 @@ class Controller:
             own[nid] = float(gpu[first:stop].sum()) + self._tree.node(nid).baseline_w
         return self._tree.aggregate(own)
 
+    def _settling(self, now_s: float, stale_devices: Sequence[str]) -> bool:
+        """Still in the start-up grace: a device or agent has not reported yet and has not
+        had its stale limit to do so. Alarms raised then would be about our own start
+        (every node "over its envelope" at its worst case, every device "stale")."""
+        if self._first_cycle_s is None:
+            self._first_cycle_s = now_s
+        if now_s - self._first_cycle_s >= self._startup_grace_s:
+            return False
+        return bool(stale_devices) or len(self._agent_seen_s) < len(self.agents)
+
     def _update_alarms(self, node_list: Iterable[Alarm], now_s: float, wall: float) -> None:
-        current: dict[str, Alarm] = {a.alarm_id: a for a in node_list}
+        stale: list[str] = []
         if self.device_health is not None:
             stale = [d for d, (is_stale, _) in self.device_health().items() if is_stale]
-            current.update({a.alarm_id: a for a in device_alarms(stale, wall)})
+        if self._settling(now_s, stale):
+            return
+        current: dict[str, Alarm] = {a.alarm_id: a for a in node_list}
+        current.update({a.alarm_id: a for a in device_alarms(stale, wall)})
         current.update(
             {
                 a.alarm_id: a

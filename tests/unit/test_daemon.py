@@ -245,3 +245,23 @@ def test_first_cycle_point_claims_no_duration() -> None:
     controller.run_cycle(time.monotonic())
     later = next(p for p in written if p.measurement == "rackpower_cycle")
     assert later.fields["duration_s"] == 0.004
+
+
+def test_no_alarm_storm_while_meters_and_agents_make_their_first_report() -> None:
+    """At start nothing has reported yet: every node reads at its worst case and every
+    device and agent is silent. That used to raise (and publish, retained) an
+    envelope_exceeded alarm on every node plus device_stale and agent_lost for all, cleared
+    a cycle later. Within the start-up grace (the longest stale limit) no alarm is
+    raised; a device still silent after it is alarmed."""
+    site = site_with_agents(rack_envelope_w=3000.0)
+    controller = Controller(site, controller_id="ctl")
+    raised: list[str] = []
+    controller.on_alarm_raise = lambda a: raised.append(a.alarm_id)
+    controller.device_health = lambda: {"sst-meter": (True, None), "pdu-1": (True, None)}
+    t0 = 1000.0
+    controller.run_cycle(t0)
+    controller.run_cycle(t0 + 0.5)
+    assert raised == []
+    assert not [e for e in controller.audit.recent(limit=50) if e.kind.startswith("alarm:")]
+    controller.run_cycle(t0 + controller._startup_grace_s + 0.1)
+    assert "device_stale:sst-meter" in raised and "agent_lost:agent-rack-1-n1" in raised
