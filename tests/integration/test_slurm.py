@@ -81,7 +81,7 @@ async def test_jobs_are_listed_with_their_node_gpus_and_classes(
     cluster: SlurmCluster, adapter: SlurmAdapter, tree: PowerTree
 ) -> None:
     high, low, pinned = submit_three(cluster)
-    listed = {j.id: j for j in await adapter.jobs()}
+    listed = {j.id: j for j in await adapter.jobs() if j.state == "running"}
     assert set(listed) == {high, low, pinned}
     assert all(j.hosts == (NODE,) and j.state == "running" for j in listed.values())
     assert listed[high].class_labels == ("high",) and listed[low].class_labels == ("low",)
@@ -184,6 +184,18 @@ async def test_overload_requeues_exactly_the_lowest_priority_requeueable_job_and
     assert link.status().drained == ()
     # The requeued job is still queued (Slurm holds a requeued job back by its BeginTime).
     assert job_state(cluster, low) == "PENDING"
+
+
+async def test_local_auth_over_a_unix_socket_lists_the_same_jobs(cluster: SlurmCluster) -> None:
+    jid = cluster.sbatch("--wrap", "sleep 300", "-p", "high", "--gres=gpu:2")
+    cluster.wait_for("running", lambda: job_state(cluster, jid) == "RUNNING")
+    local = SlurmAdapter(unix_socket=str(cluster.rest_socket), env=cluster.env)
+    try:
+        (job,) = [j for j in await local.jobs() if j.state == "running"]
+        assert (job.id, job.hosts, job.class_labels) == (jid, (NODE,), ("high",))
+        assert len(job.local_gpus[0]) == 2
+    finally:
+        await local.aclose()
 
 
 async def test_migrate_requeues_away_from_the_hosts(
