@@ -398,10 +398,41 @@ class ApiConfig(Strict):
 
 
 class SchedulerConfig(Strict):
+    """Which scheduler runs the site's jobs, and how GPU servers are named there.
+
+    ``class_map`` maps the scheduler's QOS, partition or priority class to the
+    controller's priority classes. Host names map to GPU server ids: the same id, an
+    alias, or the named group ``node`` of ``host_pattern``.
+    """
+
     kind: Literal["none", "slurm", "kubernetes", "sim"] = "none"
     url: str | None = None
     token_env: str | None = None
+    token_file: Path | None = None
     class_map: dict[str, str] = Field(default_factory=dict)
+    poll_s: PosS = 5.0
+    stale_after_s: PosS = 30.0
+    resume_hold_s: PosS = 60.0
+    host_aliases: dict[str, str] = Field(default_factory=dict)
+    host_pattern: str | None = None
+    host_format: str | None = None
+    # Slurm
+    user: str = "root"
+    unix_socket: str | None = None
+    # Kubernetes
+    ca_file: Path | None = None
+    job_label: str = "job-name"
+    class_label: str | None = None
+    gpu_resource: str = "nvidia.com/gpu"
+    requeueable_default: bool = False
+
+    @model_validator(mode="after")
+    def _reachable(self) -> SchedulerConfig:
+        if self.kind == "slurm" and not (self.url or self.unix_socket):
+            raise ValueError("a slurm scheduler needs url (slurmrestd) or unix_socket")
+        if self.kind == "kubernetes" and not self.url:
+            raise ValueError("a kubernetes scheduler needs url (the API server)")
+        return self
 
 
 class Integrations(Strict):
@@ -413,6 +444,17 @@ class Integrations(Strict):
 
 class SiteSpec(Strict):
     """The whole file as written."""
+
+    @model_validator(mode="after")
+    def _class_map(self) -> SiteSpec:
+        names = {c.name for c in self.policy.priority_classes}
+        bad = sorted(v for v in self.integrations.scheduler.class_map.values() if v not in names)
+        if bad:
+            raise ValueError(
+                f"integrations.scheduler.class_map maps to {bad}, not priority classes"
+                f" ({sorted(names)})"
+            )
+        return self
 
     site: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
