@@ -32,6 +32,7 @@ BoolArray = npt.NDArray[np.bool_]
 
 DEADBAND_FRACTION = 0.02  # of a GPU's max: smaller moves are not worth an actuation
 SNAP_FRACTION = 0.02  # a ramp this close to its goal finishes in one step
+SETTLE_FRACTION = 0.005  # a persistent gap this wide is closed below the deadband
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,11 +105,16 @@ def move_caps(
     alloc_w: FloatArray,
     floor_w: FloatArray,
     blocked: BoolArray,
+    settled: BoolArray | None = None,
 ) -> FloatArray:
     """New caps from the previous ones and the allocation, by the band rules.
 
     ``blocked`` GPUs (stale readings, or under a silent meter) never rise: not knowing
-    is no reason to uncap.
+    is no reason to uncap. ``settled`` GPUs have had their allocation above their cap
+    for a while: they rise even by less than the deadband, since a gap that persists
+    is power a node leaves unused for good, and one actuation closes it. Not by less
+    than ``SETTLE_FRACTION``: a node at its aim trims its caps by a watt or two when
+    noise crosses its cap threshold, and closing that again would be an oscillation.
     """
     max_w = index.gpu_max_w
     cap_gpu = covered(index, bands.capping)
@@ -117,7 +123,10 @@ def move_caps(
     down = (alloc_w < prev_w) & (cap_gpu | (alloc_w < prev_w - deadband))
     new[down] = alloc_w[down]
     up = (alloc_w > prev_w + deadband) & ~blocked
-    ramp = prev_w + cfg.uncap_step_fraction * (alloc_w - prev_w)
+    if settled is not None:
+        up |= settled & (alloc_w >= prev_w + SETTLE_FRACTION * max_w) & ~blocked
+    # A ramp step smaller than the deadband is an actuation not worth making either.
+    ramp = prev_w + np.maximum(cfg.uncap_step_fraction * (alloc_w - prev_w), deadband)
     ramp = np.where(alloc_w - ramp < SNAP_FRACTION * max_w, alloc_w, ramp)
     new[up] = ramp[up]
     # Whole watts (NVML takes milliwatts, nobody needs them), never outside the GPU's range.

@@ -19,8 +19,13 @@ has taken out losses, baselines, reservations and unattributed power):
 - band:   sum(min(cap, demand)) <= a1[n]
 - margin: min(sum(cap), sum(min(cap, demand)) + margin[n]) <= a2[n]
 
-The margin constraint holds when either the caps alone keep the node inside (nothing can
-rise past a cap), or the planned draw plus the worst rise seen does.
+or, instead of both, ``sum(cap) <= a3[n]`` (the caller passes the node's aim,
+whatever its mode): caps that alone keep the node at its aim need neither a plan nor a
+margin. Both exist because a plan built on demand can be wrong (a GPU rises past what
+was seen); a GPU cannot draw past its cap. Without this branch a node whose GPUs all
+sit at their caps, a little below the aim (the loss ratio moved since it capped), is
+in the hold band for good: the zero-sum hold never gives back the gap, which is power
+left unused for no risk. Raising such caps to the aim cannot make the node oscillate.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ def allocate(
     margin_w: FloatArray,
     level_cap: FloatArray | None = None,
     n_classes: int = 1,
+    a3_w: FloatArray | None = None,
 ) -> Allocation:
     """Water levels bottom-up over the tree; ``level_cap`` pre-limits some GPUs (jobs)."""
     n = index.n_gpus
@@ -93,6 +99,7 @@ def allocate(
         a1 = a1_w[nodes] + TOLERANCE_W
         a2 = a2_w[nodes] + TOLERANCE_W
         mm = margin_w[nodes]
+        a3 = (np.full(nodes.size, -np.inf) if a3_w is None else a3_w[nodes]) + TOLERANCE_W
 
         def fits(
             node_level: FloatArray,
@@ -102,6 +109,7 @@ def allocate(
             a1: FloatArray = a1,
             a2: FloatArray = a2,
             mm: FloatArray = mm,
+            a3: FloatArray = a3,
             below: FloatArray = lam,
         ) -> npt.NDArray[np.bool_]:
             lv = np.minimum(node_level[seg], below) - terms.shift
@@ -111,7 +119,8 @@ def allocate(
             cs_use = np.concatenate(([0.0], np.cumsum(use)))
             s_cap = cs_cap[stop] - cs_cap[start]
             s_use = cs_use[stop] - cs_use[start]
-            ok: npt.NDArray[np.bool_] = (s_use <= a1) & (np.minimum(s_cap, s_use + mm) <= a2)
+            planned = (s_use <= a1) & (np.minimum(s_cap, s_use + mm) <= a2)
+            ok: npt.NDArray[np.bool_] = planned | (s_cap <= a3)
             return ok
 
         k = nodes.size

@@ -40,6 +40,7 @@ from .loads import (
     reservations,
 )
 from .margin import MarginMemory, update_margin
+from .startup import StartupMemory, startup_pending
 from .types import Action, FloatArray, NodeStatus, PolicyState, Snapshot, frozen_array
 from .window import WindowMax
 
@@ -53,6 +54,8 @@ BOUND_W = 2.0
 LOSS_SMOOTHING = 0.2  # EMA weight of this cycle's measured/attributed ratio
 LOSS_RATIO_MAX = 1.5
 MAX_DT_S = 60.0
+SETTLE_S = 10.0  # an allocation above a cap this long is closed even below the deadband
+SETTLE_BUCKETS = 5
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,11 +73,15 @@ class Memory:
     unattributed_low: WindowMax  # of minus the raw unexplained power: a sliding minimum
     pending: Mapping[str, float] = field(default_factory=dict)
     jobs: JobIndex | None = None
+    startup: StartupMemory | None = None
+    gap: WindowMax | None = None  # of cap minus allocation: a sliding minimum of the gap
+    started_s: float = 0.0
 
 
-def _fresh_memory(index: TreeIndex, tree: PowerTree) -> Memory:
+def _fresh_memory(index: TreeIndex, tree: PowerTree, now_s: float) -> Memory:
     n = index.n_nodes
     return Memory(
+        started_s=now_s,
         demand=WindowMax.empty(index.n_gpus, DEMAND_HOLD_S, DEMAND_BUCKETS),
         demand_async=WindowMax.empty(index.n_gpus, ASYNC_HOLD_S, ASYNC_BUCKETS),
         margin=MarginMemory.empty(n, tree.site.policy.margin),
@@ -101,7 +108,7 @@ def decide(
         or state.target_w.shape != (index.n_gpus,)
     )
     if fresh:
-        memory = _fresh_memory(index, tree)
+        memory = _fresh_memory(index, tree, now)
         reference = np.asarray(snapshot.gpu_limit_w, dtype=np.float64)
         dt = 0.0
     else:
@@ -129,6 +136,9 @@ def decide(
     # bursts almost never use together. Their plan is the recent level; the learned
     # margin (the node's worst rise within one actuation latency) covers the bursts.
     demand = np.minimum(np.where(jobs.sync_gpu, demand_mem.maximum(), async_mem.maximum()), max_w)
+    # A synchronous job that has not ramped yet is planned at its maximum (startup.py).
+    starting, startup_mem = startup_pending(memory.startup, jobs, now, wanted, max_w)
+    demand = np.where(starting, max_w, demand)
 
     # 2. loads, losses, envelopes, margin
     loads = estimate_loads(index, snapshot, power, stale_gpu)
@@ -164,6 +174,7 @@ def decide(
     bands = node_bands(cfg.bands, envelope, loads.load_w, plan, margin_plan)
     a1 = (bands.band_budget_w - fixed) / ratio
     a2 = (bands.margin_budget_w - fixed) / ratio
+    a3 = (bands.target_w - fixed) / ratio
     margin_gpu = margin / ratio
 
     # 4. allocation
@@ -174,12 +185,21 @@ def decide(
         use_lo_w=np.minimum(floor, demand),
         use_hi_w=demand,
     )
-    alloc = _allocate_jobwide(index, jobs, terms, a1, a2, margin_gpu, len(jobs.class_names))
+    alloc = _allocate_jobwide(index, jobs, terms, (a1, a2, a3), margin_gpu, len(jobs.class_names))
     target = job_min(alloc.caps(terms), jobs)
 
     # 5. move caps by the band rules, then make sure no node ends above its budget
     blocked = stale_gpu | covered(index, loads.stale_meter)
-    new = move_caps(index, cfg.bands, bands, prev, target, floor, blocked)
+    gap_mem = (memory.gap or WindowMax.empty(index.n_gpus, SETTLE_S, SETTLE_BUCKETS)).push(
+        now, prev - target
+    )
+    # Only under a node in its hold band: releasing ramps by its own rule, and the
+    # zero-sum hold is where a gap below the deadband would otherwise stay for good.
+    holding = ~bands.capping & ~bands.releasing
+    settled = (
+        (-gap_mem.maximum() > 0.0) & (now - memory.started_s >= SETTLE_S) & covered(index, holding)
+    )
+    new = move_caps(index, cfg.bands, bands, prev, target, floor, blocked, settled)
     new = _enforce_budgets(index, new, target, demand, ratio, fixed, margin, bands)
     new = job_min(new, jobs)
 
@@ -232,6 +252,9 @@ def decide(
         unattributed_low=low_mem,
         pending=MappingProxyType(pending),
         jobs=jobs,
+        startup=startup_mem,
+        gap=gap_mem,
+        started_s=memory.started_s,
     )
     status = NodeStatus(
         node_ids=index.node_ids,
@@ -263,8 +286,7 @@ def _allocate_jobwide(
     index: TreeIndex,
     jobs: JobIndex,
     terms: GpuTerms,
-    a1: FloatArray,
-    a2: FloatArray,
+    budgets: tuple[FloatArray, FloatArray, FloatArray],
     margin_gpu: FloatArray,
     n_classes: int,
 ) -> Allocation:
@@ -273,13 +295,16 @@ def _allocate_jobwide(
     A job that spans racks is held back by its tightest rack; the second pass hands what
     it cannot use in the other racks to their other jobs.
     """
-    alloc = allocate(index, terms, a1, a2, margin_gpu, n_classes=n_classes)
+    a1, a2, a3 = budgets
+    alloc = allocate(index, terms, a1, a2, margin_gpu, n_classes=n_classes, a3_w=a3)
     jobwide = job_min(alloc.level, jobs)
     if not (jobwide < alloc.level).any():
         return alloc
     # Only the GPUs another part of their job holds back; the rest may now rise.
     held = np.where(jobwide < alloc.level, jobwide, np.inf)
-    second = allocate(index, terms, a1, a2, margin_gpu, level_cap=held, n_classes=n_classes)
+    second = allocate(
+        index, terms, a1, a2, margin_gpu, level_cap=held, n_classes=n_classes, a3_w=a3
+    )
     binding = np.where(second.binding >= 0, second.binding, alloc.binding)
     return Allocation(
         level=job_min(second.level, jobs), binding=binding, infeasible=second.infeasible
@@ -302,6 +327,8 @@ def _enforce_budgets(
     plan = ratio * use + fixed
     margin_plan = np.minimum(ratio * caps, ratio * use + margin) + fixed
     over = (plan > bands.band_budget_w + 1e-6) | (margin_plan > bands.margin_budget_w + 1e-6)
+    # Caps that alone fit the aim are inside whatever the demand does (budget.py).
+    over &= ratio * caps + fixed > bands.target_w + 1e-6
     if not over.any():
         return new
     allocated = np.maximum(np.floor(target), np.minimum(target, new))

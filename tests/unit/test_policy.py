@@ -23,6 +23,7 @@ from controller.policy import (
     decide,
     headroom_w,
 )
+from controller.policy.startup import STARTUP_RESERVE_S
 from controller.topology import PowerTree
 from tests.sites import ab_site
 from tests.unit.test_policy_support import Run, meter_readings, tree_for
@@ -63,6 +64,53 @@ def test_step_up_caps_at_once_down_to_target() -> None:
     assert rack1(planned) >= TGT - 8 * 1.0 - 1.0  # aims at target, not far below
     run.step(uniform(480.0))
     assert rack1(run.powers[-1]) <= TGT + 1.0
+
+
+def test_caps_below_the_aim_rise_to_it_inside_the_band() -> None:
+    """Caps that alone keep a rack inside need no hold below the aim.
+
+    Every GPU is held at its cap, so the plan is the caps themselves: the rack sits in
+    the hold band (above release, below the cap threshold). Holding there left the gap
+    to the aim unused for good although no demand can push the rack past its caps.
+    """
+    run = Run(tree_for(), limit_w=uniform(385.0))  # rack 3480 W: inside the hold band
+    run.repeat(6, lambda _: uniform(480.0))
+    planned = np.minimum(run.limit_w, 480.0)
+    assert rack1(planned) >= TGT - 8 * 1.0 - 1.0
+    assert rack1(planned) <= TGT + 1.0
+    assert max(rack1(p) for p in run.powers) <= TGT + 1.0
+
+
+def test_a_new_job_is_capped_at_its_budget_before_it_ramps() -> None:
+    """A job appears while it loads (near idle), then all its GPUs step up at once.
+
+    Planned on what it draws, its share would go to the running job and the step would
+    land on a spent budget: 4240 W on a 3800 W rack until the caps bite. Planned at its
+    maximum from the cycle it appears, both jobs are capped to the aim before it rises.
+    """
+    a = Job("a", "training", (0, 1, 2, 3))
+    b = Job("b", "training", (4, 5, 6, 7))
+    run = Run(tree_for(), jobs=(a,))
+    running = np.array([480.0] * 4 + [60.0] * 4 + [300.0] * 8)
+    run.repeat(3, lambda _: running)
+    assert rack1(run.powers[-1]) < LO  # nothing to cap while b's GPUs idle
+    run.jobs = (a, b)
+    run.repeat(3, lambda _: running)  # b loads
+    run.repeat(6, lambda _: uniform(480.0))  # b steps up
+    assert max(rack1(p) for p in run.powers) <= TGT + 1.0
+    assert rack1(run.powers[-1]) >= TGT - 8 * 1.0 - 1.0  # and the rack is not starved
+
+
+def test_a_loading_job_is_believed_after_its_reserve_time() -> None:
+    """A job that never ramps stops holding its maximum after ``STARTUP_RESERVE_S``."""
+    a = Job("a", "training", (0, 1, 2, 3))
+    b = Job("b", "training", (4, 5, 6, 7))
+    run = Run(tree_for(), jobs=(a, b), dt_s=5.0)
+    demand = np.array([480.0] * 4 + [60.0] * 4 + [300.0] * 8)
+    run.step(demand)
+    assert run.limit_w[0] < 480.0  # b's reservation holds a back
+    run.repeat(int(STARTUP_RESERVE_S / 5.0) + 10, lambda _: demand)
+    assert run.limit_w[0] == 500.0  # b believed idle: a uncapped again
 
 
 def test_reason_names_the_node_and_its_numbers() -> None:
