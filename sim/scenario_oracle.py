@@ -47,6 +47,7 @@ from sim.workloads import ThroughputCurve
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.intp]
+BoolArray = npt.NDArray[np.bool_]
 Curve = tuple[tuple[float, float], ...]
 
 
@@ -98,6 +99,8 @@ class WorkOracle:
         self._levels_down = tuple(reversed(index.levels))
         self._lam: FloatArray = np.zeros(index.n_nodes)
         self._pi: FloatArray | None = None
+        self._group_key: tuple[IntArray, BoolArray] | None = None
+        self._group_val: tuple[int, IntArray, FloatArray] = (0, np.zeros(0, np.intp), np.zeros(0))
 
     def budgets_w(self, envelope_w: FloatArray, base_w: FloatArray) -> FloatArray:
         """GPU-watt budget per constraint node (see module docstring, relaxation 3)."""
@@ -125,15 +128,15 @@ class WorkOracle:
         counted = (weight > 0) & (group >= 0)
         if not (index.seg_sum(u) > budget_w).any():
             return float(np.count_nonzero(counted))  # everything fits uncapped: all at 1
-        safe_u = np.where(u > 0, u, 1.0)
-        lo_x = np.where(u > 0, lo / safe_u, 1.0)
-        # Per-GPU segments above the floor, for the prices only (any prices give a bound).
-        start = np.maximum(self.seg_lo[None, :], lo_x[:, None])
-        cap = np.where(
-            counted[:, None], np.maximum(self.seg_hi[None, :] - start, 0.0) * u[:, None], 0.0
-        )
-        density = np.where(cap > 0, self.slope[None, :] / safe_u[:, None], 0.0)
         if reprice or self._pi is None:
+            safe_u = np.where(u > 0, u, 1.0)
+            lo_x = np.where(u > 0, lo / safe_u, 1.0)
+            # Per-GPU segments above the floor, for the prices only (any prices bound).
+            start = np.maximum(self.seg_lo[None, :], lo_x[:, None])
+            cap = np.where(
+                counted[:, None], np.maximum(self.seg_hi[None, :] - start, 0.0) * u[:, None], 0.0
+            )
+            density = np.where(cap > 0, self.slope[None, :] / safe_u[:, None], 0.0)
             price = self._prices(lo, cap, density, budget_w)
             self._lam = self._duals(price)
             self._pi = self._gpu_price(self._lam)
@@ -142,13 +145,26 @@ class WorkOracle:
         # floors of counted GPUs are dropped, which only loosens): its best term is
         # max over the hull's breakpoints of N r(x) - x sum(pi u), a concave piecewise
         # linear function of x. Everything else sits at its floor: -pi lo.
-        g = group[counted]
-        slots, inverse = np.unique(g, return_inverse=True)
-        n_in = np.bincount(inverse, minlength=slots.size).astype(np.float64)
-        cost = np.bincount(inverse, weights=(pi * u)[counted], minlength=slots.size)
+        slots_n, inverse, n_in = self._groups(group, counted)
+        cost = np.bincount(inverse, weights=(pi * u)[counted], minlength=slots_n)
         terms = n_in[:, None] * self.hull_y[None, :] - cost[:, None] * self.hull_x[None, :]
         fixed = float((pi * lo)[~counted].sum())
         return float(lam @ budget_w + terms.max(axis=1).sum() - fixed)
+
+    def _groups(self, group: IntArray, counted: BoolArray) -> tuple[int, IntArray, FloatArray]:
+        """Counted pace groups: how many, each counted GPU's group, GPUs per group.
+
+        Groups and the counted set change only when a job starts, ends or a replica
+        goes busy or idle, so the last answer is reused while both are unchanged.
+        """
+        key = self._group_key
+        if key is not None and np.array_equal(key[0], group) and np.array_equal(key[1], counted):
+            return self._group_val
+        slots, inverse = np.unique(group[counted], return_inverse=True)
+        n_in = np.bincount(inverse, minlength=slots.size).astype(np.float64)
+        self._group_key = (group.copy(), counted.copy())
+        self._group_val = (int(slots.size), inverse, n_in)
+        return self._group_val
 
     def _prices(
         self, lo: FloatArray, cap: FloatArray, density: FloatArray, budget_w: FloatArray
