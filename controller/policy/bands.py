@@ -125,8 +125,7 @@ def move_caps(
     up = (alloc_w > prev_w + deadband) & ~blocked
     if settled is not None:
         up |= settled & (alloc_w >= prev_w + SETTLE_FRACTION * max_w) & ~blocked
-    # A ramp step smaller than the deadband is an actuation not worth making either.
-    ramp = prev_w + np.maximum(cfg.uncap_step_fraction * (alloc_w - prev_w), deadband)
+    ramp = prev_w + cfg.uncap_step_fraction * (alloc_w - prev_w)
     ramp = np.where(alloc_w - ramp < SNAP_FRACTION * max_w, alloc_w, ramp)
     new[up] = ramp[up]
     # Whole watts (NVML takes milliwatts, nobody needs them), never outside the GPU's range.

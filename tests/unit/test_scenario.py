@@ -189,7 +189,9 @@ def test_step_scenario_end_to_end_json(tmp_path: Path) -> None:
     assert rp["trips"] == 0 and rp["worst_i2t_pct"] < 50.0
     assert rp["seconds_over_envelope"] < 5.0
     assert rp["priority_inversions"] == 0
-    assert 0 < rp["cap_changes_per_gpu_min"] < 2.0
+    # 90 s hold one start (capped while the jobs load, released in ramp steps once they
+    # ran: startup.py), and the step: a handful of changes per GPU, not an oscillation.
+    assert 0 < rp["cap_changes_per_gpu_min"] < 3.5
     # Inside the envelopes almost always, so no better than the bound allows.
     assert rp["work_delivered"]["total"] <= rp["oracle_work"] * 1.01
     assert rp["work_delivered"]["total"] > none["work_delivered"]["total"]
