@@ -302,8 +302,11 @@ class NodeAgent:
         while True:
             self._lease_changed.clear()
             delay_s = None if self._expires_s is None else max(0.0, self._expires_s - self._clock())
+            # asyncio.timeout, not wait_for: 3.11's wait_for swallows a cancel that lands as
+            # the event fires, and this loop would then outlive stop() (run() never returns).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lease_changed.wait(), delay_s)
+                async with asyncio.timeout(delay_s):
+                    await self._lease_changed.wait()
             try:
                 await self.check_expiry()
             except Exception:

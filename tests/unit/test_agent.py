@@ -313,6 +313,23 @@ async def test_a_sample_read_while_a_set_awaits_confirmation_is_not_out_of_band(
     assert not [r for r in caplog.records if "out of band" in r.getMessage()]
 
 
+async def test_expiry_watch_ends_when_cancelled_as_a_lease_arrives(rig: Rig) -> None:
+    """Python 3.11's wait_for returns the inner result when a cancel lands just as the
+    awaited event fires, swallowing the cancel: a lease arriving as the agent stopped left
+    its expiry watch waiting for ever (no lease in force: no timeout), and ``run()``, hence
+    ``rackpower agent`` on SIGTERM, never returned (the e2e rig hung in teardown)."""
+    await rig.agent.handle(lease(1, {0: 450}))  # a lease in force: the watch has a timeout
+    watch = asyncio.create_task(rig.agent._expiry_loop())
+    for _ in range(3):
+        await asyncio.sleep(0)  # it is waiting on the lease-changed event
+    rig.agent._lease_changed.set()
+    watch.cancel()
+    done, _ = await asyncio.wait({watch}, timeout=2.0)
+    if not done:
+        watch.cancel()  # do not leave it running past the test
+    assert watch in done and watch.cancelled()
+
+
 async def test_agent_survives_a_lost_gpu_and_caps_the_others(rig: Rig) -> None:
     rig.fake.lose(1)
     out = await rig.agent.handle(lease(1, {0: 450, 1: 450, 2: 450, 3: 450}))
