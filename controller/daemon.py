@@ -142,17 +142,39 @@ class Controller:
             self.store.put_many(old._latest.values())
         self.policy = get_policy(site.policy.name)
         self.policy_state: PolicyState | None = None
+        old_agents: dict[str, AgentInfo] = getattr(self, "agents", {})
+        old_seen: dict[str, float] = getattr(self, "_agent_seen_s", {})
+        old_failsafe: dict[str, str] = getattr(self, "_agent_failsafe", {})
         self.agents = agents_of(self._tree)
         self._agent_of_node = {a.node_id: a for a in self.agents.values()}
         self._agent_seen_s: dict[str, float] = {}
         self._agent_failsafe: dict[str, str] = {}
+        if old is not None:
+            # An agent still on the same server with as many GPUs keeps its last report
+            # (moved to its new indices): a reload must not make every GPU count at its
+            # maximum until the next report, nor every agent look lost.
+            for aid, info in self.agents.items():
+                was = old_agents.get(aid)
+                if was is None or aid not in old_seen or was.node_id != info.node_id:
+                    continue
+                if was.stop - was.first != info.stop - info.first:
+                    continue
+                src, dst = slice(was.first, was.stop), slice(info.first, info.stop)
+                self.store.gpu_power_w[dst] = old.gpu_power_w[src]
+                self.store.gpu_limit_w[dst] = old.gpu_limit_w[src]
+                self.store.gpu_ts_s[dst] = old.gpu_ts_s[src]
+                self._agent_seen_s[aid] = old_seen[aid]
+                if aid in old_failsafe:
+                    self._agent_failsafe[aid] = old_failsafe[aid]
         if not hasattr(self, "overrides"):
             self.overrides = EnvelopeOverrides(self._tree)
         else:
             self.overrides.replace_tree(self._tree)
         self._live: dict[str, NodeLive] = {}
         self._caps: dict[str, _CapSince] = {}
-        self._alarms: dict[str, Alarm] = {}
+        # Alarms in force stay known across a reload, so the next cycle clears those that no
+        # longer hold (on the BMS they are retained until cleared).
+        self._alarms: dict[str, Alarm] = getattr(self, "_alarms", {})
         self._last_cycle_wall_s: float | None = None
         self._gpu_stale_s = max((a.stale_s for a in self.agents.values()), default=3.0)
         # Until every meter and agent has had its stale limit to report, silence is not yet

@@ -265,3 +265,27 @@ def test_no_alarm_storm_while_meters_and_agents_make_their_first_report() -> Non
     assert not [e for e in controller.audit.recent(limit=50) if e.kind.startswith("alarm:")]
     controller.run_cycle(t0 + controller._startup_grace_s + 0.1)
     assert "device_stale:sst-meter" in raised and "agent_lost:agent-rack-1-n1" in raised
+
+
+async def test_reload_keeps_what_the_agents_said_and_the_alarms_it_must_clear(rig: Rig) -> None:
+    """SIGHUP: the cycle right after the reload still sees the agents' GPU power (it used
+    to count every GPU at its maximum until the next report, capping an idle rack hard
+    and flagging every agent lost), and an alarm raised before the reload is cleared when
+    the new config ends its condition (it used to be forgotten: left retained on the BMS)."""
+    ctl = rig.controller
+    ctl._startup_grace_s = 0.0
+    cleared: list[str] = []
+    ctl.on_alarm_clear = cleared.append
+    await cycles(rig, 4, {"rack-1": 4240.0, "rack-2": 1200.0})
+    assert "envelope_exceeded:rack-1" in ctl._alarms
+    now = time.monotonic()
+    before = ctl.snapshot(now).gpu_power_w
+    assert not np.isnan(before).any()
+    ctl.reload(site_with_agents(rack_envelope_w=6000.0))  # rack-1's 4.2 kW now fits
+    after = ctl.snapshot(now)
+    assert np.array_equal(after.gpu_power_w, before)
+    assert ctl.lost_agents(now) == []
+    rig.meter({"rack-1": 4240.0, "rack-2": 1200.0}, now)
+    ctl.run_cycle(now)
+    assert "envelope_exceeded:rack-1" in cleared
+    assert not any(a.startswith("agent_lost") for a in ctl._alarms)
