@@ -556,8 +556,11 @@ class Bms:
 
 
 @contextlib.asynccontextmanager
-async def bms_client(host: str, port: int, *subscriptions: str) -> AsyncIterator[Bms]:
-    base = f"rackpower/{SITE}"
+async def bms_client(
+    host: str, port: int, *subscriptions: str, site: str = SITE
+) -> AsyncIterator[Bms]:
+    """A BMS client subscribed to ``rackpower/<site>/<subscription>`` for each one."""
+    base = f"rackpower/{site}"
     async with aiomqtt.Client(host, port, identifier=f"e2e-bms-{os.getpid()}") as client:
         bms = Bms(client, base)
         pump = asyncio.create_task(bms.pump())
@@ -571,9 +574,11 @@ async def bms_client(host: str, port: int, *subscriptions: str) -> AsyncIterator
                 await pump
 
 
-async def retained_status(host: str, port: int, timeout_s: float = 5.0) -> str | None:
+async def retained_status(
+    host: str, port: int, timeout_s: float = 5.0, site: str = SITE
+) -> str | None:
     """What a BMS connecting now gets on ``status`` (the retained payload), if anything."""
-    async with bms_client(host, port, "status") as bms:
+    async with bms_client(host, port, "status", site=site) as bms:
         with contextlib.suppress(AssertionError):
             await eventually(lambda: bool(bms.on("status")), "a retained status", timeout_s)
         got = bms.on("status")
