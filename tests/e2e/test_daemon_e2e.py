@@ -67,7 +67,7 @@ async def make_system(tmp_path: Path, mosquitto: Mosquitto) -> AsyncIterator[Sys
     """Start the site (plant, agents, controller process) on demand; stop it all after."""
     stack: list[tuple[ControllerProcess, object]] = []
 
-    async def make(influx: VictoriaMetrics | None = None) -> System:
+    async def make(influx: VictoriaMetrics | None = None, mode: str = "enforce") -> System:
         ports = Ports.pick()
         site_path = write_site(
             tmp_path / "site.yaml",
@@ -80,6 +80,7 @@ async def make_system(tmp_path: Path, mosquitto: Mosquitto) -> AsyncIterator[Sys
             f"http://127.0.0.1:{ports.api}",
             tmp_path / "controller.log",
             tmp_path / "audit.jsonl",
+            extra_args=("--mode", mode),
         )
         stack.append((ctl, plant_cm))
         ctl.start()
@@ -482,3 +483,37 @@ async def test_sighup_refuses_a_bad_config_and_reloads_a_good_one(
         samples=12,
     )
     assert s.ctl.running()
+
+
+async def test_advisory_mode_changes_nothing_until_the_bms_switches_to_enforce(
+    make_system: SystemFactory,
+) -> None:
+    """``rackpower run --mode advisory``: after a load step the racks run over their
+    envelope and every GPU keeps its full limit (the audit trail says what it would have
+    capped); a ``mode`` command over MQTT switches it to enforce, acked, and the racks are
+    capped back inside."""
+    s = await make_system(mode="advisory")
+    plant = s.plant
+    await held(plant.released, "every GPU at its maximum (leased the NVML default)")
+    plant.sim.load_step(1.8)
+
+    def over() -> bool:
+        return all(plant.power_w(r) > s.envelope_w(r) for r in RACKS)
+
+    await held(over, "the racks over their envelope, left alone")
+    assert plant.released()
+    would = [e for e in s.ctl.audit() if e["kind"] == "cap" and e.get("advisory")]
+    assert would, "advisory mode audits the caps it would set"
+    health = await s.ctl.get("/v1/health")
+    assert health["mode"] == "advisory"
+
+    async with bms_client(s.broker.host, s.broker.port, "cmd/ack") as bms:
+        await bms.command({"type": "mode", "command_id": "mode-e2e-1", "mode": "enforce"})
+        ack = await bms.ack_for("mode-e2e-1")
+        assert ack["status"] == "accepted", ack
+    await held(
+        lambda: all(plant.power_w(r) <= s.envelope_w(r) for r in RACKS),
+        "the racks capped inside their envelope once enforcing",
+    )
+    assert max(w for n in plant.agents for w in plant.enforced_w(n)) < 0.95 * GPU_MAX_W
+    assert (await s.ctl.get("/v1/health"))["mode"] == "enforce"
