@@ -278,8 +278,10 @@ async def held(
     """Wait until ``check`` holds for ``samples`` polls in a row (a state, not a blip)."""
     deadline = time.monotonic() + timeout_s
     streak = 0
-    while streak < samples:
+    while True:
         streak = streak + 1 if await _holds(check) else 0
+        if streak >= samples:
+            return
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what} to hold")
         await asyncio.sleep(every_s)

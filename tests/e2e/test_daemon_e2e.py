@@ -40,7 +40,7 @@ from tests.e2e.harness import (
     site_dict,
     write_site,
 )
-from tests.fixtures.mosquitto import Mosquitto
+from tests.fixtures.mosquitto import Mosquitto, free_port
 from tests.fixtures.victoriametrics import Series, VictoriaMetrics, samples
 
 pytest_plugins = ["tests.fixtures.mosquitto", "tests.fixtures.victoriametrics"]
@@ -95,6 +95,8 @@ async def make_system(tmp_path: Path, mosquitto: Mosquitto) -> AsyncIterator[Sys
     yield make
     for ctl, plant_cm in reversed(stack):
         await ctl.close()
+        # Shown by pytest only when the test failed: what the controller said.
+        print(f"--- {ctl.log_path} (tail) ---\n{ctl.log_text()[-4000:]}")
         await plant_cm.__aexit__(None, None, None)  # type: ignore[attr-defined]
 
 
@@ -517,3 +519,35 @@ async def test_advisory_mode_changes_nothing_until_the_bms_switches_to_enforce(
     )
     assert max(w for n in plant.agents for w in plant.enforced_w(n)) < 0.95 * GPU_MAX_W
     assert (await s.ctl.get("/v1/health"))["mode"] == "enforce"
+
+
+async def test_a_tsdb_down_at_start_delays_nothing_and_gets_the_points_later(
+    make_system: SystemFactory,
+    victoriametrics_factory: Callable[[int], VictoriaMetrics],
+) -> None:
+    """The TSDB is down when the controller starts: the cycle runs and caps as usual
+    (the writer buffers off the control path), and once the TSDB comes up the points
+    written while it was down arrive, stamped with the time they were taken."""
+    vm = victoriametrics_factory(free_port())
+    s = await make_system(influx=vm)
+    plant = s.plant
+    await held(plant.released, "the controller cycling and releasing the GPUs, TSDB down")
+    cycles = (await s.ctl.get("/v1/health"))["cycles"]
+
+    async def cycling() -> bool:  # the writer waits for the TSDB, the cycle does not
+        return bool((await s.ctl.get("/v1/health"))["cycles"] > cycles + 4)
+
+    await eventually(cycling, "the cycle to go on with the TSDB down")
+    down_until_ms = time.time() * 1000
+    await asyncio.to_thread(vm.start)
+
+    def caught_up(series: list[Series]) -> bool:
+        got = samples(series, "rackpower_node_power_w")
+        return any(ts < down_until_ms for vs in got.values() for ts, _ in vs)
+
+    series = await asyncio.to_thread(
+        vm.wait_for, f'{{__name__="rackpower_node_power_w",site="{SITE}"}}', caught_up, 60
+    )
+    early = sorted(ts for vs in samples(series, "rackpower_node_power_w").values() for ts, _ in vs)
+    assert early and early[0] < down_until_ms, "no point from while the TSDB was down"
+    assert s.ctl.running()
