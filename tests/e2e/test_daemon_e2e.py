@@ -551,3 +551,31 @@ async def test_a_tsdb_down_at_start_delays_nothing_and_gets_the_points_later(
     early = sorted(ts for vs in samples(series, "rackpower_node_power_w").values() for ts, _ in vs)
     assert early and early[0] < down_until_ms, "no point from while the TSDB was down"
     assert s.ctl.running()
+
+
+async def test_a_broker_outage_ends_in_failsafe_and_control_resumes_after(
+    make_system: SystemFactory,
+) -> None:
+    """The broker goes away (a restart without persistence): no lease reaches the agents,
+    which fall back to their failsafe cap when their leases run out; the controller goes
+    on cycling. When the broker is back, the controller and the agents reconnect by
+    themselves: leases flow again (agents leave failsafe) and the BMS reads ``online``
+    again, restated since the restarted broker forgot its retained messages."""
+    s = await make_system()
+    plant = s.plant
+    await asyncio.to_thread(s.broker.stop)
+    await eventually(
+        lambda: all(plant.in_failsafe(n) for n in plant.agents),
+        "every agent in failsafe without its broker",
+    )
+    await eventually(
+        lambda: plant.all_gpus_at(lambda n: plant.failsafe_w[n]), "every GPU at its failsafe cap"
+    )
+    assert s.ctl.running()
+    await asyncio.to_thread(s.broker.start)
+    await eventually(
+        lambda: not any(plant.in_failsafe(n) for n in plant.agents),
+        "every agent leased again after the broker came back",
+    )
+    await eventually(plant.released, "control resumed: the GPUs released again")
+    assert await retained_status(s.broker.host, s.broker.port) == "online"

@@ -37,10 +37,25 @@ def start_demo(log_path: Path, mqtt_url: str, influx_url: str) -> subprocess.Pop
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_path.open("wb") as log:
         return subprocess.Popen(
-            [str(RACKPOWER), "demo", "--duration", str(DURATION_S), "--api-port", "0",
-             "--mqtt", mqtt_url, "--influx", influx_url, "--report-s", "2"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-        )  # fmt: skip
+            [
+                str(RACKPOWER),
+                "demo",
+                "--duration",
+                str(DURATION_S),
+                "--api-port",
+                "0",
+                "--mqtt",
+                mqtt_url,
+                "--influx",
+                influx_url,
+                "--report-s",
+                "2",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
 
 
 async def test_demo_speaks_to_a_real_broker_and_tsdb(
@@ -54,9 +69,14 @@ async def test_demo_speaks_to_a_real_broker_and_tsdb(
         ) as bms:
             await eventually(lambda: b"online" in bms.on("status"), "the demo online on MQTT")
             await bms.command(
-                {"type": "demand_response", "command_id": "demo-dr-1", "node": "mv-1",
-                 "limit_w": DR_LIMIT_W, "ttl_s": 600}
-            )  # fmt: skip
+                {
+                    "type": "demand_response",
+                    "command_id": "demo-dr-1",
+                    "node": "mv-1",
+                    "limit_w": DR_LIMIT_W,
+                    "ttl_s": 600,
+                }
+            )
             ack = await bms.ack_for("demo-dr-1")
             assert ack["status"] == "accepted", ack
 
@@ -73,8 +93,9 @@ async def test_demo_speaks_to_a_real_broker_and_tsdb(
         power = [v for vs in samples(series, "rackpower_node_power_w").values() for _, v in vs]
         assert power and all(50_000 < p < 230_000 for p in power), power
 
-        await eventually(lambda: proc.poll() is not None, "the demo to stop after --duration",
-                         DURATION_S + 60)  # fmt: skip
+        await eventually(
+            lambda: proc.poll() is not None, "the demo to stop after --duration", DURATION_S + 60
+        )
         out = log_path.read_text(errors="replace")
         assert proc.returncode == 0, out[-3000:]
         assert "status page  http://127.0.0.1:" in out and "trips 0" in out
