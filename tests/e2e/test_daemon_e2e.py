@@ -6,6 +6,10 @@ loop; the agents' NVML is the simulator's fake (no GPU here), which enforces the
 the agents set and feeds them back into the plant. Every assertion reads the outcome
 where it happens: rack and feed power from the plant, GPU limits from the fake NVML,
 acks and statuses from the broker, points from VictoriaMetrics' export API.
+
+Each test starts its own site (plant, agents, controller process: about 2 s), so a
+failure never leaks into the next. Timing is never asserted: conditions are polled with
+generous deadlines, and "held" means true on several polls in a row.
 """
 
 from __future__ import annotations
