@@ -34,7 +34,7 @@ from controller.lease import Lease, LeaseSequence, Telemetry
 from controller.link import ControllerLink
 from controller.metrics import Metrics
 from controller.overrides import EnvelopeOverrides
-from controller.policy import Job, PolicyState, SetCap, Snapshot, get_policy
+from controller.policy import Action, Job, PolicyState, SetCap, Snapshot, get_policy
 from controller.readings import ReadingsStore
 from controller.reservations import ReservationStore
 from controller.topology import PowerTree
@@ -129,6 +129,10 @@ class Controller:
         self.telemetry_frames: list[NodeTelemetry] = []
         self.on_points: Callable[[Sequence[Point]], None] | None = None
         self.device_health: Callable[[], Mapping[str, tuple[bool, str | None]]] | None = None
+        # Escalations (Migrate/Requeue) go here, to the scheduler link; more alarms from
+        # integrations (e.g. an unreachable scheduler) come from ``alarm_sources``.
+        self.on_action: Callable[[Action], None] | None = None
+        self.alarm_sources: list[Callable[[float], list[Alarm]]] = []
         self._install(site)
 
     # -- configuration ---------------------------------------------------------------
@@ -363,6 +367,8 @@ class Controller:
                 action, self._tree, now_s=wall, readings=readings, advisory=advisory
             )
             self.metrics.count_action(event.kind)
+            if self.on_action is not None:
+                self.on_action(action)
             if isinstance(action, SetCap):
                 self._note_cap(action, wall)
         if not advisory:
@@ -529,6 +535,8 @@ class Controller:
                 for a in agent_alarms(self.lost_agents(now_s), self._agent_failsafe, wall)
             }
         )
+        for source in self.alarm_sources:
+            current.update({a.alarm_id: a for a in source(wall)})
         for aid, alarm in current.items():
             if aid not in self._alarms:
                 self.audit.record(f"alarm:{alarm.kind}", alarm.message, now_s=wall, node=alarm.node)

@@ -33,6 +33,8 @@ from controller.daemon import Controller, Mode
 from controller.devices import polled_device_params
 from controller.link import ControllerLink, MqttControllerLink
 from controller.metrics import Metrics
+from controller.scheduler.factory import build_adapter
+from controller.scheduling import attach_scheduler
 from controller.sdnotify import Notifier
 from controller.tsdb import TsdbWriter, tsdb_point
 from drivers.base import DeviceStats, PollGroup, PollSettings, build_pollables
@@ -108,6 +110,10 @@ async def run_service(site: Site, options: ServiceOptions, stop: asyncio.Event) 
         audit=audit,
         metrics=metrics,
     )
+    scheduler_link = None
+    adapter = build_adapter(integrations.scheduler, controller.tree)
+    if adapter is not None:
+        scheduler_link = attach_scheduler(controller, adapter, integrations.scheduler)
     audit.record(
         "start",
         f"controller {controller.controller_id} starting in {options.mode} mode"
@@ -248,6 +254,11 @@ async def run_service(site: Site, options: ServiceOptions, stop: asyncio.Event) 
                 tasks.append(tg.create_task(_retry_forever("BMS link", bms.run, stop), name="bms"))
             if api is not None:
                 tasks.append(tg.create_task(api.serve(), name="api"))
+            if scheduler_link is not None:
+                sl = scheduler_link
+                tasks.append(
+                    tg.create_task(_retry_forever("scheduler", sl.run, stop), name="scheduler")
+                )
             for name, task in options.extra_tasks.items():
                 tasks.append(tg.create_task(task(), name=name))
             url = api.url if api is not None else None

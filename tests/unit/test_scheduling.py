@@ -1,0 +1,157 @@
+"""The daemon's escalation path: policy -> scheduler link -> adapter, audited and alarmed.
+
+The adapter here is a small in-memory stand-in speaking controller.scheduler.base's
+interface (the real Slurm and Kubernetes adapters are tested against a real Slurm and a
+fake API server in tests/integration); what this checks is the daemon's wiring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+from controller.bms import Alarm, AlarmKind
+from controller.config import SchedulerConfig, Site, parse_site
+from controller.daemon import Controller
+from controller.lease import Telemetry
+from controller.scheduler.base import SchedJob, SchedulerUnavailable
+from controller.scheduling import attach_scheduler
+from drivers.reading import Quality, Reading
+from tests.sites import tiny_site
+
+
+class MemoryScheduler:
+    name = "memory"
+
+    def __init__(self, jobs: Sequence[SchedJob]) -> None:
+        self.running = list(jobs)
+        self.calls: list[tuple[str, str]] = []
+        self.down = False
+
+    async def jobs(self) -> Sequence[SchedJob]:
+        if self.down:
+            raise SchedulerUnavailable("memory scheduler is down")
+        return tuple(self.running)
+
+    async def requeue(self, job_id: str, reason: str) -> None:
+        self.calls.append(("requeue", job_id))
+        self.running = [j for j in self.running if j.id != job_id]
+
+    async def migrate(self, job_id: str, away_from_hosts: Sequence[str], reason: str) -> str:
+        await self.requeue(job_id, reason)
+        return "requeued"
+
+    async def drain(self, hosts: Sequence[str], reason: str) -> None:
+        self.calls += [("drain", h) for h in hosts]
+
+    async def resume(self, hosts: Sequence[str]) -> None:
+        self.calls += [("resume", h) for h in hosts]
+
+    async def note(self, job_id: str, text: str) -> None:
+        self.calls.append(("note", job_id))
+
+    async def aclose(self) -> None:
+        pass
+
+
+CFG = SchedulerConfig(
+    kind="none", class_map={"high": "training", "low": "batch"}, poll_s=0.05, resume_hold_s=0.2
+)
+
+
+def site_with_agents() -> Site:
+    cfg = tiny_site()
+    rack = cfg["rows"][0]["racks"][0]
+    rack["devices"] = [
+        {
+            "id": "agent-{rack}-n{i}",
+            "count": 2,
+            "driver": "agent",
+            "period_s": 0.5,
+            "timeout_s": 0.25,
+        }
+    ]
+    rack["nodes"][0]["agent"] = "agent-{rack}-n{i}"
+    return parse_site(cfg)
+
+
+def overloaded(controller: Controller, now: float) -> None:
+    """rack-1 reads 12 kW against 7 kW: more than its GPUs at floor could ever clear."""
+    wall = time.time()
+    for info in controller.agents.values():
+        n = info.stop - info.first
+        controller.accept_telemetry(
+            Telemetry(
+                agent_id=info.agent_id,
+                node_id=info.node_id,
+                ts=wall,
+                failsafe=False,
+                power_w=[500.0] * n,
+                power_avg_w=[500.0] * n,
+                limit_w=[500.0] * n,
+                min_w=[100.0] * n,
+                max_w=[500.0] * n,
+                q=[Quality.GOOD] * n,
+            ),
+            received_s=now,
+        )
+    controller.accept_readings(
+        [
+            Reading("sst-meter", "input_power_w", 17000.0, "W", now, wall),
+            Reading("pdu-1", "power_w", 12000.0, "W", now, wall),
+            Reading("pdu-2", "power_w", 3000.0, "W", now, wall),
+        ]
+    )
+
+
+async def test_sustained_overload_requeues_one_low_job_drains_and_alarms() -> None:
+    controller = Controller(site_with_agents(), controller_id="ctl")
+    alarms: list[Alarm] = []
+    controller.on_alarm_raise = alarms.append
+    jobs = [
+        SchedJob("train", ("rack-1-n1",), ("high",), requeueable=True),
+        SchedJob("batch", ("rack-1-n2",), ("low",), requeueable=True),
+        SchedJob("pinned", ("rack-2-n1",), ("low",), requeueable=False),
+    ]
+    sched = MemoryScheduler(jobs)
+    link = attach_scheduler(controller, sched, CFG)
+    task = asyncio.create_task(link.run())
+    try:
+        await asyncio.sleep(0.2)  # first poll
+        assert {j.id for j in controller.jobs_provider()} == {"train", "batch", "pinned"}
+        t0 = time.monotonic()
+        for k in range(400):  # sustained: past the escalation's min_interval_s (120 s)
+            now = t0 + k * 0.5
+            overloaded(controller, now)
+            controller.run_cycle(now)
+            await asyncio.sleep(0)
+            if ("requeue", "batch") in sched.calls:
+                break
+        await asyncio.sleep(0.3)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert [c for c in sched.calls if c[0] == "requeue"] == [("requeue", "batch")]
+    assert ("drain", "rack-1-n1") in sched.calls and ("drain", "rack-1-n2") in sched.calls
+    kinds = [e.kind for e in controller.audit.recent(limit=500)]
+    assert "requeue" in kinds or "migrate" in kinds  # the policy's decision, with its reason
+    assert "scheduler:requeued" in kinds and "scheduler:drained" in kinds
+    assert any(a.kind is AlarmKind.ESCALATION and a.subject == "batch" for a in alarms)
+
+
+async def test_unreachable_scheduler_falls_back_and_alarms() -> None:
+    controller = Controller(parse_site(tiny_site()), controller_id="ctl")
+    sched = MemoryScheduler([])
+    sched.down = True
+    cfg = CFG.model_copy(update={"stale_after_s": 0.1})
+    link = attach_scheduler(controller, sched, cfg)
+    task = asyncio.create_task(link.run())
+    try:
+        await asyncio.sleep(0.4)
+        jobs = controller.jobs_provider()
+        assert jobs and all(j.id.startswith("server:") for j in jobs)
+        assert controller.alarm_sources[0](time.time())[0].kind is AlarmKind.ESCALATION
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
