@@ -37,7 +37,11 @@ def site_dict(
         site["feeds"][0]["meters"] = []
         rack["meters"] = []
     # The tests' band arithmetic (TGT, HI, LO) is written for these bands, not the defaults.
-    site.setdefault("policy", {})["bands"] = {"cap_above": 0.97, "target": 0.94, "uncap_below": 0.90}
+    site.setdefault("policy", {})["bands"] = {
+        "cap_above": 0.97,
+        "target": 0.94,
+        "uncap_below": 0.90,
+    }
     return site
 
 
