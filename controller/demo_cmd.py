@@ -18,6 +18,7 @@ import os
 import secrets
 import sys
 import time
+import weakref
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -78,9 +79,16 @@ def failsafe_shares_w(tree: PowerTree) -> dict[str, float]:
     return out
 
 
+_SHARES: weakref.WeakKeyDictionary[PowerTree, dict[str, float]] = weakref.WeakKeyDictionary()
+
+
 def failsafe_w(tree: PowerTree, node_id: str) -> float:
-    """The static safe share per GPU of one server (see :func:`failsafe_shares_w`)."""
-    return failsafe_shares_w(tree)[node_id]
+    """The static safe share per GPU of one server (see :func:`failsafe_shares_w`); the
+    shares are worked out once per tree, so asking server by server stays linear."""
+    shares = _SHARES.get(tree)
+    if shares is None:
+        shares = _SHARES[tree] = failsafe_shares_w(tree)
+    return shares[node_id]
 
 
 def _with_integrations(site: Site, mqtt: str | None, influx: str | None) -> Site:
