@@ -31,7 +31,9 @@ from tests.sites import tiny_site
 
 pytest_plugins = ["tests.fixtures.slurm"]
 
-CONFIG = SchedulerConfig(kind="slurm", class_map={"high": "training", "low": "batch"})
+CONFIG = SchedulerConfig(
+    kind="slurm", url="http://127.0.0.1:6820", class_map={"high": "training", "low": "batch"}
+)
 SERVER = "rack-1-n1"  # GPUs 0-3 of the tiny site
 
 
