@@ -23,7 +23,6 @@ import contextlib
 import hmac
 import logging
 import math
-import os
 import socket
 import time
 from collections import deque
@@ -44,6 +43,7 @@ from controller.audit import AuditLog
 from controller.config import ApiConfig, Kind
 from controller.metrics import CONTENT_TYPE, Metrics
 from controller.reservations import MAX_TTL_S, Refusal, Reservation, ReservationStore
+from controller.secrets import read_secret
 from controller.topology import CONSTRAINT_KINDS, PowerTree
 from controller.view import (
     CapOut,
@@ -83,21 +83,7 @@ def resolve_api_token(cfg: ApiConfig, environ: Mapping[str, str] | None = None) 
     A configured source that is missing or empty stops the start: an API that silently
     accepts nothing (or everything) is worse than one that does not come up.
     """
-    env = os.environ if environ is None else environ
-    if cfg.token_env is not None:
-        token = env.get(cfg.token_env, "").strip()
-        if not token:
-            raise ValueError(f"api token_env: environment variable {cfg.token_env} is not set")
-        return token
-    if cfg.token_file is not None:
-        try:
-            token = cfg.token_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ValueError(f"api token_file: cannot read {cfg.token_file}: {exc}") from exc
-        if not token:
-            raise ValueError(f"api token_file: {cfg.token_file} is empty")
-        return token
-    return None
+    return read_secret("api token", cfg.token_env, cfg.token_file, environ)
 
 
 # ---------------------------------------------------------------------------

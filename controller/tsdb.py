@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import random
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -36,6 +35,7 @@ from influxdb_client.client.write_api import SYNCHRONOUS
 from influxdb_client.rest import ApiException
 
 from controller.config import InfluxConfig
+from controller.secrets import read_secret
 
 log = logging.getLogger(__name__)
 
@@ -266,21 +266,7 @@ def resolve_token(cfg: InfluxConfig, environ: Mapping[str, str] | None = None) -
     A configured source that is missing is an error at startup, not a silent
     unauthenticated writer that fails every batch later.
     """
-    env = os.environ if environ is None else environ
-    if cfg.token_env is not None:
-        token = env.get(cfg.token_env)
-        if not token:
-            raise ValueError(f"influx token_env: environment variable {cfg.token_env} is not set")
-        return token
-    if cfg.token_file is not None:
-        try:
-            token = cfg.token_file.read_text(encoding="utf-8").strip()
-        except OSError as e:
-            raise ValueError(f"influx token_file: cannot read {cfg.token_file}: {e}") from e
-        if not token:
-            raise ValueError(f"influx token_file: {cfg.token_file} is empty")
-        return token
-    return None
+    return read_secret("influx token", cfg.token_env, cfg.token_file, environ)
 
 
 @dataclass(frozen=True)
