@@ -15,6 +15,7 @@ import sys
 
 from controller.agent import NodeAgent
 from controller.agent_config import AgentConfig, load_agent_config
+from controller.cmdutil import setup_logging
 from controller.config import ConfigError
 from controller.link import MqttAgentLink
 from controller.mqtt import MqttSetupError
@@ -56,10 +57,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc.report(), file=sys.stderr)
         return EXIT_BAD_INPUT
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.log_level)
     try:
         return asyncio.run(run_agent(cfg))
     except (NvmlDriverError, MqttSetupError) as exc:

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from controller.config import ConfigError, InfluxConfig, MqttConfig, Site, load_site
+from controller.cmdutil import load_site_or_report, setup_logging
+from controller.config import InfluxConfig, MqttConfig, Site
 from controller.topology import CONSTRAINT_KINDS, PowerTree
 
 DEMO_SITE = Path(__file__).resolve().parents[1] / "configs" / "sites" / "demo.yaml"
@@ -246,15 +247,10 @@ async def run_demo(args: argparse.Namespace, site: Site) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    try:
-        site = load_site(args.config)
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
+    site = load_site_or_report(args.config)
+    if site is None:
         return 2
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.log_level)
     started = time.monotonic()
     try:
         return asyncio.run(run_demo(args, site))

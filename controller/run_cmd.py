@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import re
 import sys
 from pathlib import Path
 
-from controller.config import ConfigError, load_site
+from controller.cmdutil import load_site_or_report, setup_logging
 from controller.devices import DeviceSetupError
 from controller.lease import ID_PATTERN
 
@@ -25,15 +24,10 @@ def _controller_id(text: str) -> str:
 def _run(args: argparse.Namespace) -> int:
     from controller.service import ServiceOptions, run_service
 
-    try:
-        site = load_site(args.config)
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
+    site = load_site_or_report(args.config)
+    if site is None:
         return 2
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.log_level)
     options = ServiceOptions(
         mode=args.mode,
         controller_id=args.controller_id,

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from controller.cmdutil import setup_logging
 from controller.config import ConfigError, Site, load_site
 
 if TYPE_CHECKING:
@@ -160,9 +161,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc.report(), file=sys.stderr)
         return EXIT_BAD_INPUT
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(args.log_level)
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
     try:
         return asyncio.run(run_sim(site, args))
