@@ -140,6 +140,9 @@ class Controller:
     def _install(self, site: Site) -> None:
         self.site = site
         self._tree = PowerTree(site)
+        # Per-GPU constants as vectors once per config, not rebuilt every cycle.
+        self._gpu_max_w = np.array([g.max_w for g in self._tree.gpus])
+        self._gpu_default_w = np.array([g.default_w for g in self._tree.gpus])
         old = getattr(self, "store", None)
         self.store = ReadingsStore(self._tree)
         if old is not None:  # keep what the meters said; GPU arrays restart (indices move)
@@ -374,7 +377,7 @@ class Controller:
         if not advisory:
             self._send_leases(self.policy_state.target_w)
         else:
-            self._send_leases(np.array([g.default_w for g in self._tree.gpus]))
+            self._send_leases(self._gpu_default_w)
         self._last_cycle_wall_s = wall
         self._publish(snap, now_s, wall)
         return snap
@@ -418,7 +421,7 @@ class Controller:
         for k, nid in enumerate(status.node_ids):
             first, stop = self._tree.gpu_range(nid)
             sub = target[first:stop]
-            maxes = np.array([g.max_w for g in self._tree.gpus[first:stop]])
+            maxes = self._gpu_max_w[first:stop]
             capped = int(np.count_nonzero(sub < maxes - 0.5)) if stop > first else 0
             measured = snap.node_power_w.get(nid)
             metered = nid in snap.node_power_w
@@ -444,10 +447,7 @@ class Controller:
                 estimated_w=est.get(nid),
                 stale=bool(np.isnan(snap.gpu_power_w[first:stop]).any()),
                 capped_gpus=int(
-                    np.count_nonzero(
-                        target[first:stop]
-                        < np.array([g.max_w for g in self._tree.gpus[first:stop]]) - 0.5
-                    )
+                    np.count_nonzero(target[first:stop] < self._gpu_max_w[first:stop] - 0.5)
                 ),
             )
         self._live = live
@@ -502,7 +502,7 @@ class Controller:
         """GPU + baseline power under each node (no losses): what the agents report."""
         gpu = np.where(
             np.isnan(snap.gpu_power_w),
-            np.array([g.max_w for g in self._tree.gpus]),
+            self._gpu_max_w,
             snap.gpu_power_w,
         )
         own: dict[str, float] = {}
