@@ -9,6 +9,7 @@ device serves, while real tools poll the Modbus/SNMP ports::
     curl -s -X DELETE $URL/v1/faults/pdu-row-1-rack-1
     curl -s -X POST $URL/v1/load-step -d '{"scale": 1.3}'
     curl -s -X POST $URL/v1/sources/utility-a/lose     # .../restore
+    curl -s -X PUT $URL/v1/extra-load/row-1-rack-1 -d '{"power_w": 6000}'  # DELETE ends it
     curl -s -X POST $URL/v1/reclose -d '{}'            # reset tripped breakers
 
 FastAPI on uvicorn inside the simulator's event loop, so handlers act on the runtime
@@ -44,6 +45,12 @@ class LoadStep(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     scale: float = Field(ge=0, le=10)
+
+
+class ExtraLoad(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    power_w: float = Field(ge=0, le=10_000_000)
 
 
 class Reclose(BaseModel):
@@ -118,6 +125,23 @@ def control_app(sim: SimRuntime) -> FastAPI:
         body = await _body(request, LoadStep)
         sim.load_step(body.scale)
         return {"load_scale": sim.load_scale}
+
+    @app.put("/v1/extra-load/{node}")
+    async def set_extra_load(node: str, request: Request) -> dict[str, Any]:
+        body = await _body(request, ExtraLoad)
+        try:
+            sim.set_extra_load(node, body.power_w)
+        except KeyError as exc:
+            raise HTTPException(404, str(exc.args[0])) from None
+        return {"extra_load_w": sim.extra_load_w}
+
+    @app.delete("/v1/extra-load/{node}")
+    async def clear_extra_load(node: str) -> dict[str, Any]:
+        try:
+            sim.set_extra_load(node, 0.0)
+        except KeyError as exc:
+            raise HTTPException(404, str(exc.args[0])) from None
+        return {"extra_load_w": sim.extra_load_w}
 
     @app.post("/v1/sources/{source_id}/{action}")
     async def source(source_id: str, action: Literal["lose", "restore"]) -> dict[str, Any]:

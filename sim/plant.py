@@ -19,7 +19,7 @@ does; an SST reads what it takes from the feed. Nodes without an efficiency curv
 config use :data:`DEFAULT_EFFICIENCY` for their kind (1.0 for kinds that convert
 nothing). ``state.node_output_w`` keeps ``out(n)`` for frontends that serve a
 converter's output point. Energy balance, exactly: feed input = GPUs + baselines +
-sum over nodes of ``in(n) - out(n)``.
+extra loads (``Setpoints.extra_load_w``) + sum over nodes of ``in(n) - out(n)``.
 
 Breakers integrate heat against their trip curve (see :meth:`Plant.step`); a trip
 darkens everything below it until :meth:`Plant.reclose`.
@@ -81,6 +81,10 @@ class Setpoints:
     limit_request_w: FloatArray | None = None
     lost_sources: frozenset[str] = frozenset()
     actuation_delay_s: float | None = None  # None: PlantConfig.actuation_delay_s
+    # Per node (Plant.node_ids): load no cap reaches and the config does not know, drawn
+    # at that node's output (a cooling fault running fans flat out, kit plugged in
+    # unmetered). It is what makes a node infeasible for caps alone. None: nothing.
+    extra_load_w: FloatArray | None = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,7 @@ class PlantState:
     gpu_total_w: float
     baseline_total_w: float
     losses_w: float
+    extra_total_w: float = 0.0  # Setpoints.extra_load_w drawn (0 where dark)
 
     @property
     def heat_pct(self) -> FloatArray:
@@ -439,8 +444,13 @@ class Plant:
         baseline = self._server_baseline_w
         if any_dark:
             baseline = np.where(dark_node[self._server_idx], 0.0, baseline)
-        out = np.zeros(self.n_nodes)
-        out[self._server_idx] = cs[self._server_gpu_stop] - cs[self._server_gpu_start] + baseline
+        extra = setpoints.extra_load_w
+        if extra is None:
+            out = np.zeros(self.n_nodes)
+        else:
+            out = np.where(dark_node, 0.0, extra) if any_dark else np.array(extra, dtype=float)
+        extra_total = float(out.sum())
+        out[self._server_idx] += cs[self._server_gpu_stop] - cs[self._server_gpu_start] + baseline
         inp = np.empty(self.n_nodes)
         for level in self._levels:
             o = out[level.idx]
@@ -528,6 +538,7 @@ class Plant:
             gpu_total_w=gpu_total,
             baseline_total_w=float(baseline.sum()),
             losses_w=float((inp - out).sum()) + 0.0,
+            extra_total_w=extra_total,
         )
 
     def _source_split(self, tripped: BoolArray, lost: frozenset[str]) -> FloatArray:

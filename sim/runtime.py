@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from controller.config import Site
 from controller.topology import PowerTree
@@ -173,6 +174,8 @@ class SimRuntime:
         self.source = PlantSource(self.site, self.plant, self._state)
         self._limit_generation = 0
         self._lost: frozenset[str] = frozenset()
+        self._extra_w: dict[str, float] = {}
+        self._extra_vec: npt.NDArray[np.float64] | None = None
         self._devices = {d.id: d for d in self.site.devices}
         self._nvml: dict[str, FakeNvml] = {}
         self.modbus: list[ModbusFrontend] = []
@@ -198,7 +201,9 @@ class SimRuntime:
             self._limit_generation, limits = self.source.take_limits(self._limit_generation)
             demand = self.scheduler.demand_w(t)
             state = self.plant.step(
-                self._state, Setpoints(demand, limits, self._lost), self.step_s
+                self._state,
+                Setpoints(demand, limits, self._lost, extra_load_w=self._extra_vec),
+                self.step_s,
             )
             self.scheduler.advance(t, self.step_s, state.gpu_power_w, state.dark_gpu)
             self.source.update(state)
@@ -406,6 +411,33 @@ class SimRuntime:
     def lost_sources(self) -> frozenset[str]:
         return self._lost
 
+    def set_extra_load(self, node_id: str, power_w: float) -> None:
+        """Load no cap reaches at a tree node from now on (0 removes it).
+
+        It stands for what the config does not know: a cooling fault running a server's
+        fans flat out, kit plugged into a rack unmetered. The meters see it, the agents do
+        not, so the controller reads it as unexplained load; large enough, no cap clears it.
+        """
+        if node_id not in self.plant.node_index:
+            raise KeyError(f"no tree node {node_id!r} in site {self.site.name!r}")
+        if not (power_w >= 0 and math.isfinite(power_w)):
+            raise ValueError(f"extra load must be a non-negative number of watts (got {power_w})")
+        if power_w > 0:
+            self._extra_w[node_id] = float(power_w)
+        else:
+            self._extra_w.pop(node_id, None)
+        if not self._extra_w:
+            self._extra_vec = None
+            return
+        vec = np.zeros(self.plant.n_nodes)
+        for nid, w in self._extra_w.items():
+            vec[self.plant.node_index[nid]] = w
+        self._extra_vec = vec
+
+    @property
+    def extra_load_w(self) -> dict[str, float]:
+        return dict(self._extra_w)
+
     def reclose(self, element_ids: Sequence[str] | None = None) -> list[str]:
         """Reset tripped breakers (all of them by default); returns those reset."""
         tripped = sorted(self.plant.tripped_ids(self._state))
@@ -441,6 +473,7 @@ class SimRuntime:
             "feed_power_w": round(st.feed_power_w, 1),
             "gpu_total_w": round(st.gpu_total_w, 1),
             "lost_sources": sorted(self._lost),
+            "extra_load_w": self.extra_load_w,
             "tripped": sorted(self.plant.tripped_ids(st)),
             "jobs": len(self.scheduler.jobs()),
             "faults": {k: {"kind": f.kind.value, "delay_s": f.delay_s,

@@ -238,6 +238,11 @@ def test_a_fault_silences_one_device_only(sim: SimProcess) -> None:
 
 def test_control_channel_moves_the_plant(sim: SimProcess) -> None:
     state = sim.call("GET", "/v1/state")
+    for _ in range(50):  # run alone, this test may come before the first 100 ms step
+        if state["t_s"] > 0:
+            break
+        time.sleep(0.1)
+        state = sim.call("GET", "/v1/state")
     assert state["t_s"] > 0 and state["feed_power_w"] > 0 and state["jobs"] >= 1
     sim.call("POST", "/v1/load-step", {"scale": 0.0})
     try:
@@ -246,6 +251,28 @@ def test_control_channel_moves_the_plant(sim: SimProcess) -> None:
         assert 4 * 2000 < low < 4 * 2000 / 0.9  # four baselines and the PSU shelf's losses
     finally:
         sim.call("POST", "/v1/load-step", {"scale": 1.0})
+    # Load no cap reaches, at a rack: its PDU shows it to snmpget (rPDU2 counts 0.01 kW).
+    pdu = sim.endpoint("pdu-row-1-rack-1")
+
+    def pdu_w() -> float:
+        out = snmpget(pdu, pdu["probe"]["oid"])
+        assert out.returncode == 0, out.stderr
+        return float(out.stdout.strip()) * 10
+
+    before = pdu_w()
+    sim.call("PUT", "/v1/extra-load/row-1-rack-1", {"power_w": 5000})
+    try:
+        assert sim.call("GET", "/v1/state")["extra_load_w"] == {"row-1-rack-1": 5000}
+        time.sleep(0.6)
+        assert pdu_w() > before + 4000
+    finally:
+        sim.call("DELETE", "/v1/extra-load/row-1-rack-1")
+    assert sim.call("GET", "/v1/state")["extra_load_w"] == {}
+    for bad_node, body, code in (("no-such-rack", {"power_w": 1}, 404),
+                                 ("row-1-rack-1", {"power_w": -1}, 422)):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            sim.call("PUT", f"/v1/extra-load/{bad_node}", body)
+        assert err.value.code == code
     with pytest.raises(urllib.error.HTTPError) as err:
         sim.call("PUT", "/v1/faults/no-such-device", {"kind": "timeout"})
     assert err.value.code == 404

@@ -84,6 +84,29 @@ def test_rack_reads_its_servers_over_psu_efficiency() -> None:
     assert plant.power_w(s, "row") > row  # the row's rectifier loses some too
 
 
+def test_extra_load_is_drawn_at_its_node_and_counted_above_it() -> None:
+    """Load the config does not know (a cooling fault's fans) shows in the rack's meter and
+    everything above, with the rack's losses, and keeps the energy balance; a trip above
+    it darkens it like the rest."""
+    plant = plant_of(tiny_site())
+    d = np.full(16, 400.0)
+    base = run(plant, plant.initial_state(), d, 0.3)
+    extra = np.zeros(plant.n_nodes)
+    extra[plant.node_index["rack-1-n1"]] = 900.0
+    s = run(plant, base, d, 0.3, extra_load_w=extra)
+    assert s.extra_total_w == pytest.approx(900.0)
+    assert plant.power_w(s, "rack-1-n1") == pytest.approx(plant.power_w(base, "rack-1-n1") + 900)
+    assert plant.power_w(s, "rack-2") == pytest.approx(plant.power_w(base, "rack-2"))
+    # More than 900 W at the rack: its PSU shelf loses some of the extra too.
+    assert plant.power_w(s, "rack-1") > plant.power_w(base, "rack-1") + 900
+    assert s.gpu_total_w == pytest.approx(base.gpu_total_w)  # no GPU saw any of it
+    balance = s.gpu_total_w + s.baseline_total_w + s.extra_total_w + s.losses_w
+    assert s.feed_power_w == pytest.approx(balance, rel=1e-12)
+    s = run(plant, s, d, 0.1, extra_load_w=None)
+    assert s.extra_total_w == 0.0
+    assert plant.power_w(s, "rack-1-n1") == pytest.approx(plant.power_w(base, "rack-1-n1"))
+
+
 def trip_time(
     plant: Plant, demand: np.ndarray, dt: float = 0.1, limit_s: float = 400
 ) -> tuple[float, float]:
