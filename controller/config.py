@@ -432,6 +432,13 @@ class SchedulerConfig(Strict):
             raise ValueError("a slurm scheduler needs url (slurmrestd) or unix_socket")
         if self.kind == "kubernetes" and not self.url:
             raise ValueError("a kubernetes scheduler needs url (the API server)")
+        if self.kind == "kubernetes" and self.token_env:
+            raise ValueError(
+                "a kubernetes scheduler reads its token from token_file (a service-account"
+                " token rotates on disk); token_env is for slurm"
+            )
+        if self.token_env and self.token_file:
+            raise ValueError("give token_env or token_file, not both")
         return self
 
 

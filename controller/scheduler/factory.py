@@ -11,7 +11,7 @@ from controller.config import SchedulerConfig
 from controller.scheduler.base import SchedulerAdapter
 from controller.scheduler.kubernetes import KubeConnection, KubernetesScheduler
 from controller.scheduler.mapping import HostMap
-from controller.scheduler.slurm import SlurmAdapter, token_from_env
+from controller.scheduler.slurm import SlurmAdapter, token_source
 from controller.topology import PowerTree
 
 
@@ -25,7 +25,7 @@ def build_adapter(cfg: SchedulerConfig, tree: PowerTree) -> SchedulerAdapter | N
         return SlurmAdapter(
             cfg.url or "http://127.0.0.1:6820",
             user=cfg.user,
-            token=token_from_env(cfg.token_env) if cfg.token_env else None,
+            token=token_source(cfg.token_env, cfg.token_file),
             unix_socket=cfg.unix_socket,
         )
     if cfg.kind == "kubernetes":

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,6 +30,7 @@ from controller.scheduler.base import (
     SchedJob,
     SchedulerUnavailable,
 )
+from controller.secrets import read_secret
 
 log = logging.getLogger(__name__)
 
@@ -164,13 +166,18 @@ def _is_drained(node: Mapping[str, Any]) -> bool:
 TokenSource = str | Callable[[], str] | None
 
 
-def token_from_env(var: str) -> Callable[[], str]:
-    """Read the JWT from ``var`` on every request, so a rotated token is picked up."""
+def token_source(env_var: str | None, file: Path | None) -> Callable[[], str] | None:
+    """The JWT from ``env_var`` or ``file``, read on every request so a rotated token
+    (``scontrol token`` has a lifespan) is picked up; None when neither is configured."""
+    if env_var is None and file is None:
+        return None
 
     def read() -> str:
-        value = os.environ.get(var, "")
-        if not value:
-            raise SchedulerUnavailable(f"slurm: environment variable {var} holds no token")
+        try:
+            value = read_secret("slurm JWT", env_var, file)
+        except ValueError as exc:
+            raise SchedulerUnavailable(f"slurm: {exc}") from None
+        assert value is not None  # a source is configured
         return value
 
     return read

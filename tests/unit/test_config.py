@@ -230,6 +230,27 @@ BAD_CONFIGS: list[tuple[str, Callable[[], dict[str, Any]], Mutation, str, str]] 
         "feeds[0].sources[0].envelope_w",
         "exceeds rating_w",
     ),
+    (
+        "kubernetes token from the environment",
+        tiny_site,
+        _set(
+            "integrations",
+            {"scheduler": {"kind": "kubernetes", "url": "https://k8s:6443", "token_env": "T"}},
+        ),
+        "integrations.scheduler",
+        "reads its token from token_file",
+    ),
+    (
+        "two token sources",
+        tiny_site,
+        _set(
+            "integrations",
+            {"scheduler": {"kind": "slurm", "url": "http://s:6820", "token_env": "T",
+                           "token_file": "/run/slurm.jwt"}},
+        ),
+        "integrations.scheduler",
+        "not both",
+    ),
 ]
 
 

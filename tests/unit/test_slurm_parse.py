@@ -6,11 +6,13 @@ tests/integration/test_slurm.py (plus multi-node forms Slurm prints on bigger cl
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from controller.scheduler.slurm import _gres_indices, expand_hostlist, parse_job
+from controller.scheduler.base import SchedulerUnavailable
+from controller.scheduler.slurm import _gres_indices, expand_hostlist, parse_job, token_source
 
 
 @pytest.mark.parametrize(
@@ -77,3 +79,27 @@ def test_gres_per_node_only_when_every_node_has_one() -> None:
     # No GRES (whole-node jobs) or entries that do not line up: all GPUs of each host.
     assert parse_job(entry(nodes="n[1-2]", gres_detail=[])).local_gpus == ()
     assert parse_job(entry(nodes="n[1-2]", gres_detail=["gpu:1(IDX:0)"])).local_gpus == ()
+
+
+def test_token_is_read_on_every_request_from_its_file_or_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A JWT has a lifespan: whatever rotates it rewrites the file (or the variable), and
+    the next request must carry the new one. Unset or empty is "unavailable", not a crash."""
+    assert token_source(None, None) is None
+    jwt = tmp_path / "slurm.jwt"
+    jwt.write_text("first\n")
+    read = token_source(None, jwt)
+    assert read is not None and read() == "first"
+    jwt.write_text("second")
+    assert read() == "second"
+    jwt.unlink()
+    with pytest.raises(SchedulerUnavailable, match="cannot read"):
+        read()
+    from_env = token_source("RP_TEST_SLURM_JWT", None)
+    assert from_env is not None
+    monkeypatch.delenv("RP_TEST_SLURM_JWT", raising=False)
+    with pytest.raises(SchedulerUnavailable, match="RP_TEST_SLURM_JWT is not set"):
+        from_env()
+    monkeypatch.setenv("RP_TEST_SLURM_JWT", "tok")
+    assert from_env() == "tok"
