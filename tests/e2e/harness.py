@@ -403,12 +403,13 @@ class ControllerProcess:
     log_path: Path
     audit_path: Path
     extra_args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)  # added to this process's own
     proc: subprocess.Popen[bytes] | None = None
     _log: Any = field(default=None, repr=False)
     _http: httpx.AsyncClient | None = field(default=None, repr=False)
 
     def start(self) -> None:
-        env = dict(os.environ)
+        env = {**os.environ, **self.env}
         env[TOKEN_ENV] = TOKEN
         env["PYTHONUNBUFFERED"] = "1"
         self._log = self.log_path.open("ab")

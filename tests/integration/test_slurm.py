@@ -26,7 +26,7 @@ from controller.scheduler import (
 from controller.scheduler.link import ActionResult, SchedulerLink
 from controller.scheduler.slurm import SlurmAdapter
 from controller.topology import PowerTree
-from tests.fixtures.slurm import NODE, SlurmCluster, free_port
+from tests.fixtures.slurm import NODE, SlurmCluster, free_port, submit_priority_mix
 from tests.sites import tiny_site
 
 pytest_plugins = ["tests.fixtures.slurm"]
@@ -60,21 +60,6 @@ async def adapter(cluster: SlurmCluster) -> AsyncIterator[SlurmAdapter]:
     await a.aclose()
 
 
-def submit_three(cluster: SlurmCluster) -> tuple[str, str, str]:
-    """high+requeueable (1 GPU), low+requeueable (1 GPU), low+NOT requeueable (2 GPUs)."""
-    wrap = ("--wrap", "sleep 300")
-    high = cluster.sbatch(*wrap, "--requeue", "-p", "high", "--gres=gpu:1", "-J", "train")
-    low = cluster.sbatch(*wrap, "--requeue", "-p", "low", "--gres=gpu:1", "-J", "batch")
-    pinned = cluster.sbatch(*wrap, "--no-requeue", "-p", "low", "--gres=gpu:2", "-J", "pinned")
-    for jid in (high, low, pinned):
-        cluster.wait_for(f"job {jid} running", lambda j=jid: job_state(cluster, j) == "RUNNING")
-    return high, low, pinned
-
-
-def job_state(cluster: SlurmCluster, job_id: str) -> str:
-    return cluster.show_job(job_id).get("JobState", "")
-
-
 def make_link(adapter: SlurmAdapter, tree: PowerTree, **kw: object) -> SchedulerLink:
     return SchedulerLink(adapter, tree, CONFIG, hosts=HostMap(tree, {NODE: SERVER}), **kw)  # type: ignore[arg-type]
 
@@ -82,7 +67,7 @@ def make_link(adapter: SlurmAdapter, tree: PowerTree, **kw: object) -> Scheduler
 async def test_jobs_are_listed_with_their_node_gpus_and_classes(
     cluster: SlurmCluster, adapter: SlurmAdapter, tree: PowerTree
 ) -> None:
-    high, low, pinned = submit_three(cluster)
+    high, low, pinned = submit_priority_mix(cluster)
     listed = {j.id: j for j in await adapter.jobs() if j.state == "running"}
     assert set(listed) == {high, low, pinned}
     assert all(j.hosts == (NODE,) and j.state == "running" for j in listed.values())
@@ -115,7 +100,7 @@ async def test_overload_requeues_exactly_the_lowest_priority_requeueable_job_and
     one outranks the other low one: Slurm must show exactly that low job requeued, the node
     drained with our reason, and the node back in service once headroom returns.
     """
-    high, low, pinned = submit_three(cluster)
+    high, low, pinned = submit_priority_mix(cluster)
     headroom_w = {"rack-1": -5000.0}
     now = [0.0]
     results: list[ActionResult] = []
@@ -155,9 +140,9 @@ async def test_overload_requeues_exactly_the_lowest_priority_requeueable_job_and
         ("drain", "rack-1", "drained"),
     ]
     # Slurm kills the batch step first (COMPLETING), then queues the job again.
-    cluster.wait_for(f"job {low} pending", lambda: job_state(cluster, low) == "PENDING")
+    cluster.wait_for(f"job {low} pending", lambda: cluster.job_state(low) == "PENDING")
     assert cluster.show_job(low)["Restarts"] == "1"
-    assert job_state(cluster, high) == "RUNNING" and job_state(cluster, pinned) == "RUNNING"
+    assert cluster.job_state(high) == "RUNNING" and cluster.job_state(pinned) == "RUNNING"
     admin = cluster.run("scontrol", "show", "job", low)
     assert "AdminComment=rackpower: rack-1:" in admin  # the note says why
     node = (await adapter.nodes())[NODE]
@@ -185,12 +170,12 @@ async def test_overload_requeues_exactly_the_lowest_priority_requeueable_job_and
     assert "DRAIN" not in cluster.show_node()["State"]
     assert link.status().drained == ()
     # The requeued job is still queued (Slurm holds a requeued job back by its BeginTime).
-    assert job_state(cluster, low) == "PENDING"
+    assert cluster.job_state(low) == "PENDING"
 
 
 async def test_local_auth_over_a_unix_socket_lists_the_same_jobs(cluster: SlurmCluster) -> None:
     jid = cluster.sbatch("--wrap", "sleep 300", "-p", "high", "--gres=gpu:2")
-    cluster.wait_for("running", lambda: job_state(cluster, jid) == "RUNNING")
+    cluster.wait_for("running", lambda: cluster.job_state(jid) == "RUNNING")
     local = SlurmAdapter(unix_socket=str(cluster.rest_socket), env=cluster.env)
     try:
         (job,) = [j for j in await local.jobs() if j.state == "running"]
@@ -204,14 +189,14 @@ async def test_migrate_requeues_away_from_the_hosts(
     cluster: SlurmCluster, adapter: SlurmAdapter
 ) -> None:
     jid = cluster.sbatch("--wrap", "sleep 300", "--requeue", "-p", "low", "--gres=gpu:1")
-    cluster.wait_for("running", lambda: job_state(cluster, jid) == "RUNNING")
+    cluster.wait_for("running", lambda: cluster.job_state(jid) == "RUNNING")
     outcome = await adapter.migrate(jid, [NODE, "not-a-slurm-node"], "test: rack over")
     assert outcome == "requeued"
-    cluster.wait_for(f"job {jid} pending", lambda: job_state(cluster, jid) == "PENDING")
+    cluster.wait_for(f"job {jid} pending", lambda: cluster.job_state(jid) == "PENDING")
     shown = cluster.show_job(jid)
     assert shown["ExcNodeList"] == NODE and shown["Restarts"] == "1"
     await asyncio.sleep(2)  # the only node is excluded: it must not start again
-    assert job_state(cluster, jid) == "PENDING"
+    assert cluster.job_state(jid) == "PENDING"
     assert cluster.show_job(jid)["Reason"] != "JobHeldAdmin"  # released, not left held
 
 
@@ -219,11 +204,11 @@ async def test_refusals_are_told_apart_from_an_unreachable_scheduler(
     cluster: SlurmCluster, adapter: SlurmAdapter
 ) -> None:
     pinned = cluster.sbatch("--wrap", "sleep 300", "--no-requeue", "-p", "low")
-    cluster.wait_for("running", lambda: job_state(cluster, pinned) == "RUNNING")
+    cluster.wait_for("running", lambda: cluster.job_state(pinned) == "RUNNING")
     with pytest.raises(ActionRefused, match="presently disabled") as refused:
         await adapter.requeue(pinned, "test")
     assert not isinstance(refused.value, JobNotFound)
-    assert job_state(cluster, pinned) == "RUNNING"
+    assert cluster.job_state(pinned) == "RUNNING"
     with pytest.raises(JobNotFound, match="Invalid job id"):
         await adapter.requeue("999999", "test")
     with pytest.raises(ActionRefused, match=r"none of .* is a Slurm node"):
@@ -252,7 +237,7 @@ async def test_link_serves_the_last_good_list_then_falls_back_with_an_alarm(
     for ``stale_after_s``, raises the alarm at once, then hands the policy per-server
     groups; a good poll ends both."""
     jid = cluster.sbatch("--wrap", "sleep 300", "-p", "high", "--gres=gpu:4")
-    cluster.wait_for("running", lambda: job_state(cluster, jid) == "RUNNING")
+    cluster.wait_for("running", lambda: cluster.job_state(jid) == "RUNNING")
     token = [cluster.token()]
     adapter = SlurmAdapter(cluster.rest_url, token=lambda: token[0], env=cluster.env)
     now = [0.0]
