@@ -39,6 +39,7 @@ from sim.scenario_oracle import WorkOracle, chain_efficiency
 from sim.scenario_spec import (
     ActuationDelay,
     DemandResponse,
+    ExtraLoad,
     FeedLoss,
     InferenceSpec,
     JobArrival,
@@ -115,7 +116,8 @@ class _World:
     overrides: dict[str, float] = field(default_factory=dict)
     delay_s: float = 0.2
     outages: list[TelemetryOutage] = field(default_factory=list)
-    changed: bool = True  # envelopes need recomputing
+    extra_w: dict[str, float] = field(default_factory=dict)  # load no cap reaches, by node
+    changed: bool = True  # envelopes (and extra loads) need recomputing
 
 
 @dataclass(frozen=True)
@@ -297,6 +299,21 @@ def run_policy(
                 world.changed = True
 
             schedule(ev.at_s + ev.duration_s, end)
+        elif isinstance(ev, ExtraLoad):
+            world.extra_w[ev.node] = world.extra_w.get(ev.node, 0.0) + ev.power_w
+            world.changed = True
+            if ev.duration_s is not None:
+                extra = ev
+
+                def gone() -> None:
+                    left = world.extra_w.get(extra.node, 0.0) - extra.power_w
+                    if left > 1e-9:
+                        world.extra_w[extra.node] = left
+                    else:
+                        world.extra_w.pop(extra.node, None)
+                    world.changed = True
+
+                schedule(ev.at_s + ev.duration_s, gone)
         elif isinstance(ev, TelemetryOutage):
             world.outages.append(ev)
         elif isinstance(ev, ActuationDelay):
@@ -316,6 +333,8 @@ def run_policy(
     request: FloatArray | None = None
     last_target: FloatArray | None = None
     envelope = index.envelope_w
+    extra_vec: FloatArray | None = None
+    extra_at: list[tuple[int, int, float]] = []
     base = index.base_w
     jobs_seen: tuple[Any, ...] | None = None
     floor = index.gpu_floor_w
@@ -329,6 +348,7 @@ def run_policy(
             fn()
         if world.changed:
             envelope = effective_envelopes(index, world.lost, world.overrides)
+            extra_vec, extra_at = _extra_loads(tree, plant, index, world.extra_w)
             world.changed = False
             budget_changed = True
         if i % every == 0:
@@ -371,12 +391,15 @@ def run_policy(
                 limit_request_w=request,
                 lost_sources=world.lost,
                 actuation_delay_s=world.delay_s,
+                extra_load_w=extra_vec,
             ),
             dt,
         )
         request = None
         sched.advance(t, dt, state.gpu_power_w, state.dark_gpu)
         alive_base = _alive_base(index, state) if state.dark_node.any() else base
+        if extra_at:  # the oracle and the inversion count treat it like a baseline
+            alive_base = alive_base + _extra_base(index, extra_at, state)
         metrics.step(state, envelope, dt)
         if work_bound:
             metrics.oracle_gpu_s += dt * oracle.bound(
@@ -418,6 +441,39 @@ def run_policy(
         "sim_s": round(sim_s, 3),
         "wall_s": round(time.perf_counter() - wall0, 3),
     }
+
+
+def _extra_loads(
+    tree: PowerTree, plant: Plant, index: TreeIndex, extra_w: dict[str, float]
+) -> tuple[FloatArray | None, list[tuple[int, int, float]]]:
+    """The plant's extra-load vector, and per load (plant node, nearest constraint node at
+    or above it, watts) for :func:`_extra_base`."""
+    if not extra_w:
+        return None, []
+    vec = np.zeros(plant.n_nodes)
+    at: list[tuple[int, int, float]] = []
+    for nid, w in extra_w.items():
+        vec[plant.node_index[nid]] = w
+        up: str | None = nid
+        while up is not None and up not in index.pos:
+            up = tree.node(up).parent
+        if up is not None:
+            at.append((plant.node_index[nid], index.pos[up], w))
+    return vec, at
+
+
+def _extra_base(
+    index: TreeIndex, extra_at: list[tuple[int, int, float]], state: PlantState
+) -> FloatArray:
+    """Extra load still powered, summed per constraint node (its own and its ancestors)."""
+    out = np.zeros(index.n_nodes)
+    for plant_k, k, w in extra_at:
+        if state.dark_node[plant_k]:
+            continue
+        while k >= 0:
+            out[k] += w
+            k = int(index.parent[k])
+    return out
 
 
 def _alive_base(index: TreeIndex, state: PlantState) -> FloatArray:

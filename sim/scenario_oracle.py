@@ -22,8 +22,9 @@ optimum (weak duality); the prices come from water-filling each level bottom-up 
 marginal work per watt, GPU by GPU (exact greedy per level), which leaves a small gap
 when a job spans a tight and a slack rack. So the reported ``oracle_work`` is a true
 upper bound along the run's own demand trajectory for any policy that keeps every node
-inside its effective envelope at every step; a policy that overdraws (``none``) can
-exceed it, and that shows.
+inside its effective envelope at every step (where even the floors exceed a node's
+budget, for any policy holding that node at its floors); a policy that overdraws
+(``none``) can exceed it, and that shows.
 
 The bound is clairvoyant: it re-solves every 100 ms step with that step's demand, so
 it moves power to a job in its compute phase from a neighbour in its communication
@@ -126,6 +127,10 @@ class WorkOracle:
         u = np.minimum(np.maximum(demand_w, 0.0), self.max_w)
         lo = np.minimum(u, self.floor_w)
         counted = (weight > 0) & (group >= 0)
+        # Where even the floors do not fit (load no cap reaches: only moving work helps),
+        # no policy is inside the envelope; bound those that hold such a node at its
+        # floors. Without this the node's price is "infinite" and the bound meaningless.
+        budget_w = np.maximum(budget_w, index.seg_sum(lo))
         if not (index.seg_sum(u) > budget_w).any():
             return float(np.count_nonzero(counted))  # everything fits uncapped: all at 1
         if reprice or self._pi is None:

@@ -128,6 +128,17 @@ class ActuationDelay(_Event):
     delay_s: NonNegS
 
 
+class ExtraLoad(_Event):
+    """Load no cap reaches appears at a node: a cooling fault running a server's fans flat
+    out, kit plugged into a rack unmetered. Large enough, caps alone cannot clear it and
+    only moving work can; gone after ``duration_s`` (default: for the rest of the run)."""
+
+    kind: Literal["extra_load"]
+    node: str = Field(min_length=1)
+    power_w: Annotated[float, Field(gt=0)]
+    duration_s: PosS | None = None
+
+
 class JobArrival(_Event):
     """A job submitted mid-run (e.g. one whose power does not fit where it lands)."""
 
@@ -143,7 +154,13 @@ class JobArrival(_Event):
 
 
 Event = Annotated[
-    LoadStep | FeedLoss | DemandResponse | TelemetryOutage | ActuationDelay | JobArrival,
+    LoadStep
+    | FeedLoss
+    | DemandResponse
+    | TelemetryOutage
+    | ActuationDelay
+    | ExtraLoad
+    | JobArrival,
     Field(discriminator="kind"),
 ]
 
@@ -294,6 +311,7 @@ _EVENT_KINDS = frozenset(
         "demand_response",
         "telemetry_outage",
         "actuation_delay",
+        "extra_load",
         "job_arrival",
     }
 )
@@ -342,7 +360,7 @@ def check_scenario(spec: ScenarioSpec, site: Site) -> list[Problem]:
             problems.append(
                 Problem(f"{where}.source", f"unknown feed source {ev.source!r} ({known})")
             )
-        if isinstance(ev, DemandResponse) and ev.node not in nodes:
+        if isinstance(ev, DemandResponse | ExtraLoad) and ev.node not in nodes:
             problems.append(Problem(f"{where}.node", f"unknown node {ev.node!r}"))
         if isinstance(ev, TelemetryOutage):
             for k, nid in enumerate(ev.nodes):

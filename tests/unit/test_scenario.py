@@ -7,6 +7,8 @@ trip), and the real ``rackpower scenario run`` command on its own argparse parse
 
 from __future__ import annotations
 
+import dataclasses
+
 import argparse
 import copy
 import json
@@ -98,6 +100,16 @@ def write(tmp_path: Path, doc: dict[str, Any], name: str = "s.yaml") -> Path:
             "unknown node 'rack-9'",
         ),
         (
+            {"events": [{"at_s": 1, "kind": "extra_load", "node": "rack-9", "power_w": 1}]},
+            "events[0].node",
+            "unknown node 'rack-9'",
+        ),
+        (
+            {"events": [{"at_s": 1, "kind": "extra_load", "node": "rack-1", "power_w": 0}]},
+            "events[0].power_w",
+            "greater than 0",
+        ),
+        (
             {"workloads": {"training": [{"id": "t", "gpus": 4, "priority_class": "gold"}]}},
             "workloads.training[0].priority_class",
             "unknown class 'gold'",
@@ -159,6 +171,7 @@ def test_every_shipped_scenario_loads() -> None:
         "sync-step",
         "feed-a-loss",
         "demand-response",
+        "cooling-fault",
     } <= names
 
 
@@ -349,3 +362,20 @@ def test_inversion_needs_the_lower_job_under_every_node_holding_the_higher_one()
     # With rack-1's other GPUs at 100 W nothing holds H back in rack-1; only rack-2 (and
     # the row above), where batch runs above its floor: an inversion.
     assert _inversions(limit_rack1_idle_w=100.0) == 1
+
+
+def test_cooling_fault_escalates_through_the_simulated_scheduler() -> None:
+    """The shipped cooling-fault scenario, cut to 5 minutes: load no cap reaches lands on
+    a rack of batch jobs at 120 s; rackpower moves them away through the simulated
+    scheduler (one per 30 s interval, lowest class first) instead of holding the rack
+    over its envelope, and nothing trips. ``static`` has no way out and trips."""
+    sc = load_scenario(REPO / "configs" / "scenarios" / "cooling-fault.yaml")
+    short = dataclasses.replace(sc, spec=sc.spec.model_copy(update={"duration_s": 300.0}))
+    rp = run_policy(short, "rackpower", work_bound=False)
+    assert rp["trips"] == 0
+    assert 1 <= rp["migrations"] <= 2  # one at a time, never more than one per 30 s
+    # Over the envelope from the fault until the rack is feasible again, not for good.
+    assert rp["seconds_over_envelope"] < 90.0
+    assert rp["work_delivered"]["batch"] > 0
+    static = run_policy(short, "static", work_bound=False)
+    assert static["migrations"] == 0 and static["trips"] >= 1
