@@ -7,10 +7,9 @@ trip), and the real ``rackpower scenario run`` command on its own argparse parse
 
 from __future__ import annotations
 
-import dataclasses
-
 import argparse
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
