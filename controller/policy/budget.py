@@ -7,8 +7,9 @@ its floors: priorities at a node come out of the same single number, and an inve
 is impossible by construction.
 
 Nodes of one kind are disjoint subtrees, so a level of the tree is solved for all its
-nodes at once (vectorised bisection). Solving racks first and then each level above with
-the GPUs held to the level their lower nodes allow is progressive filling on a tree:
+nodes at once, exactly, from the sorted breakpoints of their sums (a bisection only
+where rounding puts that answer a hair over budget). Solving racks first and then each
+level above with the GPUs held to the level their lower nodes allow is progressive filling on a tree:
 a rack that binds early frees its row's budget for the other racks. The result is
 then the same as splitting each node's budget among its children top-down, non-cappable
 load first, then by class, then job-wide.
@@ -129,9 +130,17 @@ def allocate(
             continue
         floor_ok = fits(np.full(k, lam_lo))
         infeasible[nodes[~floor_ok]] = True
-        lo = np.full(k, lam_lo)
-        hi = np.full(k, lam_hi)
         active = ~free & floor_ok
+        lo = np.full(k, lam_lo)
+        if active.any():
+            exact = _exact_levels(terms, seg, k, lam, a1, a2, mm, a3)
+            exact = np.where(active, np.clip(exact, lam_lo, lam_hi), lam_lo)
+            # Rounding can put a level a hair over its budget: those (rare) nodes are
+            # bisected instead, so what is returned always fits.
+            ok = fits(exact)
+            lo = np.where(active & ok, exact, lo)
+            active &= ~ok
+        hi = np.full(k, lam_hi)
         for _ in range(ITERATIONS):
             if not active.any():
                 break
@@ -145,3 +154,69 @@ def allocate(
         binding[lower] = nodes[seg[lower]]
         lam = np.minimum(lam, proposed)
     return Allocation(level=lam, binding=binding, infeasible=infeasible)
+
+
+def _exact_levels(
+    terms: GpuTerms,
+    seg: IntArray,
+    k: int,
+    below: FloatArray,
+    a1: FloatArray,
+    a2: FloatArray,
+    mm: FloatArray,
+    a3: FloatArray,
+) -> FloatArray:
+    """Per node of a level the highest water level that fits, solved exactly.
+
+    At level L a GPU's cap is ``floor + clamp(L, P, Q) - P`` with ``P = shift + floor``
+    and ``Q = max(P, min(shift + max, below))`` (its planned use likewise, between
+    ``use_lo`` and ``use_hi``): a node's sums are ramps added up, piecewise linear and
+    rising, so each constraint has one highest level, read off the sorted breakpoints.
+    A node fits when (band and margin) or aim hold (see the module docstring):
+    ``max(min(L_band, max(L_cap<=a2, L_use+margin<=a2)), L_aim)``. One sort instead of
+    fifteen bisection steps over every GPU.
+    """
+    covered = seg >= 0
+    sg = seg[covered]
+    shift = terms.shift[covered]
+    b = below[covered]
+    # Two sums per node, as 2k segments: caps (0..k-1), then planned use (k..2k-1).
+    lo_w = np.concatenate((terms.floor_w[covered], terms.use_lo_w[covered]))
+    hi_w = np.concatenate((terms.max_w[covered], terms.use_hi_w[covered]))
+    sid = np.concatenate((sg, sg + k))
+    p = np.concatenate((shift, shift)) + lo_w
+    q = np.maximum(p, np.minimum(np.concatenate((shift, shift)) + hi_w, np.concatenate((b, b))))
+    base = np.bincount(sid, weights=lo_w, minlength=2 * k)
+    # The limits each sum must stay under, as (segment, watts the ramps may add).
+    q_sid = np.concatenate((np.arange(k), np.arange(k), np.arange(k) + k, np.arange(k) + k))
+    q_t = np.concatenate((a2 - base[:k], a3 - base[:k], a1 - base[k:], a2 - mm - base[k:]))
+    lv = np.where(q_t < 0, -np.inf, np.inf)
+    q_t = np.maximum(q_t - 2 * TOLERANCE_W, 0.0)  # land inside, rounding aside
+
+    ramp = q > p
+    if ramp.any():
+        n = int(ramp.sum())
+        node = np.concatenate((sid[ramp], sid[ramp]))
+        pos = np.concatenate((p[ramp], q[ramp]))
+        span = float(pos.max() - pos.min()) + 1.0
+        order = np.argsort(node * span + (pos - pos.min()), kind="stable")
+        node, pos = node[order], pos[order]
+        slope = np.cumsum(np.concatenate((np.ones(n), -np.ones(n)))[order])
+        rise = np.concatenate(([0.0], np.cumsum(slope[:-1] * np.diff(pos))))
+        segs = np.arange(2 * k)
+        first = np.searchsorted(node, segs, side="left")
+        last = np.searchsorted(node, segs, side="right") - 1
+        has = last >= first
+        at_first = np.where(has, rise[np.minimum(first, pos.size - 1)], 0.0)
+        total = np.where(has, rise[np.maximum(last, 0)] - at_first, 0.0)
+        local = rise - at_first[node]  # a segment's ramp sum at each of its breakpoints
+        big = 2.0 * (float(total.max()) + 1.0)  # one sorted key over all segments
+        key = node * big + local
+        inside = np.flatnonzero((lv > 0) & (q_t < total[q_sid]))
+        if inside.size:
+            t = q_t[inside]
+            j = np.searchsorted(key, q_sid[inside] * big + t, side="right") - 1
+            lv[inside] = pos[j] + (t - local[j]) / slope[j]
+    l_cap2, l_aim, l_band, l_use2 = lv[:k], lv[k : 2 * k], lv[2 * k : 3 * k], lv[3 * k :]
+    out: FloatArray = np.maximum(np.minimum(l_band, np.maximum(l_cap2, l_use2)), l_aim)
+    return out
