@@ -9,8 +9,9 @@ is impossible by construction.
 Nodes of one kind are disjoint subtrees, so a level of the tree is solved for all its
 nodes at once, exactly, from the sorted breakpoints of their sums (a bisection only
 where rounding puts that answer a hair over budget). Solving racks first and then each
-level above with the GPUs held to the level their lower nodes allow is progressive filling on a tree:
-a rack that binds early frees its row's budget for the other racks. The result is
+level above with the GPUs held to the level their lower nodes allow is progressive
+filling on a tree: a rack that binds early frees its row's budget for the other racks.
+The result is
 then the same as splitting each node's budget among its children top-down, non-cappable
 load first, then by class, then job-wide.
 
