@@ -14,7 +14,7 @@ Adapters are async and may be slow or down; the control cycle never awaits them 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -57,6 +57,10 @@ class SchedJob:
     def priority_class(self) -> str:
         """The scheduler's primary class label ("" when it has none)."""
         return self.class_labels[0] if self.class_labels else ""
+
+
+#: How rackpower's notes and drain reasons start: how a later run knows a drain is ours.
+DRAIN_PREFIX = "rackpower:"
 
 
 class SchedulerError(Exception):
@@ -117,6 +121,14 @@ class SchedulerAdapter(Protocol):
 
     async def note(self, job_id: str, text: str) -> None:
         """Leave a human-readable note on the job (why it was capped or moved)."""
+        ...
+
+    async def drained(self) -> Mapping[str, str]:
+        """Hosts rackpower keeps work off now, with the reason it gave (``rackpower: ...``).
+
+        Read at start so that drains an earlier run left are resumed in their turn
+        rather than forgotten (a restart must not strand a node without work).
+        """
         ...
 
     async def aclose(self) -> None:

@@ -404,6 +404,16 @@ class KubernetesScheduler:
                 },
             )
 
+    async def drained(self) -> dict[str, str]:
+        """Nodes of ours cordoned with rackpower's annotation, and its text."""
+        out: dict[str, str] = {}
+        for node in await self._get_list("/api/v1/nodes", {}):
+            meta = node.get("metadata", {})
+            note = (meta.get("annotations") or {}).get(DRAIN_ANNOTATION)
+            if note is not None and meta.get("name") in self.hosts:
+                out[str(meta["name"])] = str(note)
+        return out
+
     async def note(self, job_id: str, text: str) -> None:
         pods = await self._job_pods(job_id)
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -25,6 +25,7 @@ from typing import Literal
 from controller.config import SchedulerConfig
 from controller.policy.types import Job, Migrate, Requeue
 from controller.scheduler.base import (
+    DRAIN_PREFIX,
     ActionRefused,
     SchedJob,
     SchedulerAdapter,
@@ -44,7 +45,8 @@ class ActionResult:
     """What became of one scheduler action (audit line, MQTT event).
 
     ``outcome``: ``requeued``/``migrated``/``drained``/``resumed`` when done, ``refused``
-    when the scheduler said no (``error`` says why), ``failed`` when it could not be asked.
+    when the scheduler said no (``error`` says why), ``failed`` when it could not be asked,
+    ``adopted`` for a drain an earlier run left (now resumed in its turn).
     """
 
     kind: ActionKind
@@ -138,6 +140,7 @@ class SchedulerLink:
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._busy: set[str] = set()
         self._drains: dict[str, _Drain] = {}
+        self._adopted = False  # drains left by an earlier run taken over
         self.results: list[ActionResult] = []  # recent outcomes, newest last (bounded)
 
     # -- read side (called from the cycle: never awaits) ------------------------------------
@@ -234,9 +237,43 @@ class SchedulerLink:
 
     async def _poll_loop(self) -> None:
         while True:
-            await self.refresh()
+            if await self.refresh() and not self._adopted:
+                await self.adopt_drains()
             self.check_drains()
             await asyncio.sleep(self.poll_s)
+
+    async def adopt_drains(self) -> None:
+        """Take over the drains an earlier run left, so they are resumed in their turn.
+
+        A controller restarted while a node was drained would otherwise never let work
+        back on it. The drain's reason names the power-tree node (``rackpower: <node>:
+        ...``); a host whose reason does not is kept under its own GPU server.
+        """
+        try:
+            found = await self.adapter.drained()
+        except SchedulerError as exc:
+            log.warning("scheduler %s: drained hosts not listed yet: %s", self.adapter.name, exc)
+            return
+        self._adopted = True
+        by_node: dict[str, list[str]] = {}
+        for host, reason in sorted(found.items()):
+            node = _named_node(reason, self.tree) or self.hosts.node_of(host)
+            if node is not None and node not in self._drains:
+                by_node.setdefault(node, []).append(host)
+        for node, hosts in by_node.items():
+            self._drains[node] = _Drain(tuple(hosts), 0.0)
+            reason = found[hosts[0]]
+            log.warning(
+                "scheduler %s: %s (%s) left drained by an earlier run: %s; resumed once its"
+                " headroom holds",
+                self.adapter.name,
+                node,
+                ", ".join(hosts),
+                reason,
+            )
+            self._report(
+                ActionResult("drain", node, tuple(hosts), "adopted", reason, t_s=self._clock())
+            )
 
     async def _action_loop(self) -> None:
         while True:
@@ -279,7 +316,7 @@ class SchedulerLink:
             if kind in ("requeue", "migrate"):
                 hosts = self._hosts_of_job(target)
                 with contextlib.suppress(SchedulerError):  # a note is nice, not needed
-                    await self.adapter.note(target, f"rackpower: {reason}"[:1000])
+                    await self.adapter.note(target, f"{DRAIN_PREFIX} {reason}"[:1000])
                 if kind == "requeue":
                     await self.adapter.requeue(target, reason)
                     outcome = "requeued"
@@ -294,7 +331,7 @@ class SchedulerLink:
                     )
                     outcome = "drained"
                 else:
-                    await self.adapter.drain(hosts, f"rackpower: {reason}"[:200])
+                    await self.adapter.drain(hosts, f"{DRAIN_PREFIX} {reason}"[:200])
                     self._drains[target] = _Drain(hosts, above_w)
                     outcome = "drained"
             else:
@@ -321,10 +358,13 @@ class SchedulerLink:
             result.outcome,
             f" ({result.error})" if result.error else "",
         )
+        self._report(result)
+        return result
+
+    def _report(self, result: ActionResult) -> None:
         self.results = [*self.results[-99:], result]
         if self._on_result is not None:
             self._on_result(result)
-        return result
 
     def _hosts_of_job(self, job_id: str) -> tuple[str, ...]:
         for sj in self._raw or ():
@@ -338,3 +378,11 @@ class SchedulerLink:
         if node_id in self.tree:
             return self.hosts.hosts_under(self.tree, node_id)
         return [h for h in self._hosts_of_job(job_id) if self.hosts.node_of(h) is not None]
+
+
+def _named_node(reason: str, tree: PowerTree) -> str | None:
+    """The power-tree node a drain reason of ours names (``rackpower: <node>: ...``)."""
+    if not reason.startswith(DRAIN_PREFIX):
+        return None
+    head = reason[len(DRAIN_PREFIX) :].split(":", 1)[0].strip()
+    return head if head in tree and tree.node(head).kind != "gpu" else None

@@ -60,6 +60,7 @@ class SimulatedScheduler:
         self.sched = sched
         self.clock = clock
         self.notes: list[SimNote] = []
+        self.drains: dict[str, str] = {}  # host -> the reason given, while drained
 
     async def aclose(self) -> None:
         return None
@@ -124,11 +125,16 @@ class SimulatedScheduler:
         self._known(hosts)
         for host in hosts:
             self.sched.drain(host)
+            self.drains[host] = reason
 
     async def resume(self, hosts: Sequence[str]) -> None:
         self._known(hosts)
         for host in hosts:
             self.sched.resume(host)
+            self.drains.pop(host, None)
+
+    async def drained(self) -> dict[str, str]:
+        return dict(self.drains)
 
     async def note(self, job_id: str, text: str) -> None:
         self.notes.append(SimNote(self.clock(), job_id, text))

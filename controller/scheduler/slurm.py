@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from controller.scheduler.base import (
+    DRAIN_PREFIX,
     ActionRefused,
     JobNotFound,
     JobState,
@@ -361,6 +362,14 @@ class SlurmAdapter:
         draining = [h for h in known if _is_drained(nodes[h])]
         if draining:
             await self.scontrol("update", f"NodeName={','.join(draining)}", "State=RESUME")
+
+    async def drained(self) -> dict[str, str]:
+        """Nodes draining or drained with a reason of ours (``rackpower: ...``)."""
+        return {
+            name: str(node.get("reason", ""))
+            for name, node in (await self.nodes()).items()
+            if _is_drained(node) and str(node.get("reason", "")).startswith(DRAIN_PREFIX)
+        }
 
     async def note(self, job_id: str, text: str) -> None:
         """``AdminComment``: visible in ``scontrol show job``, not the user's own ``Comment``."""

@@ -259,6 +259,20 @@ async def test_cordon_then_uncordon_read_back(
     ]
 
 
+async def test_drained_lists_our_cordons_on_our_nodes_only(
+    adapter: KubernetesScheduler, fake: tuple[FakeKube, KubeConnection]
+) -> None:
+    """What a restarted controller reads to take over its drains: nodes of its tree it
+    cordoned (the annotation), not an operator's cordon, not a node outside its tree."""
+    kube, _ = fake
+    await adapter.drain(["rack-1-n1"], "rackpower: rack-1: over its envelope")
+    kube.nodes["rack-2-n2"]["spec"]["unschedulable"] = True  # an operator's cordon
+    kube.nodes["cpu-only-node"]["metadata"]["annotations"][DRAIN_ANNOTATION] = "rackpower: x"
+    assert await adapter.drained() == {"rack-1-n1": "rackpower: rack-1: over its envelope"}
+    await adapter.resume(["rack-1-n1"])
+    assert await adapter.drained() == {}
+
+
 async def test_note_is_an_event_on_each_pod(
     adapter: KubernetesScheduler, fake: tuple[FakeKube, KubeConnection]
 ) -> None:

@@ -284,3 +284,32 @@ async def test_run_polls_in_the_background_and_the_cycle_never_waits(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_a_drain_left_by_an_earlier_run_is_found_and_resumed(
+    cluster: SlurmCluster, adapter: SlurmAdapter, tree: PowerTree
+) -> None:
+    """A controller restarted while it had the node drained: the new link finds the drain
+    by its reason and resumes the node once the rack has headroom. An operator's drain
+    (any other reason) is not ours to list or to undo."""
+    cluster.run("scontrol", "update", f"NodeName={NODE}", "State=DRAIN", "Reason=maintenance")
+    assert await adapter.drained() == {}
+    ours = "rackpower: rack-1: 12.0 kW even with every GPU at its floor"
+    cluster.run("scontrol", "update", f"NodeName={NODE}", "State=DRAIN", f"Reason={ours}")
+    assert await adapter.drained() == {NODE: ours}
+    results: list[ActionResult] = []
+    link = make_link(
+        adapter, tree, headroom_w={"rack-1": 500.0}.get, on_result=results.append,
+        resume_hold_s=0.0,
+    )
+    assert await link.refresh()
+    await link.adopt_drains()
+    assert link.status().drained == ("rack-1",)
+    link.check_drains()
+    await link.drain_queue()
+    assert [(r.kind, r.target, r.outcome) for r in results] == [
+        ("drain", "rack-1", "adopted"),
+        ("resume", "rack-1", "resumed"),
+    ]
+    assert "DRAIN" not in cluster.show_node()["State"]
+    assert await adapter.drained() == {}

@@ -16,7 +16,9 @@ from controller.config import SchedulerConfig, Site, parse_site
 from controller.daemon import Controller
 from controller.lease import Telemetry
 from controller.scheduler.base import SchedJob, SchedulerUnavailable
+from controller.scheduler.link import ActionResult, SchedulerLink
 from controller.scheduling import attach_scheduler
+from controller.topology import PowerTree
 from drivers.reading import Quality, Reading
 from tests.sites import tiny_site
 
@@ -24,10 +26,11 @@ from tests.sites import tiny_site
 class MemoryScheduler:
     name = "memory"
 
-    def __init__(self, jobs: Sequence[SchedJob]) -> None:
+    def __init__(self, jobs: Sequence[SchedJob], drained: dict[str, str] | None = None) -> None:
         self.running = list(jobs)
         self.calls: list[tuple[str, str]] = []
         self.down = False
+        self.left_drained = dict(drained or {})
 
     async def jobs(self) -> Sequence[SchedJob]:
         if self.down:
@@ -47,6 +50,13 @@ class MemoryScheduler:
 
     async def resume(self, hosts: Sequence[str]) -> None:
         self.calls += [("resume", h) for h in hosts]
+        for h in hosts:
+            self.left_drained.pop(h, None)
+
+    async def drained(self) -> dict[str, str]:
+        if self.down:
+            raise SchedulerUnavailable("memory scheduler is down")
+        return dict(self.left_drained)
 
     async def note(self, job_id: str, text: str) -> None:
         self.calls.append(("note", job_id))
@@ -155,3 +165,42 @@ async def test_unreachable_scheduler_falls_back_and_alarms() -> None:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_drains_left_by_an_earlier_run_are_adopted_then_resumed() -> None:
+    """A controller restarted while rack-1 was drained: the new link finds the drain by
+    the node its reason names, reports it (the daemon audits it as ``scheduler:adopted``)
+    and resumes it once rack-1's headroom holds, as if it had drained it itself. One of
+    ours whose reason names no node is kept under its own server."""
+    tree = PowerTree(parse_site(tiny_site()))
+    sched = MemoryScheduler(
+        [],
+        drained={
+            "rack-1-n1": "rackpower: rack-1: 12.0 kW even with every GPU at its floor",
+            "rack-1-n2": "rackpower: rack-1: 12.0 kW even with every GPU at its floor",
+            "rack-2-n2": "rackpower: by hand",
+        },
+    )
+    room = {"rack-1": -100.0, "rack-2-n2": -100.0}
+    results: list[ActionResult] = []
+    link = SchedulerLink(
+        sched, tree, CFG, headroom_w=room.get, on_result=results.append, resume_hold_s=0.0
+    )
+    assert await link.refresh()
+    await link.adopt_drains()
+    assert link.status().drained == ("rack-1", "rack-2-n2")
+    assert [(r.target, r.hosts, r.outcome) for r in results] == [
+        ("rack-1", ("rack-1-n1", "rack-1-n2"), "adopted"),
+        ("rack-2-n2", ("rack-2-n2",), "adopted"),
+    ]
+    link.check_drains()
+    await link.drain_queue()
+    assert not [c for c in sched.calls if c[0] == "resume"]  # no headroom: still drained
+    room["rack-1"] = 500.0
+    link.check_drains()
+    await link.drain_queue()
+    assert sorted(c for c in sched.calls if c[0] == "resume") == [
+        ("resume", "rack-1-n1"),
+        ("resume", "rack-1-n2"),
+    ]
+    assert link.status().drained == ("rack-2-n2",)

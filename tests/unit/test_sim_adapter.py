@@ -119,6 +119,7 @@ async def test_drain_keeps_new_work_off_until_resumed(
 ) -> None:
     await adapter.drain(list(RACK1), "rack-1 over its envelope")
     assert sched.drained == frozenset(RACK1)
+    assert await adapter.drained() == dict.fromkeys(RACK1, "rack-1 over its envelope")
     assert gpus_of(sched, "svc") == (6, 7, 8, 9)  # running work stays where it is
     clock.now_s = 1.0
     await adapter.requeue("t1", "rack-1 over")
@@ -127,6 +128,7 @@ async def test_drain_keeps_new_work_off_until_resumed(
     assert sched.progress()["t1"].state == "queued"
     await adapter.resume(list(RACK1))
     assert sched.drained == frozenset()
+    assert await adapter.drained() == {}
     sched.demand_w(101.0)
     assert sched.progress()["t1"].state == "running"
 
