@@ -11,9 +11,8 @@ nodes at once, exactly, from the sorted breakpoints of their sums (a bisection o
 where rounding puts that answer a hair over budget). Solving racks first and then each
 level above with the GPUs held to the level their lower nodes allow is progressive
 filling on a tree: a rack that binds early frees its row's budget for the other racks.
-The result is
-then the same as splitting each node's budget among its children top-down, non-cappable
-load first, then by class, then job-wide.
+The result is then the same as splitting each node's budget among its children
+top-down, non-cappable load first, then by class, then job-wide.
 
 Each node n imposes two constraints on the GPUs under it (in GPU watts, after the caller
 has taken out losses, baselines, reservations and unattributed power):
