@@ -18,7 +18,7 @@ from controller.agent_config import AgentConfig, load_agent_config
 from controller.cmdutil import setup_logging
 from controller.config import ConfigError
 from controller.link import MqttAgentLink
-from controller.mqtt import MqttSetupError
+from controller.mqtt import MqttSetupError, quiet_aiomqtt_close_race
 from drivers.nvml import NvmlDriver, NvmlDriverError
 
 EXIT_OK = 0
@@ -67,6 +67,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 async def run_agent(cfg: AgentConfig) -> int:
     """NVML driver, MQTT link and agent until SIGTERM/SIGINT; failsafe applied on the way out."""
+    quiet_aiomqtt_close_race()
     link = MqttAgentLink(
         cfg.mqtt.as_site_mqtt(), cfg.site, cfg.agent_id, keepalive_s=cfg.mqtt.keepalive_s
     )

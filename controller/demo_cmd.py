@@ -27,6 +27,7 @@ import numpy as np
 
 from controller.cmdutil import load_site_or_report, setup_logging
 from controller.config import InfluxConfig, MqttConfig, Site
+from controller.mqtt import quiet_aiomqtt_close_race
 from controller.topology import CONSTRAINT_KINDS, PowerTree
 
 DEMO_SITE = Path(__file__).resolve().parents[1] / "configs" / "sites" / "demo.yaml"
@@ -117,6 +118,7 @@ async def run_demo(args: argparse.Namespace, site: Site) -> int:
     from drivers.nvml import NvmlDriver
     from sim.runtime import SimRuntime
 
+    quiet_aiomqtt_close_race()
     token_env = site.integrations.api.token_env
     if token_env and not os.environ.get(token_env):
         os.environ[token_env] = secrets.token_urlsafe(24)

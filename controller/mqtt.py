@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import random
@@ -26,6 +27,31 @@ from controller.config import MqttConfig
 log = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+
+def quiet_aiomqtt_close_race(loop: asyncio.AbstractEventLoop | None = None) -> None:
+    """Turn aiomqtt 2.5's harmless close race into a debug line instead of a traceback.
+
+    paho asks aiomqtt to watch its socket for writing from another thread; aiomqtt
+    schedules ``loop.add_writer(fd)`` for later, and when the connection closes first
+    (a publish as the client stops) that call fails with EBADF and asyncio logs it as an
+    unhandled error with a traceback, though nothing was lost. Everything else goes to
+    the loop's default handler. (aiomqtt 2.5.1 is the newest release.)
+    """
+    loop = loop or asyncio.get_running_loop()
+
+    def handler(lp: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        exc = context.get("exception")
+        if (
+            isinstance(exc, OSError)
+            and exc.errno == errno.EBADF
+            and "_on_socket_register_write" in repr(context.get("handle"))
+        ):
+            log.debug("MQTT socket closed before its write watch was set (harmless)")
+            return
+        lp.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
 
 
 class MqttSetupError(ValueError):

@@ -33,6 +33,7 @@ from controller.daemon import Controller, Mode
 from controller.devices import polled_device_params
 from controller.link import ControllerLink, MqttControllerLink
 from controller.metrics import Metrics
+from controller.mqtt import quiet_aiomqtt_close_race
 from controller.scheduler.factory import build_adapter
 from controller.scheduling import attach_scheduler
 from controller.sdnotify import Notifier
@@ -95,6 +96,7 @@ def _device_health(group: PollGroup, now: Callable[[], float], stale: Mapping[st
 
 async def run_service(site: Site, options: ServiceOptions, stop: asyncio.Event) -> int:
     """Run until ``stop`` is set; returns the exit code."""
+    quiet_aiomqtt_close_race()
     notifier = Notifier()
     integrations = site.integrations
     audit = AuditLog(path=options.audit_path)

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import random
 from pathlib import Path
 
 import pytest
 
 from controller.config import MqttConfig
-from controller.mqtt import Backoff, MqttSetupError, broker_settings, parse_broker_url
+from controller.mqtt import (
+    Backoff,
+    MqttSetupError,
+    broker_settings,
+    parse_broker_url,
+    quiet_aiomqtt_close_race,
+)
 
 
 @pytest.mark.parametrize(
@@ -85,3 +93,32 @@ def test_backoff_grows_to_its_ceiling_with_jitter_below_it() -> None:
 def test_backoff_without_jitter_is_exact() -> None:
     b = Backoff(initial_s=1, max_s=3, jitter=0)
     assert [b.next_delay_s() for _ in range(4)] == [1, 2, 3, 3]
+
+
+def test_aiomqtt_close_race_is_quiet_and_everything_else_still_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The EBADF of aiomqtt's deferred ``add_writer`` on a socket that closed first is a
+    debug line; any other unhandled error still reaches asyncio's default handler."""
+    class Handle:  # what asyncio passes: the repr names the callback
+        def __repr__(self) -> str:
+            cb = "<function Client._on_socket_register_write.<locals>.callback>"
+            return f"<Handle BaseSelectorEventLoop.add_writer(11, {cb})>"
+
+    loop = asyncio.new_event_loop()
+    try:
+        quiet_aiomqtt_close_race(loop)
+        with caplog.at_level("DEBUG"):
+            race = OSError(errno.EBADF, "Bad file descriptor")
+            loop.call_exception_handler(
+                {"message": "Exception in callback", "exception": race, "handle": Handle()}
+            )
+            assert not [r for r in caplog.records if r.levelname == "ERROR"]
+            loop.call_exception_handler(
+                {"message": "Exception in callback", "exception": RuntimeError("real bug")}
+            )
+    finally:
+        loop.close()
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "Exception in callback" in errors[0].getMessage()
+    assert any("write watch" in r.getMessage() for r in caplog.records)
