@@ -110,6 +110,26 @@ def _with_integrations(site: Site, mqtt: str | None, influx: str | None) -> Site
     )
 
 
+class _AgentStops(logging.Filter):
+    """The demo starts and stops every agent at once: one line each instead of a warning
+    per agent. Only clean ones are held back (the agent starting before its first lease,
+    or stopping, with no failed set); anything else an agent says goes out as it is.
+    """
+
+    EXPECTED = ("FAILSAFE: no lease received since the agent started;", "FAILSAFE: agent stopping;")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if text.startswith(self.EXPECTED) and text.endswith(" 0 failed)"):
+            self.count += text.startswith(self.EXPECTED[1])
+            return False
+        return True
+
+
 async def run_demo(args: argparse.Namespace, site: Site) -> int:
     from controller.agent import NodeAgent
     from controller.agent_config import parse_agent_config
@@ -123,129 +143,142 @@ async def run_demo(args: argparse.Namespace, site: Site) -> int:
     if token_env and not os.environ.get(token_env):
         os.environ[token_env] = secrets.token_urlsafe(24)
     stop = asyncio.Event()
-    async with SimRuntime(site, seed=args.seed, ephemeral=True) as sim:
-        served = _with_integrations(sim.served_site(), args.mqtt, args.influx)
-        tree = PowerTree(served)
-        hub = InProcessLink()
-        controller_link: ControllerLink
-        mqtt_cfg = served.integrations.mqtt
-        if mqtt_cfg is not None:
-            controller_link = MqttControllerLink(mqtt_cfg, served.name)
-        else:
-            controller_link = hub.controller()
-        tasks: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {}
-        agents: list[NodeAgent] = []
-        shares = failsafe_shares_w(tree)
-        for node_id in sim.gpu_servers():
-            node = tree.node(node_id)
-            if node.agent is None:
-                continue
-            driver = NvmlDriver(node_id, backend=sim.fake_nvml(node_id))
-            await driver.start()
-            cfg = parse_agent_config(
-                {
-                    "site": served.name,
-                    "agent_id": node.agent,
-                    "node_id": node_id,
-                    "controller_id": f"rackpower-{served.name}-demo",
-                    "failsafe_w": shares[node_id],
-                    "telemetry_hz": 4,
-                    "mqtt": {"url": mqtt_cfg.url if mqtt_cfg else "mqtt://127.0.0.1:1883"},
-                },
-                "<demo>",
-            )
-            agent_link = (
-                MqttAgentLink(mqtt_cfg, served.name, node.agent)
-                if mqtt_cfg is not None
-                else hub.agent(node.agent)
-            )
-            agent = NodeAgent(cfg, driver, agent_link)
-            agents.append(agent)
-            tasks[f"agent:{node.agent}"] = agent.run
+    stops = _AgentStops()
+    agent_log = logging.getLogger("controller.agent")
+    agent_log.addFilter(stops)
+    try:
+        async with SimRuntime(site, seed=args.seed, ephemeral=True) as sim:
+            served = _with_integrations(sim.served_site(), args.mqtt, args.influx)
+            tree = PowerTree(served)
+            hub = InProcessLink()
+            controller_link: ControllerLink
+            mqtt_cfg = served.integrations.mqtt
             if mqtt_cfg is not None:
-                tasks[f"agent-link:{node.agent}"] = agent_link.run
-
-        def ready(controller: Any, url: str | None) -> None:
-            controller.controller_id = f"rackpower-{served.name}-demo"
-            token = os.environ.get(token_env or "", "")
-            print(
-                f"rackpower demo: site {served.name!r}, {len(tree.gpus)} GPUs, "
-                f"{len(agents)} node agents",
-                flush=True,
-            )
-            print(f"  status page  {url}/", flush=True)
-            print(
-                f"  API          {url}/v1/tree   {url}/v1/headroom   {url}/openapi.json", flush=True
-            )
-            print(f"  metrics      {url}/metrics", flush=True)
-            if token:
-                print(
-                    f"  API token    {token}   (for POST/DELETE: Authorization: Bearer ...)",
-                    flush=True,
-                )
-            for e in sim.endpoints()[:4]:
-                where = e.get("unit_id") or e.get("community")
-                print(
-                    f"  {e['protocol']:6} {e['device']:22} {e['host']}:{e['port']} ({where})",
-                    flush=True,
-                )
-            print(
-                "  Ctrl-C to stop"
-                + (f"; stops by itself after {args.duration:g} s" if args.duration else ""),
-                flush=True,
-            )
-            reporter_state["controller"] = controller
-
-        reporter_state: dict[str, Any] = {}
-
-        async def reporter() -> None:
-            while not stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=args.report_s)
-                ctl = reporter_state.get("controller")
-                if ctl is None or stop.is_set():
+                controller_link = MqttControllerLink(mqtt_cfg, served.name)
+            else:
+                controller_link = hub.controller()
+            tasks: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {}
+            agents: list[NodeAgent] = []
+            shares = failsafe_shares_w(tree)
+            for node_id in sim.gpu_servers():
+                node = tree.node(node_id)
+                if node.agent is None:
                     continue
-                nodes = ctl.nodes()
-                racks = [nodes[r] for r in tree.of_kind("rack") if r in nodes]
-                worst = max(racks, key=lambda n: (n.power_w or 0) / n.envelope_w, default=None)
-                capped = sum(c.gpu_count for c in ctl.caps())
-                feed = nodes.get(tree.roots[0])
-                line = f"t={sim.t_s:7.1f}s"
-                if feed is not None and feed.power_w is not None:
-                    line += f"  feed {feed.power_w / 1e3:6.1f}/{feed.envelope_w / 1e3:.1f} kW"
-                if worst is not None and worst.power_w is not None:
-                    line += (
-                        f"  hottest rack {worst.id} {worst.power_w / 1e3:5.1f}/"
-                        f"{worst.envelope_w / 1e3:.1f} kW"
+                driver = NvmlDriver(node_id, backend=sim.fake_nvml(node_id))
+                await driver.start()
+                cfg = parse_agent_config(
+                    {
+                        "site": served.name,
+                        "agent_id": node.agent,
+                        "node_id": node_id,
+                        "controller_id": f"rackpower-{served.name}-demo",
+                        "failsafe_w": shares[node_id],
+                        "telemetry_hz": 4,
+                        "mqtt": {"url": mqtt_cfg.url if mqtt_cfg else "mqtt://127.0.0.1:1883"},
+                    },
+                    "<demo>",
+                )
+                agent_link = (
+                    MqttAgentLink(mqtt_cfg, served.name, node.agent)
+                    if mqtt_cfg is not None
+                    else hub.agent(node.agent)
+                )
+                agent = NodeAgent(cfg, driver, agent_link)
+                agents.append(agent)
+                tasks[f"agent:{node.agent}"] = agent.run
+                if mqtt_cfg is not None:
+                    tasks[f"agent-link:{node.agent}"] = agent_link.run
+
+            def ready(controller: Any, url: str | None) -> None:
+                controller.controller_id = f"rackpower-{served.name}-demo"
+                token = os.environ.get(token_env or "", "")
+                print(
+                    f"rackpower demo: site {served.name!r}, {len(tree.gpus)} GPUs, "
+                    f"{len(agents)} node agents (each at its failsafe cap until its first lease)",
+                    flush=True,
+                )
+                print(f"  status page  {url}/", flush=True)
+                print(
+                    f"  API          {url}/v1/tree   {url}/v1/headroom   {url}/openapi.json",
+                    flush=True,
+                )
+                print(f"  metrics      {url}/metrics", flush=True)
+                if token:
+                    print(
+                        f"  API token    {token}   (for POST/DELETE: Authorization: Bearer ...)",
+                        flush=True,
                     )
-                line += f"  capped GPUs {capped}  trips {len(sim.state.trips)}"
-                print(line, flush=True)
+                for e in sim.endpoints()[:4]:
+                    where = e.get("unit_id") or e.get("community")
+                    print(
+                        f"  {e['protocol']:6} {e['device']:22} {e['host']}:{e['port']} ({where})",
+                        flush=True,
+                    )
+                print(
+                    "  Ctrl-C to stop"
+                    + (f"; stops by itself after {args.duration:g} s" if args.duration else ""),
+                    flush=True,
+                )
+                reporter_state["controller"] = controller
 
-        async def deadline() -> None:
-            if args.duration:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=args.duration)
-                stop.set()
+            reporter_state: dict[str, Any] = {}
 
-        tasks["demo-reporter"] = reporter
-        tasks["demo-deadline"] = deadline
-        options = ServiceOptions(
-            mode=args.mode,
-            api_port=args.api_port,
-            link=controller_link,
-            allow_unauthenticated=False,
-            on_ready=ready,
-            extra_tasks=tasks,
-        )
-        code = await run_service(served, options, stop)
-        for agent in agents:
-            agent.stop()
-        print(
-            f"rackpower demo: stopped after {sim.t_s:.0f} s of plant time,"
-            f" {len(sim.state.trips)} trips",
-            flush=True,
-        )
-        return code
+            async def reporter() -> None:
+                while not stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=args.report_s)
+                    ctl = reporter_state.get("controller")
+                    if ctl is None or stop.is_set():
+                        continue
+                    nodes = ctl.nodes()
+                    racks = [nodes[r] for r in tree.of_kind("rack") if r in nodes]
+                    worst = max(racks, key=lambda n: (n.power_w or 0) / n.envelope_w, default=None)
+                    capped = sum(c.gpu_count for c in ctl.caps())
+                    feed = nodes.get(tree.roots[0])
+                    line = f"t={sim.t_s:7.1f}s"
+                    if feed is not None and feed.power_w is not None:
+                        line += f"  feed {feed.power_w / 1e3:6.1f}/{feed.envelope_w / 1e3:.1f} kW"
+                    if worst is not None and worst.power_w is not None:
+                        line += (
+                            f"  hottest rack {worst.id} {worst.power_w / 1e3:5.1f}/"
+                            f"{worst.envelope_w / 1e3:.1f} kW"
+                        )
+                    line += f"  capped GPUs {capped}  trips {len(sim.state.trips)}"
+                    print(line, flush=True)
+
+            async def deadline() -> None:
+                if args.duration:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=args.duration)
+                    stop.set()
+
+            tasks["demo-reporter"] = reporter
+            tasks["demo-deadline"] = deadline
+            options = ServiceOptions(
+                mode=args.mode,
+                api_port=args.api_port,
+                link=controller_link,
+                allow_unauthenticated=False,
+                on_ready=ready,
+                extra_tasks=tasks,
+            )
+            code = await run_service(served, options, stop)
+            for agent in agents:
+                agent.stop()
+            if stops.count:
+                print(
+                    f"rackpower demo: {stops.count} agents stopped; their GPUs hold the failsafe"
+                    " cap, as on a real node whose agent stops",
+                    flush=True,
+                )
+            print(
+                f"rackpower demo: stopped after {sim.t_s:.0f} s of plant time,"
+                f" {len(sim.state.trips)} trips",
+                flush=True,
+            )
+            return code
+    finally:
+        agent_log.removeFilter(stops)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
