@@ -413,6 +413,9 @@ class SchedulerConfig(Strict):
     poll_s: PosS = 5.0
     stale_after_s: PosS = 30.0
     resume_hold_s: PosS = 60.0
+    # A capped job gets a note saying why (Slurm AdminComment, a Kubernetes Event), again
+    # when it is released, and at most this often in between; 0: never note caps.
+    note_caps_every_s: Annotated[float, Field(ge=0)] = 300.0
     host_aliases: dict[str, str] = Field(default_factory=dict)
     host_pattern: str | None = None
     host_format: str | None = None

@@ -12,13 +12,15 @@ from __future__ import annotations
 import logging
 import time
 
+from controller.audit import CAP, action_kind
 from controller.bms import Alarm, AlarmKind
 from controller.config import SchedulerConfig
 from controller.daemon import Controller
-from controller.policy import Action, Migrate, Requeue
+from controller.policy import Action, SetCap
 from controller.scheduler.base import SchedulerAdapter
 from controller.scheduler.factory import host_map
 from controller.scheduler.link import ActionResult, SchedulerLink
+from controller.scheduler.mapping import FALLBACK_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +75,20 @@ def attach_scheduler(
     )
 
     def on_action(action: Action) -> None:
-        if not isinstance(action, Migrate | Requeue):
-            return
         if controller.mode != "enforce":
             return  # advisory: audited by the cycle, not carried out
+        if isinstance(action, SetCap):
+            if cfg.note_caps_every_s > 0 and action.job_id and not action.job_id.startswith(
+                FALLBACK_PREFIX
+            ):
+                capped = action_kind(action, controller.tree) == CAP
+                text = (
+                    f"capped to {action.limit_w:.0f} W per GPU: {action.reason}"
+                    if capped
+                    else "no longer capped"
+                )
+                link.note_cap(action.job_id, capped, text)
+            return
         # The link also drains the node until its headroom returns, then resumes it.
         if not link.submit_action(action):
             log.info("escalation for job %s already under way", action.job_id)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -141,6 +142,13 @@ class SchedulerLink:
         self._busy: set[str] = set()
         self._drains: dict[str, _Drain] = {}
         self._adopted = False  # drains left by an earlier run taken over
+        # Cap notes: the newest text per job waits here (a job noted again before its turn
+        # just gets the newer text); never in the escalation queue, so they cannot delay it.
+        self._notes: dict[str, str] = {}
+        self._notes_ready = asyncio.Event()
+        self._noted: dict[str, tuple[bool, float]] = {}  # job -> (capped, when noted)
+        self._moved: dict[str, float] = {}  # job -> when we moved it (its note stands)
+        self._note_lock = asyncio.Lock()  # a move's note lands after any cap note in flight
         self.results: list[ActionResult] = []  # recent outcomes, newest last (bounded)
 
     # -- read side (called from the cycle: never awaits) ------------------------------------
@@ -203,6 +211,23 @@ class SchedulerLink:
         self.tree.node(node_id)  # KeyError names an unknown node
         self._queue.put_nowait(_Item("drain", node_id, reason, resume_above_w=resume_above_w))
 
+    def note_cap(self, job_id: str, capped: bool, text: str) -> bool:
+        """Queue a note on the job when it is first capped or released, and at most once
+        per ``note_caps_every_s`` while it stays capped; True when one was queued."""
+        every_s = self.config.note_caps_every_s
+        now = self._clock()
+        if job_id in self._busy or now - self._moved.get(job_id, -math.inf) < every_s:
+            return False  # being moved, or just moved: the note saying why must stand
+        last = self._noted.get(job_id)
+        if last is not None and last[0] == capped and now - last[1] < every_s:
+            return False
+        if last is None and not capped:
+            return False  # never capped by us: nothing to take back
+        self._noted[job_id] = (capped, now)
+        self._notes[job_id] = text
+        self._notes_ready.set()
+        return True
+
     def resume(self, node_id: str) -> None:
         """Let work back onto ``node_id`` now (an operator's decision)."""
         self._queue.put_nowait(_Item("resume", node_id, "operator"))
@@ -227,6 +252,10 @@ class SchedulerLink:
             self._mapping = map_jobs(
                 raw, self.tree, self.hosts, self.config.class_map, self.tree.site.policy
             )
+            running = {j.id for j in raw}
+            self._noted = {j: v for j, v in self._noted.items() if j in running}
+        every_s = self.config.note_caps_every_s
+        self._moved = {j: t for j, t in self._moved.items() if self._last_ok_s - t < every_s}
         return True
 
     async def run(self) -> None:
@@ -234,6 +263,7 @@ class SchedulerLink:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._poll_loop())
             tg.create_task(self._action_loop())
+            tg.create_task(self._note_loop())
 
     async def _poll_loop(self) -> None:
         while True:
@@ -283,6 +313,25 @@ class SchedulerLink:
             finally:
                 self._queue.task_done()
 
+    async def _note_loop(self) -> None:
+        while True:
+            await self._notes_ready.wait()
+            await self.send_notes()
+
+    async def send_notes(self) -> None:
+        """Leave every queued cap note now; a note that fails is logged, not retried (the
+        next change or interval brings a newer one)."""
+        self._notes_ready.clear()
+        while self._notes:
+            job_id, text = self._notes.popitem()
+            if job_id in self._busy:
+                continue  # a move is under way: its own note says why
+            try:
+                async with self._note_lock:
+                    await self.adapter.note(job_id, f"{DRAIN_PREFIX} {text}"[:1000])
+            except SchedulerError as exc:
+                log.info("scheduler %s: no note on job %s: %s", self.adapter.name, job_id, exc)
+
     async def drain_queue(self) -> None:
         """Execute everything queued now (tests and shutdown; ``run`` does this itself)."""
         while not self._queue.empty():
@@ -314,9 +363,13 @@ class SchedulerLink:
         hosts: tuple[str, ...] = ()
         try:
             if kind in ("requeue", "migrate"):
+                self._notes.pop(target, None)  # a pending cap note must not replace this one
+                self._noted.pop(target, None)
+                self._moved[target] = self._clock()
                 hosts = self._hosts_of_job(target)
                 with contextlib.suppress(SchedulerError):  # a note is nice, not needed
-                    await self.adapter.note(target, f"{DRAIN_PREFIX} {reason}"[:1000])
+                    async with self._note_lock:
+                        await self.adapter.note(target, f"{DRAIN_PREFIX} {reason}"[:1000])
                 if kind == "requeue":
                     await self.adapter.requeue(target, reason)
                     outcome = "requeued"

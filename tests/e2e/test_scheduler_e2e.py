@@ -144,6 +144,11 @@ async def test_slurm_overload_requeues_one_job_drains_the_node_then_resumes_it(
                 lambda: "DRAIN" in cluster.show_node()["State"], f"{NODE} drained in Slurm"
             )
             assert cluster.show_node()["Reason"].startswith("rackpower:")
+            await eventually(
+                lambda: "AdminComment=rackpower: capped to "
+                in cluster.run("scontrol", "show", "job", high),
+                f"a note on job {high} saying why it is capped",
+            )
             plant.sim.set_extra_load(SERVER, 0.0)  # the load left with the job
 
             await eventually(
@@ -157,6 +162,10 @@ async def test_slurm_overload_requeues_one_job_drains_the_node_then_resumes_it(
                 assert cluster.job_state(jid) == "RUNNING"
                 assert cluster.show_job(jid)["Restarts"] == "0"
             assert "rackpower: " + RACK in cluster.run("scontrol", "show", "job", low)
+            # The job that stayed was told why it ran slower, then that it no longer does.
+            assert "AdminComment=rackpower: no longer capped" in cluster.run(
+                "scontrol", "show", "job", high
+            )
 
             # The audit trail: the policy's decision, then what Slurm did, in order.
             moves = [k for k in ctl.audit() if k["kind"] in ("migrate", "requeue")]
@@ -241,3 +250,7 @@ async def test_kubernetes_overload_evicts_one_job_cordons_the_rack_then_uncordon
             ]
             alarm = escalation_alarm(bms.on("alarms/" + topic_level("escalation:ml/batch")))
             assert alarm["kind"] == "escalation"
+            # Why each job was capped or moved, as Events on its pods.
+            said = {(e["involvedObject"]["name"], e["message"]) for e in kube.events}
+            assert any(p == "train-0" and m.startswith("rackpower: capped to ") for p, m in said)
+            assert any(p == "batch-0" and "every GPU at its floor" in m for p, m in said)

@@ -15,6 +15,7 @@ from controller.bms import Alarm, AlarmKind
 from controller.config import SchedulerConfig, Site, parse_site
 from controller.daemon import Controller
 from controller.lease import Telemetry
+from controller.policy import Requeue
 from controller.scheduler.base import SchedJob, SchedulerUnavailable
 from controller.scheduler.link import ActionResult, SchedulerLink
 from controller.scheduling import attach_scheduler
@@ -31,6 +32,7 @@ class MemoryScheduler:
         self.calls: list[tuple[str, str]] = []
         self.down = False
         self.left_drained = dict(drained or {})
+        self.notes: list[tuple[str, str]] = []
 
     async def jobs(self) -> Sequence[SchedJob]:
         if self.down:
@@ -60,6 +62,7 @@ class MemoryScheduler:
 
     async def note(self, job_id: str, text: str) -> None:
         self.calls.append(("note", job_id))
+        self.notes.append((job_id, text))
 
     async def aclose(self) -> None:
         pass
@@ -148,6 +151,13 @@ async def test_sustained_overload_requeues_one_low_job_drains_and_alarms() -> No
     assert "requeue" in kinds or "migrate" in kinds  # the policy's decision, with its reason
     assert "scheduler:requeued" in kinds and "scheduler:drained" in kinds
     assert any(a.kind is AlarmKind.ESCALATION and a.subject == "batch" for a in alarms)
+    # The capped jobs were told why (once: the overload lasted under the note interval);
+    # the moved one's last note is the move's reason, not a cap note.
+    train_notes = [t for j, t in sched.notes if j == "train"]
+    assert len(train_notes) == 1 and train_notes[0].startswith("rackpower: capped to ")
+    assert "rack-1:" in train_notes[0]
+    batch_notes = [t for j, t in sched.notes if j == "batch"]
+    assert "even with every GPU at its floor" in batch_notes[-1]
 
 
 async def test_unreachable_scheduler_falls_back_and_alarms() -> None:
@@ -204,3 +214,37 @@ async def test_drains_left_by_an_earlier_run_are_adopted_then_resumed() -> None:
         ("resume", "rack-1-n2"),
     ]
     assert link.status().drained == ("rack-2-n2",)
+
+
+async def test_cap_notes_are_rate_limited_and_never_replace_a_move_note() -> None:
+    """First cap: a note; more cap changes within the interval: none; released: a note;
+    a job never capped: no release note; a job just moved: no cap note over its move's."""
+    tree = PowerTree(parse_site(tiny_site()))
+    now = [0.0]
+    sched = MemoryScheduler([SchedJob("j", ("rack-1-n1",), ("low",), requeueable=True)])
+    cfg = CFG.model_copy(update={"note_caps_every_s": 300.0})
+    link = SchedulerLink(sched, tree, cfg, clock=lambda: now[0])
+    assert link.note_cap("j", True, "capped to 300 W per GPU: rack-1: over")
+    assert not link.note_cap("j", True, "capped to 280 W per GPU: rack-1: over")
+    await link.send_notes()
+    assert sched.notes == [("j", "rackpower: capped to 300 W per GPU: rack-1: over")]
+    now[0] = 100.0
+    assert not link.note_cap("j", True, "capped to 250 W per GPU")
+    assert link.note_cap("j", False, "no longer capped")  # a change of state: at once
+    assert not link.note_cap("k", False, "no longer capped")  # never capped
+    now[0] = 500.0
+    assert link.note_cap("j", True, "capped to 250 W per GPU")  # the interval is over
+    await link.send_notes()
+    assert [t for _, t in sched.notes][1:] == ["rackpower: capped to 250 W per GPU"]
+    # A move: the queued cap note is dropped, and none follows for the interval.
+    now[0] = 900.0
+    assert link.note_cap("j", False, "no longer capped")
+    assert await link.refresh()
+    why = "rack-1: 9 kW even with every GPU at its floor"
+    assert link.submit_action(Requeue("j", "rack-1", why))
+    assert not link.note_cap("j", True, "capped to 200 W per GPU")
+    await link.drain_queue()
+    await link.send_notes()
+    assert sched.notes[-1] == ("j", f"rackpower: {why}")
+    now[0] = 1000.0
+    assert not link.note_cap("j", True, "capped to 200 W per GPU")
