@@ -571,6 +571,16 @@ class Plant:
             dark_gpu[g0:g1] = True
         return dark_node, dark_gpu
 
+    def node_vector(self, by_node_w: Mapping[str, float]) -> FloatArray | None:
+        """A per-node array (``node_ids`` order) from ``{node id: watts}``, as
+        ``Setpoints.extra_load_w`` takes it; None when there is nothing in it."""
+        if not by_node_w:
+            return None
+        vec = np.zeros(self.n_nodes)
+        for nid, w in by_node_w.items():
+            vec[self.node_index[nid]] = w
+        return vec
+
     # -- readouts (slow path: dicts for frontends and reports) ---------------------------
 
     def power_w(self, state: PlantState, node_id: str) -> float:

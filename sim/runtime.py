@@ -426,13 +426,7 @@ class SimRuntime:
             self._extra_w[node_id] = float(power_w)
         else:
             self._extra_w.pop(node_id, None)
-        if not self._extra_w:
-            self._extra_vec = None
-            return
-        vec = np.zeros(self.plant.n_nodes)
-        for nid, w in self._extra_w.items():
-            vec[self.plant.node_index[nid]] = w
-        self._extra_vec = vec
+        self._extra_vec = self.plant.node_vector(self._extra_w)
 
     @property
     def extra_load_w(self) -> dict[str, float]:

@@ -448,18 +448,14 @@ def _extra_loads(
 ) -> tuple[FloatArray | None, list[tuple[int, int, float]]]:
     """The plant's extra-load vector, and per load (plant node, nearest constraint node at
     or above it, watts) for :func:`_extra_base`."""
-    if not extra_w:
-        return None, []
-    vec = np.zeros(plant.n_nodes)
     at: list[tuple[int, int, float]] = []
     for nid, w in extra_w.items():
-        vec[plant.node_index[nid]] = w
         up: str | None = nid
         while up is not None and up not in index.pos:
             up = tree.node(up).parent
         if up is not None:
             at.append((plant.node_index[nid], index.pos[up], w))
-    return vec, at
+    return plant.node_vector(extra_w), at
 
 
 def _extra_base(
