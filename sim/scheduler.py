@@ -292,6 +292,9 @@ class SimScheduler:
             )
         self._views = tuple(views)
         self._gpu_slot = gpu_slot
+        groups = np.where(gpu_slot < self._idle_slot, gpu_slot, -1)
+        groups.setflags(write=False)
+        self._groups = groups
         placed = gpu_slot < self._idle_slot
         self._perm = np.flatnonzero(placed)[np.argsort(gpu_slot[placed], kind="stable")]
         sorted_slots = gpu_slot[self._perm]
@@ -373,10 +376,10 @@ class SimScheduler:
         """Per GPU: its pace group (a training job, or an inference replica); -1 if idle.
 
         GPUs of one group progress at the pace of the slowest of them, as :meth:`advance`
-        counts it, so a bound on the work must treat a group as one unit.
+        counts it, so a bound on the work must treat a group as one unit. The same
+        (read-only) array until placement changes, so a caller can tell by identity.
         """
-        out: IntArray = np.where(self._gpu_slot < self._idle_slot, self._gpu_slot, -1)
-        return out
+        return self._groups
 
     def _job_of_load(self, k: int) -> _Job:
         spec_id = self._loads[k].spec.job_id

@@ -305,6 +305,37 @@ def test_bound_is_above_any_feasible_allocation_and_exact_when_nothing_binds() -
     assert 16 * float(curve.rate(x_even)[0]) >= 0.97 * best
 
 
+def test_stale_prices_still_bound_and_a_new_placement_is_seen() -> None:
+    """A scenario re-prices once per policy cycle: the steps between use old prices."""
+    tree = PowerTree(parse_site(small_site(), "tiny"))
+    index = tree_index(tree)
+    budget = index.envelope_w - index.base_w
+    weight = np.ones(16)
+    group = np.repeat([0, 1], 8)
+    oracle = WorkOracle(index, np.ones(index.n_nodes), ThroughputCurve())
+    oracle.bound(np.full(16, 480.0), weight, group, budget)  # prices for this demand
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        demand = rng.uniform(150.0, 600.0, 16)
+        stale = oracle.bound(demand, weight, group, budget, reprice=False)
+        fresh = WorkOracle(index, np.ones(index.n_nodes), ThroughputCurve()).bound(
+            demand, weight, group, budget
+        )
+        assert stale >= fresh - 1e-9
+    # The same oracle follows a new placement (a new group array, four 4-GPU jobs).
+    regroup = np.repeat([0, 1, 2, 3], 4)
+    demand = np.full(16, 480.0)
+    again = oracle.bound(demand, weight, regroup, budget)
+    first = WorkOracle(index, np.ones(index.n_nodes), ThroughputCurve()).bound(
+        demand, weight, regroup, budget
+    )
+    assert again == pytest.approx(first, rel=1e-12)
+    # A GPU whose weight is 0 (checkpoint, idle replica) adds no work.
+    idle = weight.copy()
+    idle[:8] = 0.0
+    assert oracle.bound(np.full(16, 100.0), idle, group, budget) == 8.0
+
+
 def test_chain_efficiency_takes_the_best_converters() -> None:
     site = small_site()
     site["rows"][0]["efficiency"] = {"points": [[0.5, 0.95], [1.0, 0.97]]}
