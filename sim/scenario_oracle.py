@@ -42,6 +42,7 @@ the price of causality, not of the policy.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -86,6 +87,15 @@ def chain_efficiency(tree: PowerTree, index: TreeIndex, curves: Mapping[str, Cur
     return np.array([eta[nid] for nid in index.node_ids], dtype=np.float64)
 
 
+@dataclass(frozen=True)
+class _Units:
+    """Pricing units of one placement (see :meth:`WorkOracle._unit_prices`)."""
+
+    unit_of: IntArray  # per GPU in a group (in ``at`` order): its unit
+    n: int
+    seg: tuple[IntArray, ...]  # per level: each unit's node position there, -1 if none
+
+
 class WorkOracle:
     """Per-step upper bound on GPU-seconds of work, vectorised over GPUs and hull segments."""
 
@@ -100,15 +110,21 @@ class WorkOracle:
         self.slope = np.diff(hy) / np.diff(hx)  # falling: concave
         self.floor_w = index.gpu_floor_w
         self.max_w = index.gpu_max_w
-        # Top-down order of levels (feed first) for turning node prices into duals.
-        self._levels_down = tuple(reversed(index.levels))
-        self._lam: FloatArray = np.zeros(index.n_nodes)
+        # Node prices to duals, duals to GPU prices: ancestor tables padded with a zero.
+        self._ancestors = _ancestor_table(index, with_self=False)
+        self._ancestors_and_self = _ancestor_table(index, with_self=True)
+        owner = index.server_owner[index.gpu_server]  # each GPU's lowest constraint node
+        self._lowest = np.where(owner >= 0, owner, index.n_nodes)
+        self._lam_priced: FloatArray = np.zeros(index.n_nodes)  # from the last pricing
+        self._lam: FloatArray = np.zeros(index.n_nodes)  # in use: binding nodes only
+        self._lam_mask = np.zeros(index.n_nodes, dtype=bool)
         self._pi: FloatArray | None = None
         self._floor_sum_w = index.seg_sum(self.floor_w)
         self._budget_key: tuple[FloatArray, FloatArray] | None = None
         self._budget_w: FloatArray = np.zeros(index.n_nodes)
         self._group_src: IntArray | None = None
         empty = np.zeros(0, np.intp)
+        self._units = _Units(empty, 0, tuple(empty for _ in index.levels))
         self._group_val: tuple[IntArray, IntArray, int] = (empty, empty, 0)
 
     def budgets_w(self, envelope_w: FloatArray, base_w: FloatArray) -> FloatArray:
@@ -150,21 +166,19 @@ class WorkOracle:
             budget_w = np.maximum(budget_w, index.seg_sum(lo))
         at, slot, n_slots = self._slots(group)
         counted_at = (weight[at] > 0).astype(np.float64)  # of the GPUs in a group
-        if not (index.seg_sum(u) > budget_w).any():
+        u_sum = index.seg_sum(u)
+        over = u_sum > budget_w  # nodes that cannot take their GPUs uncapped
+        if not over.any():
             return float(counted_at.sum())  # everything fits uncapped: all at 1
+        # A node that fits its GPUs uncapped has a redundant constraint: the bound only
+        # rises with its price (no GPU draws past its demand), so the prices of the last
+        # pricing are used at the nodes that bind in this step only.
         if reprice or self._pi is None:
-            counted = np.zeros(index.n_gpus, dtype=bool)
-            counted[at] = counted_at > 0
-            safe_u = np.where(u > 0, u, 1.0)
-            lo_x = np.where(u > 0, lo / safe_u, 1.0)
-            # Per-GPU segments above the floor, for the prices only (any prices bound).
-            start = np.maximum(self.seg_lo[None, :], lo_x[:, None])
-            cap = np.where(
-                counted[:, None], np.maximum(self.seg_hi[None, :] - start, 0.0) * u[:, None], 0.0
-            )
-            density = np.where(cap > 0, self.slope[None, :] / safe_u[:, None], 0.0)
-            price = self._prices(lo, cap, density, budget_w)
-            self._lam = self._duals(price)
+            self._lam_priced = self._duals(self._unit_prices(u, lo, counted_at, budget_w))
+            self._pi = None
+        if self._pi is None or not np.array_equal(over, self._lam_mask):
+            self._lam = np.where(over, self._lam_priced, 0.0)
+            self._lam_mask = over
             self._pi = self._gpu_price(self._lam)
         lam, pi = self._lam, self._pi
         # Dual value. A counted group takes one ratio x for all its GPUs (p_g = x u_g; the
@@ -183,92 +197,143 @@ class WorkOracle:
         """The GPUs in a pace group, each one's group, and how many group ids there are.
 
         Groups change only when a job starts, ends or moves; the simulated scheduler
-        hands out the same array until then, so the last answer is reused.
+        hands out the same array until then, so the last answer is reused. The pricing
+        units (a group's GPUs under one lowest constraint node) are rebuilt with them.
         """
         src = self._group_src
         if src is not None and (src is group or np.array_equal(src, group)):
             self._group_src = group
             return self._group_val
+        index = self.index
         at = np.flatnonzero(group >= 0)
         slot = group[at]
+        lowest = index.server_owner[index.gpu_server[at]]
+        key = slot * (index.n_nodes + 1) + (lowest + 1)
+        _, first, unit_of = np.unique(key, return_index=True, return_inverse=True)
+        rep = at[first]  # one GPU of each unit: every level puts the unit where it is
+        self._units = _Units(
+            unit_of=unit_of.reshape(-1),
+            n=int(first.size),
+            seg=tuple(level.seg_of_gpu[rep] for level in index.levels),
+        )
         self._group_src = group
         self._group_val = (at, slot, int(slot.max()) + 1 if slot.size else 0)
         return self._group_val
 
+    def _unit_prices(
+        self, u: FloatArray, lo: FloatArray, counted_at: FloatArray, budget_w: FloatArray
+    ) -> FloatArray:
+        """Node prices from the pricing units' hull segments above their floors.
+
+        A unit is what one ratio ``x`` drives in one lowest node: the counted GPUs of
+        one pace group there, ``N`` of them drawing ``U = sum(u)`` uncapped. Its segment
+        k holds ``(x_hi - x_lo) U`` watts at ``N slope_k / U`` work per watt. Pricing
+        units instead of GPUs is 10-20 times fewer pairs to sort; any prices bound.
+        """
+        units = self._units
+        at = self._group_val[0]
+        n_u = np.bincount(units.unit_of, weights=counted_at, minlength=units.n)
+        u_u = np.bincount(units.unit_of, weights=u[at] * counted_at, minlength=units.n)
+        lo_u = np.bincount(units.unit_of, weights=lo[at] * counted_at, minlength=units.n)
+        safe = np.where(u_u > 0, u_u, 1.0)
+        lo_x = np.where(u_u > 0, lo_u / safe, 1.0)
+        start = np.maximum(self.seg_lo[None, :], lo_x[:, None])
+        cap = np.where(
+            (n_u > 0)[:, None], np.maximum(self.seg_hi[None, :] - start, 0.0) * u_u[:, None], 0.0
+        )
+        density = np.where(cap > 0, self.slope[None, :] * (n_u / safe)[:, None], 0.0)
+        return self._prices(units.seg, lo, cap, density, budget_w)
+
     def _prices(
-        self, lo: FloatArray, cap: FloatArray, density: FloatArray, budget_w: FloatArray
+        self,
+        unit_seg: tuple[IntArray, ...],
+        lo: FloatArray,
+        cap: FloatArray,
+        density: FloatArray,
+        budget_w: FloatArray,
     ) -> FloatArray:
         """Work-per-watt price of each node: the density of its marginal segment.
 
-        The (GPU, segment) pairs are sorted by density once; each level that binds
+        ``cap`` and ``density`` are per (unit, hull segment), ``unit_seg`` per level each
+        unit's node there (-1 if none). The pairs are sorted by density once; each level that binds
         re-sorts them by node with a stable radix sort, which keeps the density order
         within a node. Ties in density need no order: the price is the density where a
         node's running sum first passes its room, the same whichever tied pair comes first.
         """
         index = self.index
         price = np.zeros(index.n_nodes)
-        below = np.zeros(index.n_gpus)  # the highest price a node below already set
         top = float(density.max(initial=0.0)) * 2.0 + 1.0
         lo_sum = index.seg_sum(lo)
-        g_idx, k_idx = np.nonzero(cap > 0)
-        d = density[g_idx, k_idx]
+        u_idx, k_idx = np.nonzero(cap > 0)
+        d = density[u_idx, k_idx]
         order = np.argsort(-d)
-        g_s, d_s, c_s = g_idx[order], d[order], cap[g_idx, k_idx][order]
-        for level in index.levels:
-            seg = level.seg_of_gpu
+        u_s, d_s = u_idx[order], d[order]
+        c_s = cap[u_idx, k_idx][order]  # what each pair may still take (a node cuts it)
+        alive = np.ones(d_s.size, dtype=bool)
+        for level, seg in zip(index.levels, unit_seg, strict=True):
             nodes = level.nodes
             room = budget_w[nodes] - lo_sum[nodes]
-            node_of = seg[g_s]
-            avail = (d_s > below[g_s]) & (node_of >= 0)
-            # Most levels fit whatever the GPUs take at the prices set below: no price.
+            node_of = seg[u_s]
+            avail = alive & (node_of >= 0)
+            # Most levels fit whatever the nodes below let through: no price.
             taken = np.bincount(node_of[avail], weights=c_s[avail], minlength=nodes.size)
             if not (taken > room + 1e-9).any():
                 continue
             idx = np.flatnonzero(avail)
             # 16-bit keys (up to 32,767 nodes a level) make the stable sort a radix sort.
             key = np.int16 if nodes.size < 2**15 else np.int32
-            by_node = np.argsort(node_of[idx].astype(key), kind="stable")
-            sel = idx[by_node]
-            node_s, d_n = node_of[sel], d_s[sel]
+            sel = idx[np.argsort(node_of[idx].astype(key), kind="stable")]
+            node_s = node_of[sel]
             cum = np.cumsum(c_s[sel])
             first = np.searchsorted(node_s, np.arange(nodes.size), side="left")
             before = np.where(first > 0, cum[np.maximum(first - 1, 0)] if cum.size else 0.0, 0.0)
-            over = cum - before[node_s] > room[node_s] + 1e-9
+            used = cum - before[node_s]  # running sum within the node, by falling density
+            over = used > room[node_s] + 1e-9
             lvl = np.zeros(nodes.size)
             if over.any():
                 pos = np.flatnonzero(over)
-                # First over-budget pair of each node (sorted by density within a node).
                 hit = node_s[pos]
                 head = np.concatenate(([True], hit[1:] != hit[:-1]))
-                lvl[hit[head]] = d_n[pos[head]]
+                marginal = pos[head]  # the first pair of each node that does not fit
+                lvl[hit[head]] = d_s[sel[marginal]]
+                # What the node lets through to the levels above: the pairs before the
+                # marginal one, and of that one the part that fits.
+                c_s[sel[marginal]] = np.maximum(
+                    room[hit[head]] - (used[marginal] - c_s[sel[marginal]]), 0.0
+                )
+                cut = over.copy()
+                cut[marginal] = False
+                alive[sel[cut]] = False
             lvl = np.where(room < 0, top, lvl)
             price[nodes] = lvl
-            below = np.where(seg >= 0, np.maximum(below, lvl[np.maximum(seg, 0)]), below)
         return price
 
     def _duals(self, price: FloatArray) -> FloatArray:
         """lambda_n = price_n above the highest price of its ancestors (never negative)."""
-        index = self.index
-        lam = np.zeros(index.n_nodes)
-        anc_max = np.zeros(index.n_nodes)  # highest price among each node's ancestors
-        for level in self._levels_down:
-            nodes = level.nodes
-            parent = index.parent[nodes]
-            above = np.where(
-                parent >= 0,
-                np.maximum(anc_max[np.maximum(parent, 0)], price[np.maximum(parent, 0)]),
-                0.0,
-            )
-            above = np.where(parent >= 0, above, 0.0)
-            anc_max[nodes] = above
-            lam[nodes] = np.maximum(price[nodes] - above, 0.0)
-        return lam
+        padded = np.append(price, 0.0)
+        out: FloatArray = np.maximum(price - padded[self._ancestors].max(axis=1), 0.0)
+        return out
 
     def _gpu_price(self, lam: FloatArray) -> FloatArray:
         """Sum of the duals of every node above each GPU."""
-        index = self.index
-        pi = np.zeros(index.n_gpus)
-        for level in index.levels:
-            seg = level.seg_of_gpu
-            pi += np.where(seg >= 0, lam[level.nodes][np.maximum(seg, 0)], 0.0)
-        return pi
+        above = np.append(lam, 0.0)[self._ancestors_and_self].sum(axis=1)
+        out: FloatArray = np.append(above, 0.0)[self._lowest]
+        return out
+
+
+def _ancestor_table(index: TreeIndex, with_self: bool) -> IntArray:
+    """Per constraint node its constraint ancestors (and itself), padded with n_nodes."""
+    n = index.n_nodes
+    rows: list[list[int]] = []
+    for k in range(n):
+        chain = [k] if with_self else []
+        p = int(index.parent[k])
+        while p >= 0:
+            chain.append(p)
+            p = int(index.parent[p])
+        rows.append(chain)
+    width = max((len(r) for r in rows), default=0) + 1  # at least one pad column
+    table = np.full((n, width), n, dtype=np.intp)
+    for k, chain in enumerate(rows):
+        table[k, : len(chain)] = chain
+    return table

@@ -91,6 +91,16 @@ def allocate(
     lam_lo = float(terms.floor_w.min(initial=0.0)) - 1.0
     lam_hi = float(terms.max_w.max(initial=0.0)) + (n_classes - 1) * spacing + 1.0
 
+    def node_sums(gpu_level: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """Sums of caps and of planned use under every node at these GPU levels."""
+        lv = gpu_level - terms.shift
+        cap = np.minimum(np.maximum(lv, terms.floor_w), terms.max_w)
+        use = np.minimum(np.maximum(lv, terms.use_lo_w), terms.use_hi_w)
+        return index.seg_sum(cap), index.seg_sum(use)
+
+    # At the floor level every GPU sits at its floor whatever the levels below say.
+    floor_cap, floor_use = index.seg_sum(terms.floor_w), index.seg_sum(terms.use_lo_w)
+    s_cap, s_use = node_sums(lam)  # as the GPUs stand: updated after each level that binds
     for level in index.levels:
         nodes = level.nodes
         seg = level.seg_of_gpu
@@ -102,15 +112,23 @@ def allocate(
         mm = margin_w[nodes]
         a3 = (np.full(nodes.size, -np.inf) if a3_w is None else a3_w[nodes]) + TOLERANCE_W
 
+        def sums_fit(
+            s_cap: FloatArray,
+            s_use: FloatArray,
+            a1: FloatArray = a1,
+            a2: FloatArray = a2,
+            mm: FloatArray = mm,
+            a3: FloatArray = a3,
+        ) -> npt.NDArray[np.bool_]:
+            planned = (s_use <= a1) & (np.minimum(s_cap, s_use + mm) <= a2)
+            ok: npt.NDArray[np.bool_] = planned | (s_cap <= a3)
+            return ok
+
         def fits(
             node_level: FloatArray,
             start: IntArray = start,
             stop: IntArray = stop,
             seg: IntArray = seg,
-            a1: FloatArray = a1,
-            a2: FloatArray = a2,
-            mm: FloatArray = mm,
-            a3: FloatArray = a3,
             below: FloatArray = lam,
         ) -> npt.NDArray[np.bool_]:
             lv = np.minimum(node_level[seg], below) - terms.shift
@@ -118,17 +136,13 @@ def allocate(
             use = np.minimum(np.maximum(lv, terms.use_lo_w), terms.use_hi_w)
             cs_cap = np.concatenate(([0.0], np.cumsum(cap)))
             cs_use = np.concatenate(([0.0], np.cumsum(use)))
-            s_cap = cs_cap[stop] - cs_cap[start]
-            s_use = cs_use[stop] - cs_use[start]
-            planned = (s_use <= a1) & (np.minimum(s_cap, s_use + mm) <= a2)
-            ok: npt.NDArray[np.bool_] = planned | (s_cap <= a3)
-            return ok
+            return sums_fit(cs_cap[stop] - cs_cap[start], cs_use[stop] - cs_use[start])
 
         k = nodes.size
-        free = fits(np.full(k, np.inf))
+        free = sums_fit(s_cap[nodes], s_use[nodes])
         if free.all():
             continue
-        floor_ok = fits(np.full(k, lam_lo))
+        floor_ok = sums_fit(floor_cap[nodes], floor_use[nodes])
         infeasible[nodes[~floor_ok]] = True
         active = ~free & floor_ok
         lo = np.full(k, lam_lo)
@@ -153,6 +167,8 @@ def allocate(
         lower = proposed < lam
         binding[lower] = nodes[seg[lower]]
         lam = np.minimum(lam, proposed)
+        if lower.any():
+            s_cap, s_use = node_sums(lam)
     return Allocation(level=lam, binding=binding, infeasible=infeasible)
 
 

@@ -204,7 +204,8 @@ def decide(
     new = job_min(new, jobs)
 
     # 6. trip allowance and escalation
-    trip_used = integrate_trip(memory.trip_used, loads.load_w, rating, _curves(index, snapshot), dt)
+    curves = _curves(index, snapshot)
+    trip_used = integrate_trip(memory.trip_used, loads.load_w, rating, curves, dt)
     if snapshot.trip_used is not None:
         trip_used = trip_used.copy()
         for nid, used in snapshot.trip_used.items():
@@ -227,7 +228,7 @@ def decide(
             trusted=~loads.stale_meter,
             gpu_power_w=power,
         ),
-        _curves(index, snapshot),
+        curves,
         cfg.escalation,
         memory.infeasible_since_s,
         memory.last_escalation_s,
