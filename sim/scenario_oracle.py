@@ -118,6 +118,8 @@ class WorkOracle:
         self._lam_priced: FloatArray = np.zeros(index.n_nodes)  # from the last pricing
         self._lam: FloatArray = np.zeros(index.n_nodes)  # in use: binding nodes only
         self._lam_mask = np.zeros(index.n_nodes, dtype=bool)
+        self._priced_over = np.zeros(index.n_nodes, dtype=bool)
+        self._lam_seen: FloatArray = np.zeros(index.n_nodes)  # last price while binding
         self._pi: FloatArray | None = None
         self._floor_sum_w = index.seg_sum(self.floor_w)
         self._budget_key: tuple[FloatArray, FloatArray] | None = None
@@ -175,9 +177,12 @@ class WorkOracle:
         # pricing are used at the nodes that bind in this step only.
         if reprice or self._pi is None:
             self._lam_priced = self._duals(self._unit_prices(u, lo, counted_at, budget_w))
+            self._priced_over = over
+            self._lam_seen = np.where(over, self._lam_priced, self._lam_seen)
             self._pi = None
         if self._pi is None or not np.array_equal(over, self._lam_mask):
-            self._lam = np.where(over, self._lam_priced, 0.0)
+            known = np.where(self._priced_over, self._lam_priced, self._lam_seen)
+            self._lam = np.where(over, known, 0.0)
             self._lam_mask = over
             self._pi = self._gpu_price(self._lam)
         lam, pi = self._lam, self._pi
@@ -191,7 +196,8 @@ class WorkOracle:
         terms = n_in[:, None] * self.hull_y[None, :] - cost[:, None] * self.hull_x[None, :]
         pi_lo = pi * lo
         fixed = float(pi_lo.sum() - pi_lo[at] @ counted_at)
-        return float(lam @ budget_w + terms.max(axis=1).sum() - fixed)
+        dual = float(lam @ budget_w + terms.max(axis=1).sum() - fixed)
+        return min(dual, float(counted_at.sum()))  # nobody runs faster than uncapped
 
     def _slots(self, group: IntArray) -> tuple[IntArray, IntArray, int]:
         """The GPUs in a pace group, each one's group, and how many group ids there are.
