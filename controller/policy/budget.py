@@ -91,11 +91,16 @@ def allocate(
     lam_lo = float(terms.floor_w.min(initial=0.0)) - 1.0
     lam_hi = float(terms.max_w.max(initial=0.0)) + (n_classes - 1) * spacing + 1.0
 
-    def node_sums(gpu_level: FloatArray) -> tuple[FloatArray, FloatArray]:
-        """Sums of caps and of planned use under every node at these GPU levels."""
+    def caps_uses(gpu_level: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """Each GPU's cap and planned use at these water levels."""
         lv = gpu_level - terms.shift
         cap = np.minimum(np.maximum(lv, terms.floor_w), terms.max_w)
         use = np.minimum(np.maximum(lv, terms.use_lo_w), terms.use_hi_w)
+        return cap, use
+
+    def node_sums(gpu_level: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """Sums of caps and of planned use under every node at these water levels."""
+        cap, use = caps_uses(gpu_level)
         return index.seg_sum(cap), index.seg_sum(use)
 
     # At the floor level every GPU sits at its floor whatever the levels below say.
@@ -131,9 +136,7 @@ def allocate(
             seg: IntArray = seg,
             below: FloatArray = lam,
         ) -> npt.NDArray[np.bool_]:
-            lv = np.minimum(node_level[seg], below) - terms.shift
-            cap = np.minimum(np.maximum(lv, terms.floor_w), terms.max_w)
-            use = np.minimum(np.maximum(lv, terms.use_lo_w), terms.use_hi_w)
+            cap, use = caps_uses(np.minimum(node_level[seg], below))
             cs_cap = np.concatenate(([0.0], np.cumsum(cap)))
             cs_use = np.concatenate(([0.0], np.cumsum(use)))
             return sums_fit(cs_cap[stop] - cs_cap[start], cs_use[stop] - cs_use[start])
