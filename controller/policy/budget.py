@@ -103,7 +103,8 @@ def allocate(
         cap, use = caps_uses(gpu_level)
         return index.seg_sum(cap), index.seg_sum(use)
 
-    # At the floor level every GPU sits at its floor whatever the levels below say.
+    # At the floor level every GPU sits at its floor whatever the levels below say
+    # (shifts are >= 0 and floors <= maxima, as build_job_index makes them).
     floor_cap, floor_use = index.seg_sum(terms.floor_w), index.seg_sum(terms.use_lo_w)
     s_cap, s_use = node_sums(lam)  # as the GPUs stand: updated after each level that binds
     for level in index.levels:
