@@ -167,11 +167,10 @@ class WorkOracle:
         over = u_sum > budget_w  # nodes that cannot take their GPUs uncapped
         if not over.any():
             return float(counted_at.sum())  # everything fits uncapped: all at 1
-        # A node that fits its GPUs uncapped has a redundant constraint: the bound only
-        # rises with its price (no GPU draws past its demand), so the prices of the last
-        # pricing are used at the nodes that bind in this step only.
-        # A node that starts to bind after the pricing takes the price it had the last
-        # time it was priced binding (any non-negative price bounds).
+        # Between pricings, only the nodes that bind in this step keep a price: a node
+        # that fits its GPUs uncapped has a redundant constraint and the bound only rises
+        # with its price (no GPU draws past its demand). A node that starts to bind takes
+        # the price it had the last time it was priced binding (any price >= 0 bounds).
         priced = self._priced_budget_w
         if (
             reprice
@@ -239,9 +238,9 @@ class WorkOracle:
 
         A unit is what one ratio ``x`` drives in one lowest node: the counted GPUs of
         one pace group there with demand above their floor, ``N`` of them drawing
-        ``U = sum(u)`` uncapped. Its segment
-        k holds ``(x_hi - x_lo) U`` watts at ``N slope_k / U`` work per watt. Pricing
-        units instead of GPUs is 10-20 times fewer pairs to sort; any prices bound.
+        ``U = sum(u)`` uncapped. Its segment k holds ``(x_hi - x_lo) U`` watts at
+        ``N slope_k / U`` work per watt. Pricing units instead of GPUs is 10-20 times
+        fewer pairs to sort; any prices bound.
         """
         units = self._units
         at = self._group_val[0]
@@ -271,9 +270,9 @@ class WorkOracle:
         """Work-per-watt price of each node: the density of its marginal segment.
 
         ``cap`` and ``density`` are per (unit, hull segment), ``unit_seg`` per level each
-        unit's node there (-1 if none). The pairs are sorted by density once; each level that binds
-        re-sorts them by node with a stable radix sort, which keeps the density order
-        within a node. Ties in density need no order: the price is the density where a
+        unit's node there (-1 if none). The pairs are sorted by density once; each level
+        that binds re-sorts them by node with a stable radix sort, which keeps the density
+        order within a node. Ties in density need no order: the price is the density where a
         node's running sum first passes its room, the same whichever tied pair comes first.
         """
         index = self.index
