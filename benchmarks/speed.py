@@ -3,7 +3,7 @@
 Run: ``python -m benchmarks.speed [--json OUT] [--policy NAME] [--duration-s S]``.
 Prints how many times faster than real time the whole scenario loop runs on one core
 (plant, scheduler and workloads, telemetry, the policy, the figures and the work bound:
-everything ``rackpower scenario run`` does; then with the bound at its tightest, and
+everything ``rackpower scenario run`` does; then with the bound priced every step, and
 without it), and the time of one ``decide`` for 1,024
 GPUs from ``benchmarks.decide``. Goals from the issue: >= 200x real time, decide < 5 ms.
 Figures, not a pass/fail test: the machine is shared.
