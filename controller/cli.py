@@ -15,6 +15,7 @@ from controller import (
     agent_cmd,
     demo_cmd,
     headroom_cmd,
+    mqtt_cmd,
     run_cmd,
     scenario_cmd,
     sim_cmd,
@@ -84,6 +85,7 @@ _COMMANDS: list[Register] = [
     status_cmd.register,
     scenario_cmd.register,
     headroom_cmd.register,
+    mqtt_cmd.register,
 ]
 
 
