@@ -87,3 +87,23 @@ def ab_site() -> dict[str, Any]:
         }
     ]
     return site
+
+
+def agent_site(mqtt: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The tiny site with a node agent per server (``agent-<node>``) and an MQTT section."""
+    site = tiny_site()
+    for r in (1, 2):  # device ids are expanded per entry: one entry per rack
+        site["devices"].append(
+            {
+                "id": f"agent-rack-{r}-n{{i}}",
+                "count": 2,
+                "driver": "agent",
+                "period_s": 0.5,
+                "timeout_s": 0.25,
+            }
+        )
+    node = site["rows"][0]["racks"][0]["nodes"][0]
+    node["agent"] = "agent-{rack}-n{i}"
+    if mqtt is not None:
+        site["integrations"] = {"mqtt": mqtt}
+    return site
