@@ -1,0 +1,350 @@
+"""Broker identities under a real Mosquitto configured by ``rackpower mqtt acl``.
+
+Each test starts Debian's Mosquitto on a loopback port with exactly the conf snippet,
+ACL and (filled) password template the command wrote: TLS only, with a CA this test
+makes, ``allow_anonymous false``. Mosquitto acknowledges a publish the ACL refuses and
+drops it without a word (MQTT 3.1.1), so "cannot publish" is shown by ordering, not by
+waiting: the forged message is sent QoS 1 and its PUBACK awaited (the broker has routed
+or dropped it by then), then an allowed client publishes a control message on the same
+topic; the subscriber must get the control message and nothing before it. If the ACL
+let the forgery through, it would arrive first and the test would fail.
+
+The links are the real ones (controller.link, controller.bms); the agent's GPUs are
+sim.fake_nvml.FakeNvml, the only fake, because there is no GPU here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiomqtt
+import pytest
+import yaml
+
+from controller.agent import NodeAgent
+from controller.agent_config import parse_agent_config
+from controller.bms import BmsLink, BmsTopics
+from controller.broker_acl import usernames_in_template
+from controller.cli import main
+from controller.commands import Command
+from controller.config import MqttConfig, parse_site
+from controller.lease import Lease, LeaseSequence, Telemetry
+from controller.link import AgentTopics, MqttAgentLink, MqttControllerLink
+from controller.mqtt import Backoff
+from controller.topology import PowerTree
+from drivers.nvml import NvmlDriver
+from sim.fake_nvml import FakeNvml
+from tests.fixtures.mosquitto import (
+    Mosquitto,
+    MosquittoFactory,
+    free_port,
+    make_tls_files,
+    write_password_file,
+)
+from tests.sites import agent_site
+
+pytest_plugins = ["tests.fixtures.mosquitto"]
+pytestmark = pytest.mark.integration
+
+SITE = "tiny"
+CTL = "rackpower-tiny"  # the default controller id and, here, its broker username
+BMS = "bms"
+A, B = "agent-rack-1-n1", "agent-rack-1-n2"
+NODE_A = "rack-1-n1"
+AGENT = AgentTopics.for_site("rackpower", SITE)
+BMS_TOPICS = BmsTopics.for_site("rackpower", SITE)
+WAIT_S = 15.0  # only a broken link ever waits this long
+
+
+async def eventually(check: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@dataclass
+class AclBroker:
+    """A broker run from the generated files, and every identity's password file."""
+
+    broker: Mosquitto
+    tls: ssl.SSLContext
+    password_files: dict[str, Path]
+    site_path: Path
+
+    def client(self, user: str | None, password: str | None = None) -> aiomqtt.Client:
+        if user is not None and password is None:
+            password = self.password_files[user].read_text()
+        return aiomqtt.Client(
+            self.broker.host,
+            self.broker.port,
+            username=user,
+            password=password,
+            identifier=f"test-{user}-{secrets.token_hex(3)}",
+            tls_context=self.tls,
+            timeout=5,
+        )
+
+    def mqtt_config(self, user: str) -> MqttConfig:
+        return MqttConfig(
+            url=self.broker.url, username=user, password_file=self.password_files[user]
+        )
+
+
+@pytest.fixture
+def acl_broker(tmp_path: Path, mosquitto_factory: MosquittoFactory) -> AclBroker:
+    tls_files = make_tls_files(tmp_path / "tls")
+    port = free_port()
+    site_path = tmp_path / "site.yaml"
+    creds = tmp_path / "creds"
+    site_path.write_text(
+        yaml.safe_dump(
+            agent_site(
+                {
+                    "url": f"mqtts://127.0.0.1:{port}",
+                    "username": CTL,
+                    "password_file": str(creds / f"{CTL}.pw"),
+                }
+            )
+        )
+    )
+    out = tmp_path / "broker"
+    code = main(
+        ["mqtt", "acl", "--config", str(site_path), "--out-dir", str(out),
+         "--install-dir", str(out), "--port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert", str(tls_files.server_cert), "--tls-key", str(tls_files.server_key)]
+    )  # fmt: skip
+    assert code == 0
+    # Fill the template as its instructions say: one random password per listed user.
+    users = usernames_in_template((out / f"rackpower-{SITE}.passwd.template").read_text())
+    passwords = {u: secrets.token_urlsafe(18) for u in users}
+    creds.mkdir(mode=0o700)
+    files = {}
+    for user, password in passwords.items():
+        files[user] = creds / f"{user}.pw"
+        files[user].write_text(password)
+        files[user].chmod(0o600)
+    write_password_file(out / f"rackpower-{SITE}.passwd", passwords)
+    snippet = (out / f"rackpower-{SITE}.conf").read_text()
+    broker = mosquitto_factory(tls=tls_files, conf_snippet=snippet, port=port)
+    ctx = ssl.create_default_context(cafile=str(tls_files.ca_cert))
+    return AclBroker(broker, ctx, files, site_path)
+
+
+class Recorder:
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self.client = client
+        self.messages: list[tuple[str, bytes]] = []
+
+    async def pump(self) -> None:
+        async for m in self.client.messages:
+            payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
+            self.messages.append((str(m.topic), payload))
+
+    def payloads(self) -> list[bytes]:
+        return [p for _, p in self.messages]
+
+
+@asynccontextmanager
+async def recording(ab: AclBroker, user: str, *topics: str) -> AsyncIterator[Recorder]:
+    async with ab.client(user) as client:
+        rec = Recorder(client)
+        pump = asyncio.create_task(rec.pump())
+        for t in topics:
+            await client.subscribe(t, qos=1)  # SUBACK awaited: subscribed from here on
+        try:
+            yield rec
+        finally:
+            pump.cancel()
+            with suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await pump
+
+
+async def publish_as(ab: AclBroker, user: str, topic: str, payload: bytes) -> None:
+    """QoS 1: returns after the broker's PUBACK, i.e. after it routed or dropped it."""
+    async with ab.client(user) as client:
+        await client.publish(topic, payload, qos=1)
+
+
+def forged_lease(seq: int, cap_w: float) -> bytes:
+    lease = Lease.issue(CTL, seq, {0: cap_w, 1: cap_w}, 3600, agent_id=B, reason="forged")
+    return lease.encode()
+
+
+@pytest.mark.parametrize("forger", [A, BMS])
+async def test_an_agent_or_the_bms_cannot_publish_another_agents_lease(
+    acl_broker: AclBroker, forger: str
+) -> None:
+    topic = AGENT.lease(B)
+    async with recording(acl_broker, B, topic) as rec:
+        await publish_as(acl_broker, forger, topic, forged_lease(2**62, 700))
+        control = forged_lease(1, 400).replace(b'"forged"', b'"control"')
+        await publish_as(acl_broker, CTL, topic, control)  # positive control: allowed
+        await eventually(lambda: len(rec.messages) >= 1, "the controller's lease")
+        await asyncio.sleep(0.2)  # anything queued behind it shows up too
+    assert rec.payloads() == [control]
+
+
+async def test_an_agent_cannot_publish_another_agents_telemetry(acl_broker: AclBroker) -> None:
+    async with recording(acl_broker, CTL, AGENT.all_telemetry) as rec:
+        await publish_as(acl_broker, A, AGENT.telemetry(B), b"forged by A")
+        await publish_as(acl_broker, A, AGENT.telemetry(A), b"A's own")
+        await publish_as(acl_broker, B, AGENT.telemetry(B), b"B's own")
+        await eventually(lambda: len(rec.messages) >= 2, "both agents' own telemetry")
+        await asyncio.sleep(0.2)
+    assert rec.messages == [(AGENT.telemetry(A), b"A's own"), (AGENT.telemetry(B), b"B's own")]
+
+
+def demand_response(command_id: str, limit_w: float) -> bytes:
+    return json.dumps(
+        {
+            "type": "demand_response",
+            "command_id": command_id,
+            "node": "rack-1",
+            "limit_w": limit_w,
+            "ttl_s": 60,
+        }
+    ).encode()
+
+
+async def test_only_the_bms_identity_reaches_the_controllers_command_topic(
+    acl_broker: AclBroker,
+) -> None:
+    """The real BmsLink on the controller's identity: the agent's and the controller's own
+    commands are dropped by the broker, the BMS's is handled and acked to the BMS."""
+    tree = PowerTree(parse_site(yaml.safe_load(acl_broker.site_path.read_text())))
+    handled: list[Command] = []
+    link = BmsLink(
+        acl_broker.mqtt_config(CTL),
+        tree,
+        on_command=handled.append,
+        tls_context=acl_broker.tls,
+        backoff=Backoff(initial_s=0.05, max_s=0.5),
+    )
+    task = asyncio.create_task(link.run())
+    try:
+        async with recording(acl_broker, BMS, BMS_TOPICS.ack, BMS_TOPICS.status) as bms:
+            # The BMS reads the controller's retained status: the link is up and allowed.
+            await eventually(lambda: (BMS_TOPICS.status, b"online") in bms.messages, "online")
+            await publish_as(acl_broker, A, BMS_TOPICS.cmd, demand_response("from-agent", 5000))
+            await publish_as(acl_broker, CTL, BMS_TOPICS.cmd, demand_response("from-ctl", 5100))
+            await publish_as(acl_broker, BMS, BMS_TOPICS.cmd, demand_response("from-bms", 5200))
+
+            def acked() -> list[str]:
+                return [json.loads(p)["command_id"] for t, p in bms.messages if t.endswith("ack")]
+
+            await eventually(lambda: "from-bms" in acked(), "the BMS command's ack")
+            await asyncio.sleep(0.2)
+            assert acked() == ["from-bms"]
+        assert [c.command_id for c in handled] == ["from-bms"]
+        stats = link.stats()
+        assert (stats.commands_accepted, stats.commands_rejected) == (1, 0)
+    finally:
+        await link.stop()
+        with suppress(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.parametrize(
+    ("user", "password", "tls"),
+    [(None, None, True), (A, "wrong password", True), (BMS, "", True), (A, None, False)],
+    ids=["anonymous", "wrong-password", "empty-password", "right-password-without-tls"],
+)
+async def test_who_cannot_connect(
+    acl_broker: AclBroker, user: str | None, password: str | None, tls: bool
+) -> None:
+    if user is not None and password is None:
+        password = acl_broker.password_files[user].read_text()
+    client = aiomqtt.Client(
+        acl_broker.broker.host,
+        acl_broker.broker.port,
+        username=user,
+        password=password,
+        tls_context=acl_broker.tls if tls else None,
+        timeout=5,
+    )
+    with pytest.raises(aiomqtt.MqttError):
+        async with client:
+            pass
+    # Positive control: the same broker takes the right identity over TLS.
+    async with acl_broker.client(A):
+        pass
+
+
+async def test_real_links_lease_end_to_end_under_the_acl_over_tls(acl_broker: AclBroker) -> None:
+    """Controller and agent links with their own username and password_file over mqtts://:
+    a lease is enforced (read back from the fake NVML), telemetry and status come back,
+    and a lease forged with B's credentials (right controller id, far higher seq) is
+    dropped by the broker: the real controller's next, lower seq still gets applied."""
+    ctl = MqttControllerLink(
+        acl_broker.mqtt_config(CTL), SITE, tls_context=acl_broker.tls, backoff=Backoff(0.05, 0.5)
+    )
+    agent_cfg = parse_agent_config(
+        {
+            "site": SITE, "agent_id": A, "node_id": NODE_A, "controller_id": CTL,
+            "failsafe_w": 400, "telemetry_hz": 10,
+            "mqtt": {"url": acl_broker.broker.url, "username": A,
+                     "password_file": str(acl_broker.password_files[A])},
+        },
+        "test",
+    )  # fmt: skip
+    agent_link = MqttAgentLink(
+        agent_cfg.mqtt.as_site_mqtt(),
+        SITE,
+        A,
+        tls_context=acl_broker.tls,
+        backoff=Backoff(0.05, 0.5),
+        keepalive_s=5,
+    )
+    fake = FakeNvml.for_node(NODE_A, 4, min_w=100, max_w=500, power_w=300)
+
+    def enforced() -> list[float]:
+        return [fake.enforced_limit_w(i) for i in range(4)]
+
+    seqs = LeaseSequence()
+
+    def lease(cap_w: float) -> Lease:
+        return Lease.issue(CTL, seqs.next(), dict.fromkeys(range(4), cap_w), 30, agent_id=A)
+
+    tasks = [asyncio.create_task(ctl.run()), asyncio.create_task(agent_link.run())]
+    async with NvmlDriver(NODE_A, fake) as driver:
+        agent = NodeAgent(agent_cfg, driver, agent_link)
+        agent_task = asyncio.create_task(agent.run())
+        try:
+            await eventually(lambda: ctl.agents_online().get(A) is True, "agent status read")
+            await eventually(lambda: enforced() == [400.0] * 4, "failsafe at start")
+            first = lease(350)
+            ctl.send_lease(A, first)
+            await eventually(lambda: enforced() == [350.0] * 4, "lease enforced")
+            got: list[Telemetry] = []
+            async with asyncio.timeout(WAIT_S):
+                async for t in ctl.telemetry():
+                    got.append(t)
+                    if t.seq == first.seq:
+                        break
+            assert (got[-1].agent_id, got[-1].limit_w) == (A, [350.0] * 4)
+
+            forged = Lease.issue(CTL, first.seq + 10**9, dict.fromkeys(range(4), 500.0), 3600)
+            await publish_as(acl_broker, B, AGENT.lease(A), forged.encode())
+            ctl.send_lease(
+                A, lease(300)
+            )  # lower seq than the forgery: applied only if it was dropped
+            await eventually(lambda: enforced() == [300.0] * 4, "the real lease after")
+            assert agent_link.stats().bad_messages == 0
+        finally:
+            agent.stop()
+            await agent_task
+            for link in (agent_link, ctl):
+                await link.stop()
+            for task in tasks:
+                with suppress(asyncio.CancelledError):
+                    await task
