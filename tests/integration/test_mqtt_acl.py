@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
@@ -47,7 +49,6 @@ from tests.fixtures.mosquitto import (
     MosquittoFactory,
     free_port,
     make_tls_files,
-    write_password_file,
 )
 from tests.sites import agent_site
 
@@ -80,6 +81,7 @@ class AclBroker:
     tls: ssl.SSLContext
     password_files: dict[str, Path]
     site_path: Path
+    out: Path  # the generated files
 
     def client(self, user: str | None, password: str | None = None) -> aiomqtt.Client:
         if user is not None and password is None:
@@ -124,20 +126,28 @@ def acl_broker(tmp_path: Path, mosquitto_factory: MosquittoFactory) -> AclBroker
          "--tls-cert", str(tls_files.server_cert), "--tls-key", str(tls_files.server_key)]
     )  # fmt: skip
     assert code == 0
-    # Fill the template as its instructions say: one random password per listed user.
-    users = usernames_in_template((out / f"rackpower-{SITE}.passwd.template").read_text())
-    passwords = {u: secrets.token_urlsafe(18) for u in users}
+    # Fill the template by running the shell steps written in it (minus the chown to the
+    # broker's user, which a non-root test run cannot do): the instructions must work.
+    template = out / f"rackpower-{SITE}.passwd.template"
+    steps = [
+        line.removeprefix("#   ")
+        for line in template.read_text().splitlines()
+        if line.startswith("#   ") and not line.startswith("#   chown")
+    ]
     creds.mkdir(mode=0o700)
+    subprocess.run(
+        ["bash", "-euc", "\n".join(steps)], cwd=template.parent, check=True, capture_output=True
+    )
     files = {}
-    for user, password in passwords.items():
+    for user in usernames_in_template(template.read_text()):
         files[user] = creds / f"{user}.pw"
-        files[user].write_text(password)
-        files[user].chmod(0o600)
-    write_password_file(out / f"rackpower-{SITE}.passwd", passwords)
+        (template.parent / f"{user}.pw").rename(files[user])
+        assert len(files[user].read_text()) == 32  # 24 random bytes, base64
+        assert files[user].stat().st_mode & 0o077 == 0  # the umask in the steps
     snippet = (out / f"rackpower-{SITE}.conf").read_text()
     broker = mosquitto_factory(tls=tls_files, conf_snippet=snippet, port=port)
     ctx = ssl.create_default_context(cafile=str(tls_files.ca_cert))
-    return AclBroker(broker, ctx, files, site_path)
+    return AclBroker(broker, ctx, files, site_path, out)
 
 
 class Recorder:
@@ -278,6 +288,27 @@ async def test_who_cannot_connect(
     # Positive control: the same broker takes the right identity over TLS.
     async with acl_broker.client(A):
         pass
+
+
+async def test_the_password_template_loaded_by_mistake_lets_nobody_in(
+    acl_broker: AclBroker, mosquitto_factory: MosquittoFactory
+) -> None:
+    conf = (acl_broker.out / f"rackpower-{SITE}.conf").read_text()
+    template = acl_broker.out / f"rackpower-{SITE}.passwd.template"
+    port = free_port()
+    conf = conf.replace(f"listener {acl_broker.broker.port} ", f"listener {port} ")
+    conf = re.sub(r"(?m)^password_file .*$", f"password_file {template}", conf)
+    assert acl_broker.broker.tls is not None
+    wrong = mosquitto_factory(tls=acl_broker.broker.tls, conf_snippet=conf, port=port)
+    for user in (CTL, BMS, A):
+        for password in ("", acl_broker.password_files[user].read_text()):
+            client = aiomqtt.Client(
+                wrong.host, port, username=user, password=password,
+                tls_context=acl_broker.tls, timeout=5,
+            )  # fmt: skip
+            with pytest.raises(aiomqtt.MqttError):
+                async with client:
+                    pass
 
 
 async def test_real_links_lease_end_to_end_under_the_acl_over_tls(acl_broker: AclBroker) -> None:
