@@ -5,6 +5,11 @@ NvmlDriver; sim.fake_nvml.FakeNvml stands in for libnvidia-ml (there is no GPU h
 and every cap is read back as the limit the fake ENFORCES. The attacker is a plain
 anonymous aiomqtt client that has read everything on the broker: the controller id, the
 agent id and the current seq are in clear in every lease.
+
+The rig is signed as `rackpower demo --mqtt` and a site with ``agent_auth`` are: one
+secret per agent in ``<keys_dir>/<agent_id>.key`` on the controller and the same file as
+the agent's ``auth.key_file``. Each test was seen failing on c203a14 (the same
+assertions, the rig without keys since that code had none).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from controller.config import MqttConfig
 from controller.lease import LeaseSequence, Telemetry
 from controller.link import AgentTopics, MqttAgentLink, MqttControllerLink
 from controller.mqtt import Backoff
+from controller.msgauth import KeyFile, KeyStore, new_key_line, write_key_file
 from drivers.nvml import NvmlDriver
 from drivers.reading import Quality
 from sim.fake_nvml import FakeNvml
@@ -62,8 +68,14 @@ class Rig:
     def __init__(self, broker: Mosquitto, tmp_path: Path) -> None:
         self.fake = FakeNvml.for_node(NODE, 2, min_w=200, max_w=700, power_w=333)
         mqtt = MqttConfig(url=broker.url)
-        self.ctl = MqttControllerLink(mqtt, SITE, backoff=backoff())
-        self.link = MqttAgentLink(mqtt, SITE, AGENT, backoff=backoff(), keepalive_s=5)
+        keys_dir = tmp_path / "keys"
+        keys_dir.mkdir(mode=0o700)
+        self.key_file = keys_dir / f"{AGENT}.key"
+        write_key_file(self.key_file, new_key_line("k1"))
+        self.ctl = MqttControllerLink(mqtt, SITE, backoff=backoff(), keys=KeyStore(keys_dir))
+        self.link = MqttAgentLink(
+            mqtt, SITE, AGENT, backoff=backoff(), keepalive_s=5, keys=KeyFile(self.key_file)
+        )
         self.cfg = parse_agent_config(
             {
                 "site": SITE,
@@ -72,6 +84,7 @@ class Rig:
                 "controller_id": CTL,
                 "failsafe_w": FAILSAFE_W,
                 "telemetry_hz": 10,
+                "auth": {"key_file": str(self.key_file)},
                 "mqtt": {"url": broker.url},
             },
             "test",
@@ -156,6 +169,12 @@ async def test_f2_forged_lease_with_copied_controller_id_changes_no_gpu_limit(
         await asyncio.sleep(0.5)
         assert r.enforced() == [GENUINE_W] * 2
         await genuine_renewal_wins(r)
+        assert r.agent is not None and r.link.stats().auth_refused == 1
+        async with asyncio.timeout(WAIT_S):  # reports queued before the refusal come first
+            async for t in r.ctl.telemetry():
+                if t.seq == r.agent.state.seq:
+                    break
+        assert t.auth_refused == 1 and t.refused is None  # counted, not a lease refusal
 
 
 async def test_f2_seq_2_63_from_the_broker_does_not_lock_the_agent_out(
@@ -200,4 +219,35 @@ async def test_f2_forged_telemetry_is_refused_and_counted(
                     break
         assert all(t.ts != 12345.0 for t in seen), "forged telemetry reached the controller"
         assert all(t.power_w == [333.0, 333.0] for t in seen)
-        assert getattr(r.ctl.stats(), "auth_refused", 0) >= 1
+        assert r.ctl.stats().auth_refused >= 1
+        assert r.ctl.stats().telemetry_received == len(seen) + 1
+
+
+async def test_f2_replayed_genuine_lease_retained_is_not_applied(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """A genuine signed lease copied off the broker and published again, retained: the
+    live subscription gets it with retain=0 and it is not newer; an agent that connects
+    later gets it with retain=1 and ignores it (it could be any age)."""
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port) as spy:
+        await spy.subscribe(TOPICS.lease(AGENT), qos=1)
+        async with rig(mosquitto, tmp_path) as r:
+            r.send(650.0)
+            async with asyncio.timeout(WAIT_S):
+                captured = b""
+                async for m in spy.messages:
+                    assert isinstance(m.payload, bytes)
+                    captured = m.payload
+                    break
+            assert b'"sig"' in captured and b"650" in captured  # sealed on the wire
+            await eventually(lambda: r.enforced() == [650.0] * 2, "genuine lease enforced")
+            r.send(GENUINE_W)
+            await eventually(lambda: r.enforced() == [GENUINE_W] * 2, "newer lease enforced")
+            await attacker_publish(mosquitto, TOPICS.lease(AGENT), captured, retain=True)
+            await asyncio.sleep(0.5)
+            assert r.enforced() == [GENUINE_W] * 2
+    # A fresh agent (no seq remembered) on the same broker: the retained copy is ignored.
+    (tmp_path / "again").mkdir()
+    async with rig(mosquitto, tmp_path / "again") as r2:
+        await eventually(lambda: r2.link.stats().retained_leases_ignored == 1, "retained seen")
+        assert r2.enforced() == [FAILSAFE_W] * 2
