@@ -53,6 +53,7 @@ from controller.lease import (
     decode_lease,
     decode_telemetry,
 )
+from controller.mqtt import Backoff, broker_settings, make_client, run_with_reconnect
 from controller.msgauth import (
     AuthError,
     KeyFile,
@@ -63,7 +64,6 @@ from controller.msgauth import (
     seal,
     unwrap,
 )
-from controller.mqtt import Backoff, broker_settings, make_client, run_with_reconnect
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,10 @@ from typing import Literal
 log = logging.getLogger(__name__)
 
 Kind = Literal["lease", "telemetry"]
-KIND_TAG: dict[str, bytes] = {"lease": b"rackpower-lease-v1", "telemetry": b"rackpower-telemetry-v1"}
+KIND_TAG: dict[str, bytes] = {
+    "lease": b"rackpower-lease-v1",
+    "telemetry": b"rackpower-telemetry-v1",
+}
 MIN_SECRET_BYTES = 32
 MAX_KEYS = 2  # the current key and the one being rolled over
 MAX_SEALED_BYTES = 256 * 1024  # far above any lease or report: never parse a giant blob
@@ -221,7 +224,9 @@ class KeyStore:
         if missed is not None and now - missed[0] < self._check_every_s:
             return None
         try:
-            kf = KeyFile(self.path_for(agent_id), check_every_s=self._check_every_s, clock=self._clock)
+            kf = KeyFile(
+                self.path_for(agent_id), check_every_s=self._check_every_s, clock=self._clock
+            )
         except KeyFileError as exc:
             self._missing[agent_id] = (now, str(exc))
             return None
@@ -300,7 +305,9 @@ def open_sealed(kind: Kind, agent_id: str, data: bytes, keys: Sequence[Key]) -> 
         shown = kid if KID_RE.match(kid) else "(invalid)"
         raise AuthError(f"signed with unknown key id {shown!r} (known: {[k.kid for k in keys]})")
     try:
-        given = base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4)) if len(sig) == _SIG_LEN else b""
+        given = (
+            base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4)) if len(sig) == _SIG_LEN else b""
+        )
     except (binascii.Error, ValueError):
         given = b""
     if not hmac.compare_digest(_mac(kind, agent_id, key, m), given):
@@ -334,7 +341,11 @@ class RefusalLog:
         if self._last_s is not None and now - self._last_s < self._every_s:
             self._suppressed += 1
             return
-        more = f" ({self._suppressed} more refused since the last such line)" if self._suppressed else ""
+        more = (
+            f" ({self._suppressed} more refused since the last such line)"
+            if self._suppressed
+            else ""
+        )
         self._log.warning("refused %s: %s; nothing of it used%s", self._what, reason, more)
         self._last_s = now
         self._suppressed = 0

@@ -99,9 +99,7 @@ class Rig:
         from controller.lease import Lease
 
         seq = self.seqs.next()
-        self.ctl.send_lease(
-            AGENT, Lease.issue(CTL, seq, {0: cap_w, 1: cap_w}, 30, agent_id=AGENT)
-        )
+        self.ctl.send_lease(AGENT, Lease.issue(CTL, seq, {0: cap_w, 1: cap_w}, 30, agent_id=AGENT))
         return seq
 
 
