@@ -25,6 +25,7 @@ from controller.agent_config import AgentConfig, load_agent_config, parse_agent_
 from controller.config import ConfigError
 from controller.lease import Lease, Telemetry, decode_telemetry
 from controller.link import BadMessage, InProcessLink
+from controller.msgauth import new_key_line, write_key_file
 from drivers.nvml import NvmlDriver
 from drivers.reading import Quality
 from sim.fake_nvml import FakeNvml
@@ -506,10 +507,16 @@ def test_agent_command_bad_config_exits_2(
 
 
 def test_agent_command_without_nvml_exits_1_with_a_clear_message(
-    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # The real pynvml: this machine has no NVIDIA driver, so NVML cannot start.
-    args = parser().parse_args(["agent", "--config", str(REPO / "configs/agents/example.yaml")])
+    # The real pynvml: this machine has no NVIDIA driver, so NVML cannot start. The
+    # example with its key file in tmp_path (a key is checked before NVML is opened).
+    key = tmp_path / "agent.key"
+    write_key_file(key, new_key_line())
+    text = (REPO / "configs/agents/example.yaml").read_text()
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(text.replace("/etc/rackpower/agent.key", str(key)))
+    args = parser().parse_args(["agent", "--config", str(cfg)])
     assert cmd_agent(args) == 1
     assert "NVML is not available" in capsys.readouterr().err
 
