@@ -750,7 +750,7 @@ class MqttAgentLink(_MqttEndpoint):
         """Authenticate, then decode; what fails either is handed on as why, not as a lease."""
         try:
             if self.keys is not None:
-                payload = open_sealed("lease", self.agent_id, payload, self.keys.keys())
+                payload = open_sealed("lease", self.agent_id, payload, self.keys.current())
             elif is_sealed(payload):  # unauthenticated agent: take the content unchecked
                 payload = unwrap(payload)[2]
         except AuthError as exc:
@@ -768,7 +768,7 @@ class MqttAgentLink(_MqttEndpoint):
             return
         wire = report.encode()
         if self.keys is not None:
-            wire = seal("telemetry", self.agent_id, wire, self.keys.keys()[0])
+            wire = seal("telemetry", self.agent_id, wire, self.keys.current()[0])
         try:
             await client.publish(self.topics.telemetry(self.agent_id), wire, qos=0)
         except aiomqtt.MqttError:

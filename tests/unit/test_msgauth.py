@@ -89,7 +89,7 @@ def test_an_altered_payload_fails() -> None:
 def test_two_keys_open_during_a_rollover_and_the_first_seals(tmp_path: Path) -> None:
     path = tmp_path / "a.key"
     write_key_file(path, new_key_line("new"), new_key_line("old"))
-    keys = KeyFile(path).keys()
+    keys = KeyFile(path).current()
     assert [k.kid for k in keys] == ["new", "old"]
     for k in keys:
         assert open_sealed("lease", A, seal("lease", A, payload(), k), keys) == payload()
@@ -100,14 +100,14 @@ def test_key_file_is_re_read_when_it_changes_and_on_reload(tmp_path: Path) -> No
     path = tmp_path / "a.key"
     write_key_file(path, new_key_line("k1"))
     kf = KeyFile(path, check_every_s=1.0, clock=lambda: now[0])
-    old = kf.keys()[0]
+    old = kf.current()[0]
     write_key_file(path, new_key_line("k2"), f"k1 {old.secret.hex()}")
-    assert [k.kid for k in kf.keys()] == ["k1"]  # not looked at before check_every_s
+    assert [k.kid for k in kf.current()] == ["k1"]  # not looked at before check_every_s
     now[0] = 1.5
-    assert [k.kid for k in kf.keys()] == ["k2", "k1"]  # mtime/size changed: re-read
+    assert [k.kid for k in kf.current()] == ["k2", "k1"]  # mtime/size changed: re-read
     write_key_file(path, new_key_line("k3"))
     kf.reload()  # SIGHUP: at once
-    assert [k.kid for k in kf.keys()] == ["k3"]
+    assert [k.kid for k in kf.current()] == ["k3"]
 
 
 def test_a_key_file_that_turns_bad_keeps_the_keys_loaded(tmp_path: Path) -> None:
@@ -117,7 +117,7 @@ def test_a_key_file_that_turns_bad_keeps_the_keys_loaded(tmp_path: Path) -> None
     kf = KeyFile(path, clock=lambda: now[0])
     write_key_file(path, "garbage")
     now[0] = 5
-    assert [k.kid for k in kf.keys()] == ["k1"]
+    assert [k.kid for k in kf.current()] == ["k1"]
 
 
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o660, 0o644])
