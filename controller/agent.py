@@ -3,13 +3,23 @@
 Runs on every GPU node (``rackpower agent --config agent.yaml``). Rules, in the order a
 lease meets them:
 
+0. only authenticated (with ``auth.key_file``: sealed with this agent's key, for this
+   agent, as a lease; see controller.msgauth). Anything else is refused, counted in
+   telemetry (``auth_refused``) and logged at most once a minute; nothing of it is read.
+   The controller id check below stays, but anyone on the broker can copy an id: the
+   signature is the defence;
 1. only from the configured ``controller_id`` (anyone else is ignored and logged once);
-2. only newer than the last lease applied (``seq`` greater), so a duplicate or a
+2. ``seq`` within ``seq_window_s`` (10 min) of this agent's wall clock in ms: the
+   controller's seq starts at its wall clock in ms (LeaseSequence), so a seq far ahead
+   is forged or broken and would lock the real controller out for good (F2: 2**63), and
+   one far behind is a replay of an old lease (or a controller clock far off: the agent
+   then stays in failsafe, which is safe and said in its telemetry);
+3. only newer than the last lease applied (``seq`` greater), so a duplicate or a
    reordered message never rolls a cap back;
-3. all or nothing: every cap inside its GPU's NVML [min, max], every GPU one of this
+4. all or nothing: every cap inside its GPU's NVML [min, max], every GPU one of this
    node's; otherwise the whole lease is refused, the reason logged and reported in
    telemetry (``refused``), and the caps in force stay as they were;
-4. a GPU the lease does not name is held at the failsafe cap.
+5. a GPU the lease does not name is held at the failsafe cap.
 
 A lease lasts ``lease_s`` (at most ``max_lease_s``) from the moment the agent received
 it, measured on the agent's monotonic clock: the controller's wall clock is another
@@ -45,7 +55,8 @@ from controller.lease import (
     resolve_caps,
     round_w,
 )
-from controller.link import AgentLink, BadMessage, LeaseMessage
+from controller.link import AgentLink, BadMessage, LeaseMessage, Unauthenticated
+from controller.msgauth import RefusalLog
 from drivers.nvml import LIMIT_TOLERANCE_W, GpuInfo, GpuSample, LimitResult, NvmlDriverError
 from drivers.reading import Quality
 
@@ -130,6 +141,8 @@ class NodeAgent:
         self._enforce_started = 0
         self._enforce_done = 0
         self._warned_controllers: set[str] = set()
+        self._auth_refused = 0
+        self._auth_log = RefusalLog(log, "an unauthenticated lease", clock=clock)
         self._lease_changed = asyncio.Event()
         self._stop = asyncio.Event()
 
@@ -163,6 +176,12 @@ class NodeAgent:
 
     async def handle(self, msg: LeaseMessage) -> LeaseOutcome:
         """Apply, ignore or refuse one message from the link."""
+        if isinstance(msg, Unauthenticated):
+            # Not reported as ``refused``: that field answers the controller's own leases,
+            # and a forger must not be able to overwrite it. Counted instead.
+            self._auth_refused += 1
+            self._auth_log.refused(msg.reason)
+            return LeaseOutcome("refused", f"unauthenticated: {msg.reason}")
         if isinstance(msg, BadMessage):
             return self._refuse(None, msg.reason)
         lease = msg
@@ -179,6 +198,21 @@ class NodeAgent:
         if lease.agent_id is not None and lease.agent_id != cfg.agent_id:
             log.warning("ignoring lease %d addressed to agent %r", lease.seq, lease.agent_id)
             return LeaseOutcome("ignored", f"addressed to agent {lease.agent_id!r}")
+        now_ms = int(self._wall_clock() * 1000)
+        window_ms = int(cfg.seq_window_s * 1000)
+        if lease.seq > now_ms + window_ms:
+            return self._refuse(
+                lease.seq,
+                f"seq {lease.seq} is more than {cfg.seq_window_s:g} s beyond this agent's wall"
+                f" clock ({now_ms} ms): forged, or the controller's clock is far ahead",
+            )
+        if lease.seq < now_ms - window_ms:
+            return self._refuse(
+                lease.seq,
+                f"seq {lease.seq} is more than {cfg.seq_window_s:g} s behind this agent's wall"
+                f" clock ({now_ms} ms): a replayed old lease, or the controller's clock is far"
+                " behind",
+            )
         async with self._lock:
             if self._seq is not None and lease.seq <= self._seq:
                 log.debug("ignoring lease %d: not newer than %d", lease.seq, self._seq)
@@ -438,6 +472,7 @@ class NodeAgent:
             failsafe_reason=self._failsafe_reason,
             lease_left_s=left_s,
             refused=self._refused,
+            auth_refused=self._auth_refused or None,
             power_w=[round_w(s.power_w) for s in samples],
             power_avg_w=[round_w(s.power_avg_w) for s in samples],
             limit_w=[round_w(s.limit_w) for s in samples],

@@ -1,7 +1,9 @@
 """``rackpower agent --config FILE``: the node agent as a process.
 
 Exit codes as for every command: 0 after a clean stop (SIGTERM or Ctrl-C), 2 for a bad
-config, 1 when it cannot run (no NVML on this machine, a broker secret missing).
+config (a key file others can read included), 1 when it cannot run (no NVML on this
+machine, a broker secret missing). SIGHUP re-reads the key file (it is also re-read when
+it changes).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from controller.cmdutil import setup_logging
 from controller.config import ConfigError
 from controller.link import MqttAgentLink
 from controller.mqtt import MqttSetupError, quiet_aiomqtt_close_race
+from controller.msgauth import KeyFile, KeyFileError
 from drivers.nvml import NvmlDriver, NvmlDriverError
 
 EXIT_OK = 0
@@ -59,30 +62,53 @@ def cmd_agent(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     setup_logging(args.log_level)
     try:
-        return asyncio.run(run_agent(cfg))
+        keys = (
+            None
+            if cfg.auth is None
+            else KeyFile(cfg.auth.key_file, check_every_s=cfg.auth.check_every_s)
+        )
+    except KeyFileError as exc:
+        print(f"rackpower agent: auth.key_file: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        return asyncio.run(run_agent(cfg, keys))
     except (NvmlDriverError, MqttSetupError) as exc:
         print(f"rackpower agent: {exc}", file=sys.stderr)
         return EXIT_FAILURE
 
 
-async def run_agent(cfg: AgentConfig) -> int:
+async def run_agent(cfg: AgentConfig, keys: KeyFile | None = None) -> int:
     """NVML driver, MQTT link and agent until SIGTERM/SIGINT; failsafe applied on the way out."""
     quiet_aiomqtt_close_race()
     link = MqttAgentLink(
-        cfg.mqtt.as_site_mqtt(), cfg.site, cfg.agent_id, keepalive_s=cfg.mqtt.keepalive_s
+        cfg.mqtt.as_site_mqtt(),
+        cfg.site,
+        cfg.agent_id,
+        keepalive_s=cfg.mqtt.keepalive_s,
+        keys=keys,
     )
+    if keys is None:
+        log.warning(
+            "LEASES UNAUTHENTICATED: no auth.key_file, so this agent obeys any well-formed"
+            " lease with its controller id from anyone on the broker; set auth.key_file"
+            " (docs/agent-link.md)"
+        )
     async with NvmlDriver(cfg.node_id, confirm_timeout_s=cfg.nvml.confirm_timeout_s) as driver:
         agent = NodeAgent(cfg, driver, link)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, agent.stop)
+        if keys is not None:
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(signal.SIGHUP, keys.reload)
         log.info(
-            "agent %s for node %s (%d GPUs), obeying controller %s, failsafe %g W per GPU",
+            "agent %s for node %s (%d GPUs), obeying controller %s (%s), failsafe %g W per GPU",
             cfg.agent_id,
             cfg.node_id,
             len(driver.gpus),
             cfg.controller_id,
+            "signed leases only" if keys is not None else "UNSIGNED",
             cfg.failsafe_w,
         )
         async with asyncio.TaskGroup() as tg:

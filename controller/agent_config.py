@@ -48,6 +48,14 @@ class AgentMqttConfig(Strict):
         )
 
 
+class AgentAuth(Strict):
+    """Where this agent's key is: a file ``<kid> <secret hex>`` per line (one or two
+    lines during a rollover), readable only by its owner (0600). Never inline."""
+
+    key_file: Path
+    check_every_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
+
+
 class NvmlSettings(Strict):
     confirm_timeout_s: Annotated[float, Field(gt=0, le=10)] = 1.0
 
@@ -70,6 +78,10 @@ class AgentConfig(Strict):
     failsafe_w: Annotated[float, Field(gt=0, le=100_000)]
     telemetry_hz: Annotated[float, Field(ge=1, le=10)] = 2.0
     max_lease_s: Annotated[float, Field(gt=0, le=MAX_LEASE_S)] = 60.0
+    # A lease's seq (the controller's wall clock in ms) must be within this of ours.
+    seq_window_s: Annotated[float, Field(ge=60, le=86_400)] = 600.0
+    # None: leases are not authenticated (a lab); the agent warns loudly at start.
+    auth: AgentAuth | None = None
     mqtt: AgentMqttConfig
     nvml: NvmlSettings = NvmlSettings()
 

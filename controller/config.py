@@ -445,8 +445,19 @@ class SchedulerConfig(Strict):
         return self
 
 
+class AgentAuthConfig(Strict):
+    """Where the controller finds each agent's link key: ``<keys_dir>/<agent_id>.key``
+    (``<kid> <secret hex>`` per line, one or two during a rollover, mode 0600). One file
+    per agent: 9,000 agents are a directory, and a node is re-keyed alone. Absent: the
+    agent link is unauthenticated (``run`` warns loudly). See docs/agent-link.md."""
+
+    keys_dir: Path
+    check_every_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
+
+
 class Integrations(Strict):
     mqtt: MqttConfig | None = None
+    agent_auth: AgentAuthConfig | None = None
     influx: InfluxConfig | None = None
     api: ApiConfig = ApiConfig()
     scheduler: SchedulerConfig = SchedulerConfig()

@@ -17,6 +17,7 @@ import math
 import os
 import secrets
 import sys
+import tempfile
 import time
 import weakref
 from collections.abc import Callable, Coroutine
@@ -134,6 +135,7 @@ async def run_demo(args: argparse.Namespace, site: Site) -> int:
     from controller.agent import NodeAgent
     from controller.agent_config import parse_agent_config
     from controller.link import ControllerLink, InProcessLink, MqttAgentLink, MqttControllerLink
+    from controller.msgauth import KeyFile, KeyStore, new_key_line, write_key_file
     from controller.service import ServiceOptions, run_service
     from drivers.nvml import NvmlDriver
     from sim.runtime import SimRuntime
@@ -146,6 +148,11 @@ async def run_demo(args: argparse.Namespace, site: Site) -> int:
     stops = _AgentStops()
     agent_log = logging.getLogger("controller.agent")
     agent_log.addFilter(stops)
+    # Over MQTT every agent gets a throwaway key, so `demo --mqtt URL` is signed out of the
+    # box: a client on that broker cannot cap or uncap the demo's GPUs. Gone at exit.
+    keys_tmp = tempfile.TemporaryDirectory(prefix="rackpower-demo-keys-")
+    keys_dir = Path(keys_tmp.name)
+    os.chmod(keys_dir, 0o700)
     try:
         async with SimRuntime(site, seed=args.seed, ephemeral=True) as sim:
             served = _with_integrations(sim.served_site(), args.mqtt, args.influx)
@@ -154,7 +161,7 @@ async def run_demo(args: argparse.Namespace, site: Site) -> int:
             controller_link: ControllerLink
             mqtt_cfg = served.integrations.mqtt
             if mqtt_cfg is not None:
-                controller_link = MqttControllerLink(mqtt_cfg, served.name)
+                controller_link = MqttControllerLink(mqtt_cfg, served.name, keys=KeyStore(keys_dir))
             else:
                 controller_link = hub.controller()
             tasks: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {}
@@ -166,6 +173,8 @@ async def run_demo(args: argparse.Namespace, site: Site) -> int:
                     continue
                 driver = NvmlDriver(node_id, backend=sim.fake_nvml(node_id))
                 await driver.start()
+                key_path = keys_dir / f"{node.agent}.key"
+                write_key_file(key_path, new_key_line("demo"))
                 cfg = parse_agent_config(
                     {
                         "site": served.name,
@@ -174,12 +183,13 @@ async def run_demo(args: argparse.Namespace, site: Site) -> int:
                         "controller_id": f"rackpower-{served.name}-demo",
                         "failsafe_w": shares[node_id],
                         "telemetry_hz": 4,
+                        "auth": {"key_file": str(key_path)},
                         "mqtt": {"url": mqtt_cfg.url if mqtt_cfg else "mqtt://127.0.0.1:1883"},
                     },
                     "<demo>",
                 )
                 agent_link = (
-                    MqttAgentLink(mqtt_cfg, served.name, node.agent)
+                    MqttAgentLink(mqtt_cfg, served.name, node.agent, keys=KeyFile(key_path))
                     if mqtt_cfg is not None
                     else hub.agent(node.agent)
                 )
@@ -203,6 +213,12 @@ async def run_demo(args: argparse.Namespace, site: Site) -> int:
                     flush=True,
                 )
                 print(f"  metrics      {url}/metrics", flush=True)
+                if mqtt_cfg is not None:
+                    print(
+                        f"  agent link   MQTT, every lease and report signed (HMAC-SHA256,"
+                        f" throwaway per-agent keys in {keys_dir})",
+                        flush=True,
+                    )
                 if token:
                     print(
                         f"  API token    {token}   (for POST/DELETE: Authorization: Bearer ...)",
@@ -279,6 +295,7 @@ async def run_demo(args: argparse.Namespace, site: Site) -> int:
             return code
     finally:
         agent_log.removeFilter(stops)
+        keys_tmp.cleanup()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -151,6 +151,8 @@ class Telemetry(_Message):
     failsafe_reason: str | None = None
     lease_left_s: Annotated[float, Field(ge=0)] | None = None
     refused: Refusal | None = None
+    # Leases refused since the agent started because they failed authentication.
+    auth_refused: Annotated[int, Field(ge=0)] | None = None
     power_w: list[float | None]
     power_avg_w: list[float | None]
     limit_w: list[float | None]
@@ -285,6 +287,10 @@ class LeaseSequence:
     sequence increasing across restarts, unless the wall clock was stepped back by more
     than the downtime (then agents stay in failsafe until it catches up: safe, and said
     in their telemetry as ignored leases in the controller's log).
+
+    Agents refuse a seq more than their ``seq_window_s`` (default 10 min) away from their
+    own wall clock in ms, either way: so the sequence must stay near the wall clock,
+    which it does while the controller sends fewer than 1,000 leases a second.
     """
 
     def __init__(self, wall_clock: Callable[[], float] = time.time) -> None:

@@ -18,6 +18,14 @@ Every link has ``run()`` (a task for its lifetime) and ``stop()``.
 MQTT topics (see docs/agent-link.md): ``<prefix>/<site>/agent/<agent_id>/lease``
 (controller -> agent, QoS 1, never retained), ``.../telemetry`` (agent -> controller,
 QoS 0) and ``.../status`` (the agent's retained ``online``/``offline`` with a last will).
+
+Authentication (controller.msgauth): given keys, the MQTT sides seal what they send and
+open what they receive, and a message that fails is refused and counted
+(``auth_refused``), never decoded: the agent gets an :class:`Unauthenticated` in place of
+the lease, the controller drops the report. Without keys both sides send plain JSON and
+accept anything well-formed (a lab without keys; ``run`` and ``agent`` warn loudly). The
+in-process link carries Python objects between tasks of one process, which nobody else
+can reach; it does not sign.
 """
 
 from __future__ import annotations
@@ -46,6 +54,16 @@ from controller.lease import (
     decode_telemetry,
 )
 from controller.mqtt import Backoff, broker_settings, make_client, run_with_reconnect
+from controller.msgauth import (
+    AuthError,
+    KeyFile,
+    KeyStore,
+    RefusalLog,
+    is_sealed,
+    open_sealed,
+    seal,
+    unwrap,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +80,14 @@ class BadMessage:
     reason: str
 
 
-LeaseMessage = Lease | BadMessage
+@dataclass(frozen=True, slots=True)
+class Unauthenticated:
+    """A lease payload that failed authentication: nothing of it may be trusted or used."""
+
+    reason: str
+
+
+LeaseMessage = Lease | BadMessage | Unauthenticated
 
 
 class ControllerLink(Protocol):
@@ -107,6 +132,8 @@ class LinkStats:
     telemetry_dropped: int = 0
     bad_messages: int = 0
     retained_leases_ignored: int = 0
+    auth_refused: int = 0  # unsigned, unknown key or bad MAC (leases at the agent, reports here)
+    leases_no_key: int = 0  # not sent: no usable key file for the agent
 
 
 class _Counters:
@@ -505,6 +532,7 @@ class MqttControllerLink(_MqttEndpoint):
         telemetry_queue_size: int = 20_000,
         max_queue_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        keys: KeyStore | None = None,
     ) -> None:
         super().__init__(
             cfg,
@@ -523,6 +551,13 @@ class MqttControllerLink(_MqttEndpoint):
             telemetry_queue_size, lambda: self._counters.add("telemetry_dropped")
         )
         self._status: dict[str, bool] = {}
+        self.keys = keys
+        self._refusals = RefusalLog(log, "agent telemetry")
+        self._no_key = RefusalLog(log, "to send a lease")
+
+    @property
+    def authenticated(self) -> bool:
+        return self.keys is not None
 
     def send_lease(self, agent_id: str, lease: Lease) -> None:
         check_topic_id(agent_id, "agent id")
@@ -556,8 +591,15 @@ class MqttControllerLink(_MqttEndpoint):
                 if state in (ONLINE, OFFLINE):
                     self._status[agent_id] = state == ONLINE
                 continue
+            payload = _payload(message)
             try:
-                report = decode_telemetry(_payload(message))
+                payload = self._open(agent_id, payload)
+            except AuthError as exc:
+                self._counters.add("auth_refused")
+                self._refusals.refused(f"{topic}: {exc}")
+                continue
+            try:
+                report = decode_telemetry(payload)
             except MessageError as exc:
                 self._counters.add("bad_messages")
                 log.warning("%s: %s on %s", self.name, exc, topic)
@@ -570,6 +612,24 @@ class MqttControllerLink(_MqttEndpoint):
                 continue
             self._counters.add("telemetry_received")
             self._telemetry.put(report)
+
+    def _open(self, agent_id: str, payload: bytes) -> bytes:
+        if self.keys is None:  # unauthenticated: take a sealed report's content unchecked
+            return unwrap(payload)[2] if is_sealed(payload) else payload
+        keys = self.keys.keys(agent_id)
+        if keys is None:
+            raise AuthError(f"no usable key for {agent_id}: {self.keys.problem(agent_id)}")
+        return open_sealed("telemetry", agent_id, payload, keys)
+
+    def _wire(self, agent_id: str, lease: Lease) -> bytes | None:
+        if self.keys is None:
+            return lease.encode()
+        keys = self.keys.keys(agent_id)
+        if keys is None:
+            self._counters.add("leases_no_key")
+            self._no_key.refused(f"no usable key for {agent_id}: {self.keys.problem(agent_id)}")
+            return None
+        return seal("lease", agent_id, lease.encode(), keys[0])
 
     async def _flush(self, client: aiomqtt.Client) -> None:
         if not self._pending:
@@ -586,14 +646,16 @@ class MqttControllerLink(_MqttEndpoint):
                     self.name, lease.seq, agent_id, now - queued_s,
                 )  # fmt: skip
                 continue
-            sends.append((agent_id, lease, queued_s))
+            wire = self._wire(agent_id, lease)
+            if wire is not None:
+                sends.append((agent_id, lease, queued_s, wire))
         # QoS 1 publishes wait for the broker's PUBACK: send them side by side.
         results = await asyncio.gather(
-            *(client.publish(self.topics.lease(a), x.encode(), qos=1) for a, x, _ in sends),
+            *(client.publish(self.topics.lease(a), w, qos=1) for a, _, _, w in sends),
             return_exceptions=True,
         )
         failed: BaseException | None = None
-        for (agent_id, lease, queued_s), result in zip(sends, results, strict=True):
+        for (agent_id, lease, queued_s, _), result in zip(sends, results, strict=True):
             if isinstance(result, BaseException):
                 failed = failed or result
                 self._pending.setdefault(agent_id, (lease, queued_s))  # unless a newer one
@@ -626,6 +688,7 @@ class MqttAgentLink(_MqttEndpoint):
         tls_context: ssl.SSLContext | None = None,
         environ: Mapping[str, str] | None = None,
         lease_queue_size: int = 16,
+        keys: KeyFile | None = None,
     ) -> None:
         topics = AgentTopics.for_site(cfg.topic_prefix, site)
         super().__init__(
@@ -643,6 +706,11 @@ class MqttAgentLink(_MqttEndpoint):
             lease_queue_size, lambda: self._counters.add("leases_superseded")
         )
         self._outgoing: Telemetry | None = None
+        self.keys = keys
+
+    @property
+    def authenticated(self) -> bool:
+        return self.keys is not None
 
     def leases(self) -> AsyncIterator[LeaseMessage]:
         return self._leases.__aiter__()
@@ -676,19 +744,33 @@ class MqttAgentLink(_MqttEndpoint):
                     "%s: ignoring a retained lease on %s (could be any age)", self.name, topic
                 )
                 continue
-            try:
-                msg: LeaseMessage = decode_lease(_payload(message))
-            except MessageError as exc:
-                self._counters.add("bad_messages")
-                msg = BadMessage(str(exc))
-            self._leases.put(msg)
+            self._leases.put(self._open(_payload(message)))
+
+    def _open(self, payload: bytes) -> LeaseMessage:
+        """Authenticate, then decode; what fails either is handed on as why, not as a lease."""
+        try:
+            if self.keys is not None:
+                payload = open_sealed("lease", self.agent_id, payload, self.keys.current())
+            elif is_sealed(payload):  # unauthenticated agent: take the content unchecked
+                payload = unwrap(payload)[2]
+        except AuthError as exc:
+            self._counters.add("auth_refused")
+            return Unauthenticated(str(exc))
+        try:
+            return decode_lease(payload)
+        except MessageError as exc:
+            self._counters.add("bad_messages")
+            return BadMessage(str(exc))
 
     async def _flush(self, client: aiomqtt.Client) -> None:
         report, self._outgoing = self._outgoing, None
         if report is None:
             return
+        wire = report.encode()
+        if self.keys is not None:
+            wire = seal("telemetry", self.agent_id, wire, self.keys.current()[0])
         try:
-            await client.publish(self.topics.telemetry(self.agent_id), report.encode(), qos=0)
+            await client.publish(self.topics.telemetry(self.agent_id), wire, qos=0)
         except aiomqtt.MqttError:
             self._counters.add("telemetry_dropped")
             raise

@@ -34,6 +34,7 @@ from controller.devices import polled_device_params
 from controller.link import ControllerLink, MqttControllerLink
 from controller.metrics import Metrics
 from controller.mqtt import quiet_aiomqtt_close_race
+from controller.msgauth import KeyStore
 from controller.scheduler.factory import build_adapter
 from controller.scheduling import attach_scheduler
 from controller.sdnotify import Notifier
@@ -102,8 +103,21 @@ async def run_service(site: Site, options: ServiceOptions, stop: asyncio.Event) 
     audit = AuditLog(path=options.audit_path)
     metrics = Metrics(site.name)
     link = options.link
+    keys: KeyStore | None = None
     if link is None and integrations.mqtt is not None:
-        link = MqttControllerLink(integrations.mqtt, site.name)
+        auth = integrations.agent_auth
+        if auth is not None:  # a missing directory stops the start (KeyFileError)
+            keys = KeyStore(auth.keys_dir, check_every_s=auth.check_every_s)
+        link = MqttControllerLink(integrations.mqtt, site.name, keys=keys)
+    if isinstance(link, MqttControllerLink):
+        keys = link.keys
+        if keys is None:
+            log.warning(
+                "AGENT LINK UNAUTHENTICATED: leases go out unsigned and any telemetry is"
+                " believed, so anyone who can publish on the broker can raise or lower GPU"
+                " caps and fake readings; set integrations.agent_auth.keys_dir"
+                " (docs/agent-link.md)"
+            )
     controller = Controller(
         site,
         mode=options.mode,
@@ -112,6 +126,18 @@ async def run_service(site: Site, options: ServiceOptions, stop: asyncio.Event) 
         audit=audit,
         metrics=metrics,
     )
+    if keys is not None:
+        missing = keys.missing(sorted(controller.agents))
+        if missing:
+            log.error(
+                "no usable agent key for %d of %d agents (they get no lease, their telemetry"
+                " is refused): %s%s",
+                len(missing),
+                len(controller.agents),
+                ", ".join(missing[:5]),
+                " ..." if len(missing) > 5 else "",
+            )
+            log.error("first key problem: %s", keys.problem(missing[0]))
     scheduler_link = None
     adapter = build_adapter(integrations.scheduler, controller.tree)
     if adapter is not None:
@@ -185,6 +211,9 @@ async def run_service(site: Site, options: ServiceOptions, stop: asyncio.Event) 
         api.bind()
 
     def reload() -> None:
+        if keys is not None:  # agent keys first: a rotation must not wait for a valid config
+            keys.reload()
+            log.info("SIGHUP: agent key files re-read from %s", keys.keys_dir)
         if options.config_path is None:
             log.warning("SIGHUP: no config path to reload from")
             return

@@ -25,6 +25,7 @@ from controller.agent_config import AgentConfig, load_agent_config, parse_agent_
 from controller.config import ConfigError
 from controller.lease import Lease, Telemetry, decode_telemetry
 from controller.link import BadMessage, InProcessLink
+from controller.msgauth import new_key_line, write_key_file
 from drivers.nvml import NvmlDriver
 from drivers.reading import Quality
 from sim.fake_nvml import FakeNvml
@@ -88,7 +89,11 @@ async def rig() -> AsyncIterator[Rig]:
     clock = ManualClock()
     link = InProcessLink()
     async with NvmlDriver(NODE, fake) as driver:
-        agent = NodeAgent(agent_config(), driver, link.agent("agent-r1-n1"), clock=clock)
+        # The wall clock reads 1 s: the small seqs these tests send are "now" (within
+        # seq_window_s); a real controller's seq is its wall clock in ms.
+        agent = NodeAgent(
+            agent_config(), driver, link.agent("agent-r1-n1"), clock=clock, wall_clock=lambda: 1.0
+        )
         await agent.start()
         yield Rig(fake, driver, agent, clock)
 
@@ -405,7 +410,7 @@ async def test_run_over_the_in_process_link_and_fall_back_when_cut() -> None:
     hub = InProcessLink(through_json=True)
     ctl = hub.controller()
     async with NvmlDriver(NODE, fake) as driver:
-        agent = NodeAgent(agent_config(), driver, hub.agent("agent-r1-n1"))
+        agent = NodeAgent(agent_config(), driver, hub.agent("agent-r1-n1"), wall_clock=lambda: 1.0)
         received: list[Telemetry] = []
 
         async def collect() -> None:
@@ -502,9 +507,31 @@ def test_agent_command_bad_config_exits_2(
 
 
 def test_agent_command_without_nvml_exits_1_with_a_clear_message(
-    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # The real pynvml: this machine has no NVIDIA driver, so NVML cannot start.
-    args = parser().parse_args(["agent", "--config", str(REPO / "configs/agents/example.yaml")])
+    # The real pynvml: this machine has no NVIDIA driver, so NVML cannot start. The
+    # example with its key file in tmp_path (a key is checked before NVML is opened).
+    key = tmp_path / "agent.key"
+    write_key_file(key, new_key_line())
+    text = (REPO / "configs/agents/example.yaml").read_text()
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(text.replace("/etc/rackpower/agent.key", str(key)))
+    args = parser().parse_args(["agent", "--config", str(cfg)])
     assert cmd_agent(args) == 1
     assert "NVML is not available" in capsys.readouterr().err
+
+
+# --- F2: seq bounded by the agent's wall clock ----------------------------------------------
+
+
+async def test_f2_seq_beyond_the_wall_clock_is_refused_and_does_not_lock_out(rig: Rig) -> None:
+    now_ms = 1000  # the rig's wall clock, in ms: a real controller's seq
+    out = await rig.agent.handle(lease(2**63, {0: 700, 1: 700, 2: 700, 3: 700}))
+    assert out.status == "refused" and "wall clock" in out.reason
+    assert rig.enforced() == [FAILSAFE_W] * 4
+    t = await rig.agent.sample()
+    assert t.refused is not None and t.refused.seq == 2**63
+    # The real controller is obeyed afterwards.
+    out = await rig.agent.handle(lease(now_ms, {0: 600}))
+    assert out.status == "applied" and rig.agent.state.seq == now_ms
+    assert rig.enforced()[0] == 600.0
