@@ -33,6 +33,8 @@ from pydantic import (
     model_validator,
 )
 
+from controller.config_urls import address_problem, host_problem, url_problem
+from controller.secrets import redact_url
 from drivers.devicemap import DeviceMapError, ModbusMap, SnmpMap, load_map
 
 # ---------------------------------------------------------------------------
@@ -90,7 +92,11 @@ Fraction = Annotated[float, Field(gt=0, le=1)]
 class Strict(BaseModel):
     """Base for every config model: unknown keys, NaN and infinity are errors."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+    # hide_input_in_errors: a ValidationError printed whole (a traceback) must not show a
+    # password written into a URL; our own messages show inputs redacted.
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, frozen=True, hide_input_in_errors=True
+    )
 
 
 class TripCurve(Strict):
@@ -132,6 +138,15 @@ class EfficiencyCurve(Strict):
     """Converter efficiency against load fraction of rating; interpolated linearly."""
 
     points: list[tuple[Annotated[float, Field(ge=0, le=2)], Fraction]] = Field(min_length=1)
+
+    @field_validator("points")
+    @classmethod
+    def _load_order(cls, points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        # Interpolation walks the points in order: out of order, a load between two of
+        # them reads the efficiency of a segment that runs backwards (a wrong loss figure).
+        if any(b <= a for (a, _), (b, _) in itertools.pairwise(points)):
+            raise ValueError("load fractions must be strictly increasing")
+        return points
 
 
 class TreeNodeSpec(Strict):
@@ -236,6 +251,16 @@ class DeviceSpec(Strict):
             if not self.map:
                 raise ValueError(f"a {self.driver} device needs a device map (map:)")
         return self
+
+    @field_validator("address")
+    @classmethod
+    def _address_works(cls, value: str | None) -> str | None:
+        # A generator's ``{i}`` is checked once filled in (each instance is validated).
+        if value is not None and "{" not in value:
+            problem = address_problem(value)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
 
     @field_validator("unit_id", mode="before")
     @classmethod
@@ -369,6 +394,18 @@ class PolicyConfig(Strict):
         return self
 
 
+MQTT_SCHEMES = ("mqtt", "mqtts")
+HTTP_SCHEMES = ("http", "https")
+
+
+def check_url(url: str, schemes: Sequence[str], *, path_allowed: bool = False) -> str:
+    """``url`` itself, or ``ValueError`` saying why it cannot work (never its password)."""
+    problem = url_problem(url, schemes, path_allowed=path_allowed)
+    if problem is not None:
+        raise ValueError(problem)
+    return url
+
+
 class MqttConfig(Strict):
     url: str = "mqtt://127.0.0.1:1883"
     topic_prefix: str = "rackpower"
@@ -377,6 +414,11 @@ class MqttConfig(Strict):
     password_file: Path | None = None
     tls: bool = False
     telemetry_period_s: PosS = 5.0
+
+    @field_validator("url")
+    @classmethod
+    def _url_works(cls, url: str) -> str:
+        return check_url(url, MQTT_SCHEMES)
 
 
 class InfluxConfig(Strict):
@@ -389,12 +431,25 @@ class InfluxConfig(Strict):
     flush_s: PosS = 1.0
     max_buffered_points: Annotated[int, Field(ge=1)] = 200_000
 
+    @field_validator("url")
+    @classmethod
+    def _url_works(cls, url: str) -> str:
+        return check_url(url, HTTP_SCHEMES, path_allowed=True)
+
 
 class ApiConfig(Strict):
     host: str = "127.0.0.1"
-    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080  # 0: any free port
     token_env: str | None = None
     token_file: Path | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _host_works(cls, host: str) -> str:
+        problem = host_problem(host.removeprefix("[").removesuffix("]"))
+        if problem is not None:
+            raise ValueError(problem)
+        return host
 
 
 class SchedulerConfig(Strict):
@@ -428,6 +483,11 @@ class SchedulerConfig(Strict):
     class_label: str | None = None
     gpu_resource: str = "nvidia.com/gpu"
     requeueable_default: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _url_works(cls, url: str | None) -> str | None:
+        return None if url is None else check_url(url, HTTP_SCHEMES, path_allowed=True)
 
     @model_validator(mode="after")
     def _reachable(self) -> SchedulerConfig:
@@ -625,7 +685,8 @@ def pydantic_problems(exc: ValidationError, prefix: Sequence[str | int] = ()) ->
         elif err["type"] == "missing":
             msg = "required key is missing"
         elif "input" in err and not isinstance(err["input"], dict | list):
-            msg = f"{msg} (got {err['input']!r})"
+            shown = redact_url(err["input"]) if isinstance(err["input"], str) else err["input"]
+            msg = f"{msg} (got {shown!r})"
         problems.append(Problem(format_loc(loc), msg))
     return problems
 
@@ -915,7 +976,8 @@ def check_site(
             try:
                 split_address(d.address, 1)
             except ValueError:
-                problems.append(Problem(f"{where}.address", f"not host:port: {d.address!r}"))
+                shown = redact_url(d.address)
+                problems.append(Problem(f"{where}.address", f"not host:port: {shown!r}"))
     source_ids = {s.id for n in nodes for s in n.sources}
     for sid in source_ids & set(by_id):
         problems.append(Problem(by_id[sid].path, f"id {sid!r} is also a feed source id"))
