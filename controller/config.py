@@ -906,7 +906,7 @@ def _build(spec: SiteSpec, source: str) -> Site:
     if not b.problems:
         b.problems.extend(check_site(spec, b.nodes, b.devices, b.device_paths))
     if b.problems:
-        raise ConfigError(source, _collapse_instances(b.problems))
+        raise ConfigError(source, collapse_instances(b.problems))
     return Site(
         name=spec.site,
         source=source,
@@ -920,7 +920,7 @@ def _build(spec: SiteSpec, source: str) -> Site:
 _INSTANCE = re.compile(r"\[id=[^\]]*\]")
 
 
-def _collapse_instances(problems: Sequence[Problem]) -> list[Problem]:
+def collapse_instances(problems: Sequence[Problem]) -> list[Problem]:
     """A generator repeats one mistake in every instance: report it once, with a count."""
     groups: dict[tuple[str, str], list[Problem]] = {}
     for p in problems:
@@ -943,7 +943,7 @@ _PARENT_KIND: dict[str, tuple[str, ...]] = {
 }
 
 
-def _floor_draw_w(spec: SiteSpec, node: NodeDef) -> float:
+def floor_draw_w(spec: SiteSpec, node: NodeDef) -> float:
     """The least a GPU server can be brought down to: baseline plus every GPU at its floor."""
     model = spec.gpu_models[node.gpu_model or ""]
     floor = max(model.min_w, node.floor_w or 0.0, spec.policy.gpu_floor_w or 0.0)
@@ -1030,14 +1030,25 @@ def check_site(
                 )
 
     problems.extend(_check_redundancy(spec, nodes, by_id, dev_ids))
-    problems.extend(_check_maps(nodes, devices, device_paths))
+    point_units: dict[str, dict[str, str]] = {}
+    problems.extend(_check_maps(nodes, devices, device_paths, point_units))
+    # Imported here: the rules build on this module's types (and on controller.devices).
+    from controller.config_semantics import check_semantics
+
+    problems.extend(check_semantics(spec, nodes, devices, device_paths, point_units))
     return problems
 
 
 def _check_maps(
-    nodes: Sequence[NodeDef], devices: Sequence[DeviceSpec], device_paths: Mapping[str, str]
+    nodes: Sequence[NodeDef],
+    devices: Sequence[DeviceSpec],
+    device_paths: Mapping[str, str],
+    point_units: dict[str, dict[str, str]],
 ) -> list[Problem]:
-    """Each device's map exists and speaks its protocol; each meter names a point of it."""
+    """Each device's map exists and speaks its protocol; each meter names a point of it.
+
+    Fills ``point_units`` (device id -> point -> unit) for the unit rules.
+    """
     problems: list[Problem] = []
     points: dict[str, set[str]] = {}
     maps: dict[str, ModbusMap | SnmpMap | DeviceMapError] = {}
@@ -1059,6 +1070,7 @@ def _check_maps(
                 Problem(f"{where}.map", f"map {d.map!r} is for {dmap.protocol}, not {d.driver}")
             )
         points[d.id] = set(dmap.point_names())
+        point_units[d.id] = {name: p.unit for name, p in dmap.points.items()}
     for n in nodes:
         meters = [(f"{n.path}.meters[{k}]", m) for k, m in enumerate(n.meters)]
         for s_i, src in enumerate(n.sources):
@@ -1097,7 +1109,7 @@ def _check_redundancy(
             nid = stack.pop()
             for c in children.get(nid, []):
                 if c.kind == "node":
-                    total += _floor_draw_w(spec, c)
+                    total += floor_draw_w(spec, c)
                 elif c.kind != "gpu":
                     stack.append(c.id)
         return total
