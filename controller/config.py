@@ -250,7 +250,22 @@ class DeviceSpec(Strict):
                 raise ValueError(f"a {self.driver} device needs an address (host:port)")
             if not self.map:
                 raise ValueError(f"a {self.driver} device needs a device map (map:)")
+        if self.driver == "snmp":
+            self._snmp_auth()
         return self
+
+    def _snmp_auth(self) -> None:
+        # Each of these is silently ignored or fails on every poll at run time.
+        if self.community is not None and self.community_env is not None:
+            raise ValueError("give community or community_env, not both")
+        v3 = (self.v3_user, self.v3_auth_key_env, self.v3_priv_key_env)
+        if self.snmp_version == "2c" and any(v is not None for v in v3):
+            raise ValueError("v3_user and v3 keys need snmp_version: '3' (2c ignores them)")
+        if self.snmp_version == "3":
+            if not self.v3_user:
+                raise ValueError("snmp_version 3 needs v3_user")
+            if self.v3_priv_key_env is not None and self.v3_auth_key_env is None:
+                raise ValueError("v3 privacy needs authentication too (v3_auth_key_env)")
 
     @field_validator("address")
     @classmethod
