@@ -397,6 +397,39 @@ ERRORS: list[tuple[str, Callable[[], dict[str, Any]], Mutation, str, str]] = [
         "devices[0]",
         "must be at least period_s",
     ),
+    (
+        "snmp v3 without a user",
+        tiny_site,
+        _set("devices[1].snmp_version", "3"),
+        "devices[1]",
+        "snmp_version 3 needs v3_user",
+    ),
+    (
+        "snmp v3 user on a 2c device",
+        tiny_site,
+        _set("devices[1].v3_user", "ops"),
+        "devices[1]",
+        "need snmp_version: '3'",
+    ),
+    (
+        "snmp community twice",
+        tiny_site,
+        _set("devices[1].community_env", "PDU_COMMUNITY"),
+        "devices[1]",
+        "community or community_env, not both",
+    ),
+    (
+        "snmp v3 privacy without auth",
+        tiny_site,
+        _both(
+            lambda c: c["devices"][1].pop("community"),
+            _set("devices[1].snmp_version", "3"),
+            _set("devices[1].v3_user", "ops"),
+            _set("devices[1].v3_priv_key_env", "K"),
+        ),
+        "devices[1]",
+        "v3 privacy needs authentication",
+    ),
 ]
 
 
