@@ -16,7 +16,7 @@ import yaml
 
 from controller.agent_config import load_agent_config
 from controller.cli import main
-from controller.config import ConfigError, InfluxConfig
+from controller.config import ConfigError, InfluxConfig, MqttConfig
 from controller.mqtt import MqttSetupError, parse_broker_url
 from controller.secrets import redact_url
 from controller.tsdb import Point, TsdbWriter
@@ -130,3 +130,10 @@ async def test_f10_influx_url_with_credentials_is_logged_redacted(
     text = caplog.text + str(w.stats().last_error)
     assert "write to http://***@127.0.0.1" in caplog.text, caplog.text
     assert SECRET not in text
+
+
+def test_f10_a_raw_validation_error_does_not_show_the_password() -> None:
+    """A ValidationError printed whole (``demo --mqtt``, a traceback) hides the input."""
+    with pytest.raises(ValueError, match=REFUSAL) as err:
+        MqttConfig(url=f"mqtt://ops:{SECRET}@127.0.0.1:1883")
+    assert SECRET not in str(err.value)
