@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import Field, StringConstraints, ValidationError
+from pydantic import Field, StringConstraints, ValidationError, field_validator
 
 from controller.config import (
+    MQTT_SCHEMES,
     ConfigError,
     MqttConfig,
     Problem,
     Strict,
+    check_url,
     pydantic_problems,
 )
 from controller.lease import ID_PATTERN, MAX_LEASE_S
@@ -35,6 +37,11 @@ class AgentMqttConfig(Strict):
     password_file: Path | None = None
     tls: bool = False
     keepalive_s: Annotated[int, Field(ge=5, le=600)] = 15
+
+    @field_validator("url")
+    @classmethod
+    def _url_works(cls, url: str) -> str:
+        return check_url(url, MQTT_SCHEMES)
 
     def as_site_mqtt(self) -> MqttConfig:
         """In the shape controller.mqtt resolves URLs and secrets from."""

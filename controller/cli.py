@@ -22,6 +22,7 @@ from controller import (
     status_cmd,
 )
 from controller.config import ConfigError, load_site
+from controller.config_warnings import render_warnings
 from controller.topology import PowerTree
 
 EXIT_OK = 0
@@ -50,8 +51,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc.report(), file=sys.stderr)
         return EXIT_BAD_INPUT
+    warnings = render_warnings(site)  # legal but suspicious: stderr, exit 0
     tree = PowerTree(site)
     elapsed_s = time.perf_counter() - started
+    for line in warnings:
+        print(line, file=sys.stderr)
     counts = tree.counts()
     total_env = sum(tree.effective_envelope_w(r) for r in tree.roots)
     max_draw = sum(tree.max_draw_w(r) for r in tree.roots)
@@ -105,9 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
         "validate",
         help="check a site config and print a summary of its power tree",
         description=(
-            "Validate a site YAML file (schema, references, envelopes against ratings and"
-            " parents, A/B redundancy) and print counts, envelopes and the most"
-            " oversubscribed nodes. Exits 2 with every problem on stderr if it is invalid."
+            "Validate a site YAML file (schema, references, units, envelopes against"
+            " ratings, parents and GPU floors, A/B redundancy, duplicate devices, addresses"
+            " and URLs) and print counts, envelopes and the most oversubscribed nodes."
+            " Exits 2 with every problem on stderr if it is invalid; warnings (legal but"
+            " suspicious settings) go to stderr with exit 0."
         ),
     )
     p.add_argument("config", help="site YAML file, e.g. configs/sites/demo.yaml")

@@ -10,8 +10,10 @@ import logging
 import sys
 
 from controller.config import ConfigError, Site, load_site
+from controller.config_warnings import render_warnings
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+log = logging.getLogger("controller.config")
 
 
 def load_site_or_report(path: str) -> Site | None:
@@ -21,6 +23,12 @@ def load_site_or_report(path: str) -> Site | None:
     except ConfigError as exc:
         print(exc.report(), file=sys.stderr)
         return None
+
+
+def log_site_warnings(site: Site) -> None:
+    """What ``validate`` warns about, logged once at start (legal, so the start goes on)."""
+    for line in render_warnings(site):
+        log.warning("%s", line)
 
 
 def setup_logging(level: str) -> None:

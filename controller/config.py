@@ -33,6 +33,8 @@ from pydantic import (
     model_validator,
 )
 
+from controller.config_urls import address_problem, host_problem, url_problem
+from controller.secrets import redact_url
 from drivers.devicemap import DeviceMapError, ModbusMap, SnmpMap, load_map
 
 # ---------------------------------------------------------------------------
@@ -90,7 +92,11 @@ Fraction = Annotated[float, Field(gt=0, le=1)]
 class Strict(BaseModel):
     """Base for every config model: unknown keys, NaN and infinity are errors."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+    # hide_input_in_errors: a ValidationError printed whole (a traceback) must not show a
+    # password written into a URL; our own messages show inputs redacted.
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, frozen=True, hide_input_in_errors=True
+    )
 
 
 class TripCurve(Strict):
@@ -132,6 +138,15 @@ class EfficiencyCurve(Strict):
     """Converter efficiency against load fraction of rating; interpolated linearly."""
 
     points: list[tuple[Annotated[float, Field(ge=0, le=2)], Fraction]] = Field(min_length=1)
+
+    @field_validator("points")
+    @classmethod
+    def _load_order(cls, points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        # Interpolation walks the points in order: out of order, a load between two of
+        # them reads the efficiency of a segment that runs backwards (a wrong loss figure).
+        if any(b <= a for (a, _), (b, _) in itertools.pairwise(points)):
+            raise ValueError("load fractions must be strictly increasing")
+        return points
 
 
 class TreeNodeSpec(Strict):
@@ -235,7 +250,32 @@ class DeviceSpec(Strict):
                 raise ValueError(f"a {self.driver} device needs an address (host:port)")
             if not self.map:
                 raise ValueError(f"a {self.driver} device needs a device map (map:)")
+        if self.driver == "snmp":
+            self._snmp_auth()
         return self
+
+    def _snmp_auth(self) -> None:
+        # Each of these is silently ignored or fails on every poll at run time.
+        if self.community is not None and self.community_env is not None:
+            raise ValueError("give community or community_env, not both")
+        v3 = (self.v3_user, self.v3_auth_key_env, self.v3_priv_key_env)
+        if self.snmp_version == "2c" and any(v is not None for v in v3):
+            raise ValueError("v3_user and v3 keys need snmp_version: '3' (2c ignores them)")
+        if self.snmp_version == "3":
+            if not self.v3_user:
+                raise ValueError("snmp_version 3 needs v3_user")
+            if self.v3_priv_key_env is not None and self.v3_auth_key_env is None:
+                raise ValueError("v3 privacy needs authentication too (v3_auth_key_env)")
+
+    @field_validator("address")
+    @classmethod
+    def _address_works(cls, value: str | None) -> str | None:
+        # A generator's ``{i}`` is checked once filled in (each instance is validated).
+        if value is not None and "{" not in value:
+            problem = address_problem(value)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
 
     @field_validator("unit_id", mode="before")
     @classmethod
@@ -369,6 +409,18 @@ class PolicyConfig(Strict):
         return self
 
 
+MQTT_SCHEMES = ("mqtt", "mqtts")
+HTTP_SCHEMES = ("http", "https")
+
+
+def check_url(url: str, schemes: Sequence[str], *, path_allowed: bool = False) -> str:
+    """``url`` itself, or ``ValueError`` saying why it cannot work (never its password)."""
+    problem = url_problem(url, schemes, path_allowed=path_allowed)
+    if problem is not None:
+        raise ValueError(problem)
+    return url
+
+
 class MqttConfig(Strict):
     url: str = "mqtt://127.0.0.1:1883"
     topic_prefix: str = "rackpower"
@@ -377,6 +429,11 @@ class MqttConfig(Strict):
     password_file: Path | None = None
     tls: bool = False
     telemetry_period_s: PosS = 5.0
+
+    @field_validator("url")
+    @classmethod
+    def _url_works(cls, url: str) -> str:
+        return check_url(url, MQTT_SCHEMES)
 
 
 class InfluxConfig(Strict):
@@ -389,12 +446,25 @@ class InfluxConfig(Strict):
     flush_s: PosS = 1.0
     max_buffered_points: Annotated[int, Field(ge=1)] = 200_000
 
+    @field_validator("url")
+    @classmethod
+    def _url_works(cls, url: str) -> str:
+        return check_url(url, HTTP_SCHEMES, path_allowed=True)
+
 
 class ApiConfig(Strict):
     host: str = "127.0.0.1"
-    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080  # 0: any free port
     token_env: str | None = None
     token_file: Path | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _host_works(cls, host: str) -> str:
+        problem = host_problem(host.removeprefix("[").removesuffix("]"))
+        if problem is not None:
+            raise ValueError(problem)
+        return host
 
 
 class SchedulerConfig(Strict):
@@ -428,6 +498,11 @@ class SchedulerConfig(Strict):
     class_label: str | None = None
     gpu_resource: str = "nvidia.com/gpu"
     requeueable_default: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _url_works(cls, url: str | None) -> str | None:
+        return None if url is None else check_url(url, HTTP_SCHEMES, path_allowed=True)
 
     @model_validator(mode="after")
     def _reachable(self) -> SchedulerConfig:
@@ -636,7 +711,8 @@ def pydantic_problems(exc: ValidationError, prefix: Sequence[str | int] = ()) ->
         elif err["type"] == "missing":
             msg = "required key is missing"
         elif "input" in err and not isinstance(err["input"], dict | list):
-            msg = f"{msg} (got {err['input']!r})"
+            shown = redact_url(err["input"]) if isinstance(err["input"], str) else err["input"]
+            msg = f"{msg} (got {shown!r})"
         problems.append(Problem(format_loc(loc), msg))
     return problems
 
@@ -856,7 +932,7 @@ def _build(spec: SiteSpec, source: str) -> Site:
     if not b.problems:
         b.problems.extend(check_site(spec, b.nodes, b.devices, b.device_paths))
     if b.problems:
-        raise ConfigError(source, _collapse_instances(b.problems))
+        raise ConfigError(source, collapse_instances(b.problems))
     return Site(
         name=spec.site,
         source=source,
@@ -870,7 +946,7 @@ def _build(spec: SiteSpec, source: str) -> Site:
 _INSTANCE = re.compile(r"\[id=[^\]]*\]")
 
 
-def _collapse_instances(problems: Sequence[Problem]) -> list[Problem]:
+def collapse_instances(problems: Sequence[Problem]) -> list[Problem]:
     """A generator repeats one mistake in every instance: report it once, with a count."""
     groups: dict[tuple[str, str], list[Problem]] = {}
     for p in problems:
@@ -893,7 +969,7 @@ _PARENT_KIND: dict[str, tuple[str, ...]] = {
 }
 
 
-def _floor_draw_w(spec: SiteSpec, node: NodeDef) -> float:
+def floor_draw_w(spec: SiteSpec, node: NodeDef) -> float:
     """The least a GPU server can be brought down to: baseline plus every GPU at its floor."""
     model = spec.gpu_models[node.gpu_model or ""]
     floor = max(model.min_w, node.floor_w or 0.0, spec.policy.gpu_floor_w or 0.0)
@@ -926,7 +1002,8 @@ def check_site(
             try:
                 split_address(d.address, 1)
             except ValueError:
-                problems.append(Problem(f"{where}.address", f"not host:port: {d.address!r}"))
+                shown = redact_url(d.address)
+                problems.append(Problem(f"{where}.address", f"not host:port: {shown!r}"))
     source_ids = {s.id for n in nodes for s in n.sources}
     for sid in source_ids & set(by_id):
         problems.append(Problem(by_id[sid].path, f"id {sid!r} is also a feed source id"))
@@ -979,14 +1056,25 @@ def check_site(
                 )
 
     problems.extend(_check_redundancy(spec, nodes, by_id, dev_ids))
-    problems.extend(_check_maps(nodes, devices, device_paths))
+    point_units: dict[str, dict[str, str]] = {}
+    problems.extend(_check_maps(nodes, devices, device_paths, point_units))
+    # Imported here: the rules build on this module's types (and on controller.devices).
+    from controller.config_semantics import check_semantics
+
+    problems.extend(check_semantics(spec, nodes, devices, device_paths, point_units))
     return problems
 
 
 def _check_maps(
-    nodes: Sequence[NodeDef], devices: Sequence[DeviceSpec], device_paths: Mapping[str, str]
+    nodes: Sequence[NodeDef],
+    devices: Sequence[DeviceSpec],
+    device_paths: Mapping[str, str],
+    point_units: dict[str, dict[str, str]],
 ) -> list[Problem]:
-    """Each device's map exists and speaks its protocol; each meter names a point of it."""
+    """Each device's map exists and speaks its protocol; each meter names a point of it.
+
+    Fills ``point_units`` (device id -> point -> unit) for the unit rules.
+    """
     problems: list[Problem] = []
     points: dict[str, set[str]] = {}
     maps: dict[str, ModbusMap | SnmpMap | DeviceMapError] = {}
@@ -1008,6 +1096,7 @@ def _check_maps(
                 Problem(f"{where}.map", f"map {d.map!r} is for {dmap.protocol}, not {d.driver}")
             )
         points[d.id] = set(dmap.point_names())
+        point_units[d.id] = {name: p.unit for name, p in dmap.points.items()}
     for n in nodes:
         meters = [(f"{n.path}.meters[{k}]", m) for k, m in enumerate(n.meters)]
         for s_i, src in enumerate(n.sources):
@@ -1046,7 +1135,7 @@ def _check_redundancy(
             nid = stack.pop()
             for c in children.get(nid, []):
                 if c.kind == "node":
-                    total += _floor_draw_w(spec, c)
+                    total += floor_draw_w(spec, c)
                 elif c.kind != "gpu":
                     stack.append(c.id)
         return total

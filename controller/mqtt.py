@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 import aiomqtt
 
 from controller.config import MqttConfig
+from controller.config_urls import CREDENTIALS_REFUSED
+from controller.secrets import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -72,24 +74,26 @@ class BrokerSettings:
 
 
 def parse_broker_url(url: str) -> tuple[str, int, bool]:
-    """``mqtt://host[:port]`` or ``mqtts://host[:port]`` -> (host, port, tls)."""
+    """``mqtt://host[:port]`` or ``mqtts://host[:port]`` -> (host, port, tls).
+
+    Messages show the URL with any userinfo redacted: this one is printed by ``run``.
+    """
+    shown = redact_url(url)
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    if scheme not in DEFAULT_PORTS:
-        raise MqttSetupError(f"MQTT url {url!r}: scheme must be mqtt:// or mqtts://")
-    if not parts.hostname:
-        raise MqttSetupError(f"MQTT url {url!r} has no host")
-    if parts.username or parts.password:
+    if parts.username or parts.password or "@" in parts.netloc:
         # Secrets in URLs end up in logs and process lists.
-        raise MqttSetupError(
-            f"MQTT url {url!r}: put credentials in username/password_env/password_file"
-        )
+        raise MqttSetupError(f"MQTT url {shown!r}: {CREDENTIALS_REFUSED}")
+    if scheme not in DEFAULT_PORTS:
+        raise MqttSetupError(f"MQTT url {shown!r}: scheme must be mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise MqttSetupError(f"MQTT url {shown!r} has no host")
     if parts.path not in ("", "/"):
-        raise MqttSetupError(f"MQTT url {url!r}: a path is not supported")
+        raise MqttSetupError(f"MQTT url {shown!r}: a path is not supported")
     try:
         port = parts.port or DEFAULT_PORTS[scheme]
     except ValueError as exc:
-        raise MqttSetupError(f"MQTT url {url!r}: {exc}") from None
+        raise MqttSetupError(f"MQTT url {shown!r}: {exc}") from None
     return parts.hostname, port, scheme == "mqtts"
 
 

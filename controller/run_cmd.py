@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from controller.cmdutil import load_site_or_report, setup_logging
+from controller.cmdutil import load_site_or_report, log_site_warnings, setup_logging
 from controller.devices import DeviceSetupError
 from controller.lease import ID_PATTERN
 
@@ -28,6 +28,7 @@ def _run(args: argparse.Namespace) -> int:
     if site is None:
         return 2
     setup_logging(args.log_level)
+    log_site_warnings(site)
     options = ServiceOptions(
         mode=args.mode,
         controller_id=args.controller_id,

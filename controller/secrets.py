@@ -8,6 +8,7 @@ service that silently runs unauthenticated fails later, at a worse moment.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -38,3 +39,26 @@ def read_secret(
             raise ValueError(f"{what}: {file} is empty")
         return value
     return None
+
+
+# ``scheme://userinfo@`` or a bare ``userinfo@host`` at the start of an address; userinfo
+# runs up to the last ``@`` before the host (a password may itself contain ``@``).
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)?(?P<userinfo>[^/?#\s]*)@")
+_USERINFO_IN_TEXT = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s@]*(?:@[^/?#\s@]*)*@")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any userinfo (``user:pass@``) replaced by ``***@``, for logs and errors.
+
+    A password written into a URL must never reach a log line, an error message or a
+    process list; whatever else the URL says stays readable so the message still helps.
+    """
+    m = _USERINFO.match(url)
+    if m is None or not m.group("userinfo"):
+        return url
+    return f"{m.group('scheme') or ''}***@{url[m.end() :]}"
+
+
+def redact_text(text: str) -> str:
+    """Every ``scheme://user:pass@`` inside free text (an exception's repr) redacted."""
+    return _USERINFO_IN_TEXT.sub(lambda m: f"{m.group('scheme')}***@", text)

@@ -35,7 +35,7 @@ from influxdb_client.client.write_api import SYNCHRONOUS
 from influxdb_client.rest import ApiException
 
 from controller.config import InfluxConfig
-from controller.secrets import read_secret
+from controller.secrets import read_secret, redact_text, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +309,7 @@ class TsdbWriter:
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self.cfg = cfg
+        self._shown_url = redact_url(cfg.url)  # F10: what logs may show of the URL
         self.timeout_s = timeout_s
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
@@ -476,7 +477,7 @@ class TsdbWriter:
             self._failed_batches += 1
             self._dropped += trimmed
             if self._healthy:
-                log.warning("tsdb: write to %s failed, buffering: %s", self.cfg.url, error)
+                log.warning("tsdb: write to %s failed, buffering: %s", self._shown_url, error)
             self._last_error = error
             self._healthy = False
             return outcome
@@ -487,13 +488,13 @@ class TsdbWriter:
         if outcome is _Outcome.WRITTEN:
             self._written += n
             if not self._healthy:
-                log.info("tsdb: writes to %s resumed", self.cfg.url)
+                log.info("tsdb: writes to %s resumed", self._shown_url)
             self._healthy = True
         else:
             self._rejected += n
             self._failed_batches += 1
             self._last_error = error
-            log.error("tsdb: %d points refused by %s: %s", n, self.cfg.url, error)
+            log.error("tsdb: %d points refused by %s: %s", n, self._shown_url, error)
         return outcome
 
     def _write(self, batch: list[Point]) -> tuple[_Outcome, str | None]:
@@ -515,7 +516,7 @@ class TsdbWriter:
                 return _Outcome.REJECTED, error
             return _Outcome.FAILED, error
         except Exception as e:  # connection refused, timeout, reset: the server is away
-            return _Outcome.FAILED, _short(repr(e))
+            return _Outcome.FAILED, _short(redact_text(repr(e)))
         return _Outcome.WRITTEN, None
 
 

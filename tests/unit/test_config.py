@@ -285,8 +285,8 @@ def test_base_configs_are_valid() -> None:
 
 def test_generated_instances_repeat_one_mistake_once(tmp_path: Path) -> None:
     cfg = tiny_site()
-    cfg["rows"][0]["racks"][0]["nodes"][0]["rating_w"] = 100  # below its 2,200 W max draw...
-    cfg["rows"][0]["racks"][0]["nodes"][0]["envelope_w"] = 200  # ...and envelope above rating
+    cfg["rows"][0]["racks"][0]["nodes"][0]["rating_w"] = 700  # below its 2,200 W max draw...
+    cfg["rows"][0]["racks"][0]["nodes"][0]["envelope_w"] = 800  # ...and envelope above rating
     with pytest.raises(ConfigError) as err:
         parse_site(cfg, "x.yaml")
     messages = [p.message for p in err.value.problems]

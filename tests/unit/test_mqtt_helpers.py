@@ -38,7 +38,7 @@ def test_broker_urls(url: str, expected: tuple[str, int, bool]) -> None:
         ("http://broker", "scheme must be mqtt:// or mqtts://"),
         ("broker:1883", "scheme must be"),
         ("mqtt://", "has no host"),
-        ("mqtt://u:secret@broker", "put credentials in"),
+        ("mqtt://u:secret@broker", "credentials in the URL are not allowed"),
         ("mqtt://broker/topic", "a path is not supported"),
         ("mqtt://broker:99999", "out of range"),
     ],
