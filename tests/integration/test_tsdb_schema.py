@@ -17,8 +17,10 @@ their own). The scheduler's jobs come from a ``jobs`` callable, as the adapters 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,7 +140,13 @@ def f9_site() -> object:
     rack = cfg["rows"][0]["racks"][0]
     rack["envelope_w"] = 3000.0  # rack-1 runs hot below: over its envelope, then capped
     rack["devices"] = [
-        {"id": "agent-{rack}-n{i}", "count": 2, "driver": "agent", "period_s": 0.5, "timeout_s": 0.25}
+        {
+            "id": "agent-{rack}-n{i}",
+            "count": 2,
+            "driver": "agent",
+            "period_s": 0.5,
+            "timeout_s": 0.25,
+        }
     ]
     rack["nodes"][0]["agent"] = "agent-{rack}-n{i}"
     cfg["policy"] = {"cycle_s": CYCLE_S, "lease_s": 5.0}
@@ -191,7 +199,7 @@ def feed_inputs(ctl: Controller, clock: Clock, rack_w: dict[str, float]) -> None
         )
 
 
-async def run_controller_into(vm: VictoriaMetrics) -> Controller:
+async def run_controller_into(vm: VictoriaMetrics) -> tuple[Controller, list[int]]:
     site = f9_site()
     clock = Clock()
     ctl = Controller(
@@ -223,12 +231,14 @@ async def run_controller_into(vm: VictoriaMetrics) -> Controller:
 
     writer = TsdbWriter(InfluxConfig.model_validate({"url": vm.url, "flush_s": 0.05}))
     submitted = 0
+    cycle_ms: list[int] = []
 
     def sink(points: object) -> None:
         nonlocal submitted
         pts: list[Point] = list(points)  # type: ignore[call-overload]
         # As controller.service does: the writer's own counters ride with each cycle.
         ts = pts[0].ts_ns if pts else time.time_ns()
+        cycle_ms.append(ts // 1_000_000)
         writer.submit([*pts, tsdb_point(SITE, writer.stats(), ts_ns=ts)])
         submitted += len(pts) + 1
 
@@ -241,14 +251,19 @@ async def run_controller_into(vm: VictoriaMetrics) -> Controller:
             ctl.cycle_stats.record(time.monotonic() - started)
             clock.step()
             await asyncio.sleep(0)
-        deadline = time.monotonic() + 30
-        while writer.stats().written_points < submitted and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await until(lambda: writer.stats().written_points >= submitted)
     assert writer.stats().written_points == submitted
-    ctl.cycle_wall_s = [  # type: ignore[attr-defined]
-        round(clock.wall_s - CYCLE_S * (N_CYCLES - i), 3) for i in range(N_CYCLES)
-    ]
-    return ctl
+    assert len(cycle_ms) == N_CYCLES  # one batch of points per cycle
+    return ctl, cycle_ms
+
+
+async def until(cond: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Let the loop run until ``cond`` holds; the timeout only bounds a hang."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            return
+        await asyncio.sleep(0.02)
 
 
 def split_name(name: str, measurements: set[str]) -> tuple[str, str]:
@@ -263,8 +278,7 @@ async def test_f9_every_documented_measurement_field_and_tag_is_written(
     victoriametrics: VictoriaMetrics,
 ) -> None:
     doc = parse_doc(DOC.read_text())
-    ctl = await run_controller_into(victoriametrics)
-    cycle_ms = [round(t * 1000) for t in ctl.cycle_wall_s]  # type: ignore[attr-defined]
+    ctl, cycle_ms = await run_controller_into(victoriametrics)
     series = victoriametrics.wait_for(f'{{site="{SITE}"}}', bool)
 
     # (measurement) -> {tag set -> {field -> [ts_ms]}}
@@ -294,7 +308,9 @@ async def test_f9_every_documented_measurement_field_and_tag_is_written(
             if got - documented:
                 problems.append(f"{name}: undocumented {what} {sorted(got - documented)}")
             if documented - got:
-                problems.append(f"{name}: documented {what} never written {sorted(documented - got)}")
+                problems.append(
+                    f"{name}: documented {what} never written {sorted(documented - got)}"
+                )
         for key, by_field in points.items():
             tags = dict(key)
             if lacking := spec.required_tags - set(tags):
@@ -317,7 +333,7 @@ async def test_f9_every_documented_measurement_field_and_tag_is_written(
                         )
                     continue
                 step_ms = round(period_s * 1000)
-                gaps = {b - a for a, b in zip(stamps, stamps[1:], strict=False)}
+                gaps = {b - a for a, b in itertools.pairwise(stamps)}
                 n_min = N_CYCLES // round(period_s / CYCLE_S)
                 if gaps - {step_ms} or len(stamps) < n_min or stamps[0] > cycle_ms[0] + step_ms:
                     problems.append(
