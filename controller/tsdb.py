@@ -21,6 +21,7 @@ import contextlib
 import logging
 import math
 import random
+import urllib.parse
 from collections import deque
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -271,6 +272,25 @@ def tsdb_point(site: str, stats: TsdbStats, *, ts_ns: int) -> Point:
 # Writer
 
 
+def url_for_log(url: str) -> str:
+    """The URL without its userinfo (``user:password@``): what logs and errors may show.
+
+    Validation should refuse credentials in the URL (F10), but a writer must not be the
+    place a password leaks from if one gets through: the URL is logged on every failure.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def _secrets_in(url: str) -> tuple[str, ...]:
+    """The userinfo of a URL and its password, longest first, to scrub from error text."""
+    userinfo = urllib.parse.urlsplit(url).netloc.rpartition("@")[0]
+    password = userinfo.partition(":")[2]
+    return tuple(x for x in (userinfo, password) if x)
+
+
 def resolve_token(cfg: InfluxConfig, environ: Mapping[str, str] | None = None) -> str | None:
     """The API token from the environment or a file; ``None`` when neither is configured.
 
@@ -324,6 +344,8 @@ class TsdbWriter:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.close_deadline_s = close_deadline_s
+        self._log_url = url_for_log(cfg.url)
+        self._url_secrets = _secrets_in(cfg.url)
         token = resolve_token(cfg, environ)
         self._client = InfluxDBClient(
             # An empty token sends no Authorization header (InfluxDB without auth, VM).
@@ -482,12 +504,14 @@ class TsdbWriter:
             outcome, error = await loop.run_in_executor(self._executor, self._write, batch)
         finally:
             self._inflight = None
+        for secret in self._url_secrets:  # an exception's text may quote the URL
+            error = error.replace(secret, "***") if error else error
         trimmed, self._inflight_trimmed = self._inflight_trimmed, 0
         if outcome is _Outcome.FAILED:
             self._failed_batches += 1
             self._dropped += trimmed
             if self._healthy:
-                log.warning("tsdb: write to %s failed, buffering: %s", self.cfg.url, error)
+                log.warning("tsdb: write to %s failed, buffering: %s", self._log_url, error)
             self._last_error = error
             self._healthy = False
             return outcome
@@ -498,13 +522,13 @@ class TsdbWriter:
         if outcome is _Outcome.WRITTEN:
             self._written += n
             if not self._healthy:
-                log.info("tsdb: writes to %s resumed", self.cfg.url)
+                log.info("tsdb: writes to %s resumed", self._log_url)
             self._healthy = True
         else:
             self._rejected += n
             self._failed_batches += 1
             self._last_error = error
-            log.error("tsdb: %d points refused by %s: %s", n, self.cfg.url, error)
+            log.error("tsdb: %d points refused by %s: %s", n, self._log_url, error)
         return outcome
 
     def _write(self, batch: list[Point]) -> tuple[_Outcome, str | None]:
