@@ -96,7 +96,10 @@ class CyclePoints:
             return phase_of(series_id, every) == phase
 
         points: list[Point] = []
-        capped = target_w < gpu_max_w - 0.5
+        # Prefix sums: a node's GPUs are one contiguous range, so its sums are two lookups
+        # instead of a numpy call per node (thousands of nodes at hall scale).
+        set_sum = np.concatenate(([0.0], np.cumsum(target_w))).tolist()
+        capped_sum = np.concatenate(([0], np.cumsum(target_w < gpu_max_w - 0.5))).tolist()
         for k, nid in enumerate(status.node_ids):
             first, stop = tree.gpu_range(nid)
             envelope = float(status.envelope_w[k])
@@ -115,14 +118,20 @@ class CyclePoints:
                     headroom_w=float(status.headroom_w[k]),
                     estimated_w=estimated_w.get(nid, math.nan),
                     reserved_w=reserved_w.get(nid, 0.0),
-                    cap_w=float(target_w[first:stop].sum()),
-                    capped_gpus=int(np.count_nonzero(capped[first:stop])),
+                    cap_w=set_sum[stop] - set_sum[first],
+                    capped_gpus=capped_sum[stop] - capped_sum[first],
                     over_envelope=over,
                     violations=self.violations.get(nid, 0),
                     ts_ns=ts_ns,
                 )
             )
 
+        # Plain lists: indexing a numpy array per GPU costs more than converting it once.
+        power_w, limit_w, set_w = (
+            snap.gpu_power_w.tolist(),
+            snap.gpu_limit_w.tolist(),
+            target_w.tolist(),
+        )
         job_of: dict[int, str] = {}
         for job in snap.jobs:
             for g in job.gpus:
@@ -142,8 +151,8 @@ class CyclePoints:
                     headroom_w=None,
                     estimated_w=estimated_w.get(nid, math.nan),
                     reserved_w=reserved_w.get(nid, 0.0),
-                    cap_w=float(target_w[first:stop].sum()),
-                    capped_gpus=int(np.count_nonzero(capped[first:stop])),
+                    cap_w=set_sum[stop] - set_sum[first],
+                    capped_gpus=capped_sum[stop] - capped_sum[first],
                     ts_ns=ts_ns,
                 )
             )
@@ -153,9 +162,9 @@ class CyclePoints:
                         name,
                         nid,
                         g - first,
-                        power_w=float(snap.gpu_power_w[g]),
-                        limit_w=float(snap.gpu_limit_w[g]),
-                        target_w=float(target_w[g]),
+                        power_w=power_w[g],
+                        limit_w=limit_w[g],
+                        target_w=set_w[g],
                         job=job_of.get(g),
                         ts_ns=ts_ns,
                     )
