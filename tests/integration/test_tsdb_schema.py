@@ -231,14 +231,13 @@ async def run_controller_into(vm: VictoriaMetrics) -> tuple[Controller, list[int
 
     writer = TsdbWriter(InfluxConfig.model_validate({"url": vm.url, "flush_s": 0.05}))
     submitted = 0
-    cycle_ms: list[int] = []
+    cycle_ms: list[int] = []  # each cycle's wall clock, as the daemon stamps it
 
     def sink(points: object) -> None:
         nonlocal submitted
         pts: list[Point] = list(points)  # type: ignore[call-overload]
         # As controller.service does: the writer's own counters ride with each cycle.
         ts = pts[0].ts_ns if pts else time.time_ns()
-        cycle_ms.append(ts // 1_000_000)
         writer.submit([*pts, tsdb_point(SITE, writer.stats(), ts_ns=ts)])
         submitted += len(pts) + 1
 
@@ -246,6 +245,7 @@ async def run_controller_into(vm: VictoriaMetrics) -> tuple[Controller, list[int
     async with writer:
         for _ in range(N_CYCLES):
             feed_inputs(ctl, clock, {"rack-1": 3900.0, "rack-2": 900.0})
+            cycle_ms.append(round(clock.wall_s * 1e9) // 1_000_000)
             started = time.monotonic()
             ctl.run_cycle(clock.mono_s)
             ctl.cycle_stats.record(time.monotonic() - started)
@@ -253,7 +253,6 @@ async def run_controller_into(vm: VictoriaMetrics) -> tuple[Controller, list[int
             await asyncio.sleep(0)
         await until(lambda: writer.stats().written_points >= submitted)
     assert writer.stats().written_points == submitted
-    assert len(cycle_ms) == N_CYCLES  # one batch of points per cycle
     return ctl, cycle_ms
 
 

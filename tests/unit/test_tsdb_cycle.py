@@ -52,3 +52,21 @@ def test_each_gpu_once_per_period_and_never_all_in_one_cycle() -> None:
     # The constraint levels, by contrast, are in every cycle.
     racks = [sum(p.tags.get("kind") == "rack" for p in points) for points in per_cycle]
     assert racks == [2] * (2 * every)
+
+
+def test_violations_are_counted_alike_in_the_tsdb_and_on_metrics() -> None:
+    """No readings yet: every rack counts at its worst case (8.8 kW on a 7 kW envelope),
+    so each cycle is a violation. ``rackpower_envelope_violations`` on /metrics was never
+    counted before; now it is, with the same number the TSDB's ``violations`` carries."""
+    ctl = Controller(parse_site(tiny_site()), controller_id="ctl")
+    written: list[Point] = []
+    ctl.on_points = written.extend
+    for k in range(5):
+        ctl.run_cycle(1000.0 + k * 0.5)
+    rack1 = [p for p in written if p.measurement == "rackpower_node" and p.tags["node"] == "rack-1"]
+    assert [p.fields["violations"] for p in rack1] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert all(p.fields["over_envelope"] == 1.0 for p in rack1)
+    on_metrics = ctl.metrics.registry.get_sample_value(
+        "rackpower_envelope_violations_total", {"node": "rack-1"}
+    )
+    assert on_metrics == 5.0
