@@ -38,9 +38,11 @@ from controller.policy import Action, Job, PolicyState, SetCap, Snapshot, get_po
 from controller.readings import ReadingsStore
 from controller.reservations import ReservationStore
 from controller.topology import PowerTree
-from controller.tsdb import Point, cycle_point, node_point
+from controller.tsdb import Point
+from controller.tsdb_cycle import CyclePoints, counter_values
 from controller.view import Alarm as ViewAlarm
 from controller.view import CapRow, Health, NodeLive
+from drivers.base import DeviceStats
 from drivers.reading import Quality, Reading
 
 log = logging.getLogger(__name__)
@@ -129,6 +131,7 @@ class Controller:
         self.telemetry_frames: list[NodeTelemetry] = []
         self.on_points: Callable[[Sequence[Point]], None] | None = None
         self.device_health: Callable[[], Mapping[str, tuple[bool, str | None]]] | None = None
+        self.device_stats: Callable[[], Mapping[str, DeviceStats]] | None = None  # for the TSDB
         # Escalations (Migrate/Requeue) go here, to the scheduler link; more alarms from
         # integrations (e.g. an unreachable scheduler) come from ``alarm_sources``.
         self.on_action: Callable[[Action], None] | None = None
@@ -187,7 +190,8 @@ class Controller:
         # Until every meter and agent has had its stale limit to report, silence is not yet
         # a fault: no alarm is raised for it (caps still treat it as worst case).
         self._startup_grace_s = max((d.effective_stale_s for d in site.devices), default=0.0)
-        self._tsdb_every = max(1, round(5.0 / site.policy.cycle_s))
+        # TSDB points and their counters (violations since start) survive a reload.
+        self._points: CyclePoints = getattr(self, "_points", None) or CyclePoints()
 
     def reload(self, site: Site) -> None:
         """Replace the running config by one already validated (SIGHUP)."""
@@ -464,39 +468,37 @@ class Controller:
             for k, nid in enumerate(status.node_ids)
             if (lv := live[nid]) is not None
         ]
-        if self.on_points is not None and self.cycle_stats.cycles % self._tsdb_every == 0:
-            ts_ns = int(wall * 1e9)
-            site = self.site.name
-            points: list[Point] = []
-            for k, nid in enumerate(status.node_ids):
-                lv = live[nid]
-                points.append(
-                    node_point(
-                        site,
-                        nid,
-                        self._tree.node(nid).kind,
-                        power_w=math.nan if lv.power_w is None else lv.power_w,
-                        envelope_w=float(status.envelope_w[k]),
-                        headroom_w=float(status.headroom_w[k]),
-                        estimated_w=est.get(nid),
-                        capped_gpus=lv.capped_gpus,
-                        ts_ns=ts_ns,
-                    )
-                )
-            points.append(
-                cycle_point(
-                    site,
-                    # The last finished cycle's; before the first there is none (NaN: left out).
-                    duration_s=self.cycle_stats.last_duration_s
-                    if self.cycle_stats.cycles
-                    else math.nan,
-                    overruns=self.cycle_stats.overruns,
-                    ts_ns=ts_ns,
-                    mode=self.mode,
-                    period_s=self.site.policy.cycle_s,
-                )
-            )
-            self.on_points(points)
+        self.metrics.count_violations(
+            nid for k, nid in enumerate(status.node_ids) if status.load_w[k] > status.envelope_w[k]
+        )
+        if self.on_points is not None:
+            self.on_points(self._cycle_points(snap, est, now_s, wall))
+
+    def _cycle_points(
+        self, snap: Snapshot, est: Mapping[str, float], now_s: float, wall: float
+    ) -> list[Point]:
+        """This cycle's TSDB points (``docs/tsdb-schema.md``: what, and at which rate)."""
+        assert self.policy_state is not None
+        health = self.device_health() if self.device_health is not None else {}
+        stale = {dev: is_stale for dev, (is_stale, _) in health.items()}
+        lost = set(self.lost_agents(now_s))
+        stale.update({aid: aid in lost for aid in self.agents})
+        return self._points.build(
+            site=self.site,
+            tree=self._tree,
+            status=self.policy_state.nodes,
+            snap=snap,
+            target_w=self.policy_state.target_w,
+            gpu_max_w=self._gpu_max_w,
+            estimated_w=est,
+            reserved_w=self.reservations.reserved_w(self._tree, wall),
+            mode=self.mode,
+            cycle_stats=self.cycle_stats,
+            action_counts=counter_values(self.metrics.actions.collect, "kind"),
+            devices=self.device_stats() if self.device_stats is not None else {},
+            device_stale=stale,
+            ts_ns=round(wall * 1e9),
+        )
 
     def _estimates(self, snap: Snapshot) -> dict[str, float]:
         """GPU + baseline power under each node (no losses): what the agents report."""

@@ -154,6 +154,7 @@ async def run_service(site: Site, options: ServiceOptions, stop: asyncio.Event) 
     settings = {p.device_id: PollSettings.from_params(p) for p in params}
     stale = {p.device_id: p.stale_s for p in params}
     controller.device_health = _device_health(group, time.monotonic, stale)
+    controller.device_stats = group.stats
 
     writer: TsdbWriter | None = None
     if integrations.influx is not None:
@@ -161,7 +162,9 @@ async def run_service(site: Site, options: ServiceOptions, stop: asyncio.Event) 
         w = writer
 
         def submit(points):  # type: ignore[no-untyped-def]
-            w.submit([*points, tsdb_point(site.name, w.stats(), ts_ns=time.time_ns())])
+            # The writer's counters share the cycle's timestamp, as the schema says.
+            ts_ns = points[0].ts_ns if points else time.time_ns()
+            w.submit([*points, tsdb_point(site.name, w.stats(), ts_ns=ts_ns)])
             metrics.set_tsdb_dropped(w.stats().dropped_points)
 
         controller.on_points = submit

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import math
 import random
+import urllib.parse
 from collections import deque
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -116,7 +117,7 @@ def node_point(
     *,
     power_w: float,
     envelope_w: float,
-    headroom_w: float,
+    headroom_w: float | None,
     ts_ns: int,
     estimated_w: float | None = None,
     reserved_w: float | None = None,
@@ -127,8 +128,9 @@ def node_point(
 ) -> Point:
     """A power-tree node (feed, sst, bus, row, rack, node) in one cycle.
 
-    ``cap_w`` is the sum of the GPU limits currently set below the node, ``violations`` a
-    counter of cycles spent above the envelope since the controller started.
+    ``cap_w`` is the sum of the GPU limits the policy sets below the node, ``violations`` a
+    counter of cycles spent above the envelope since the controller started. A GPU server
+    has no headroom of its own (the policy keeps none for it): ``headroom_w=None``.
     """
     return Point(
         M_NODE,
@@ -159,12 +161,19 @@ def gpu_point(
     limit_w: float,
     ts_ns: int,
     job: str | None = None,
+    target_w: float | None = None,
 ) -> Point:
-    """One GPU: measured power and the NVML power limit in force."""
+    """One GPU: measured power, the NVML power limit in force, the limit the policy sets.
+
+    A NaN power or limit (the agent is silent) is left out; ``target_w`` beside
+    ``limit_w`` shows a node that does not apply its lease.
+    """
     tags = {"site": site, "node": node, "gpu": str(gpu)}
     if job:
         tags["job"] = job
-    return Point(M_GPU, tags, {"power_w": power_w, "limit_w": limit_w}, ts_ns)
+    return Point(
+        M_GPU, tags, _opt({"power_w": power_w, "limit_w": limit_w, "target_w": target_w}), ts_ns
+    )
 
 
 def job_point(
@@ -191,21 +200,24 @@ def device_point(
     device: str,
     driver: str,
     *,
-    poll_duration_s: float,
-    errors: int,
-    retries: int,
+    poll_duration_s: float | None,
+    errors: int | None,
+    retries: int | None,
     ts_ns: int,
     stale: bool | None = None,
 ) -> Point:
-    """A driver's own health: last poll time and cumulative error/retry counters."""
+    """A driver's own health: last poll time and cumulative error/retry counters.
+
+    An agent is not polled: it has only ``stale`` (``None`` for the others).
+    """
     return Point(
         M_DEVICE,
         {"site": site, "device": device, "driver": driver},
         _opt(
             {
                 "poll_duration_s": poll_duration_s,
-                "errors": float(errors),
-                "retries": float(retries),
+                "errors": None if errors is None else float(errors),
+                "retries": None if retries is None else float(retries),
                 "stale": None if stale is None else float(stale),
             }
         ),
@@ -258,6 +270,13 @@ def tsdb_point(site: str, stats: TsdbStats, *, ts_ns: int) -> Point:
 
 # ---------------------------------------------------------------------------
 # Writer
+
+
+def _secrets_in(url: str) -> tuple[str, ...]:
+    """The userinfo of a URL and its password, longest first, to scrub from error text."""
+    userinfo = urllib.parse.urlsplit(url).netloc.rpartition("@")[0]
+    password = userinfo.partition(":")[2]
+    return tuple(x for x in (userinfo, password) if x)
 
 
 def resolve_token(cfg: InfluxConfig, environ: Mapping[str, str] | None = None) -> str | None:
@@ -314,6 +333,7 @@ class TsdbWriter:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.close_deadline_s = close_deadline_s
+        self._url_secrets = _secrets_in(cfg.url)
         token = resolve_token(cfg, environ)
         self._client = InfluxDBClient(
             # An empty token sends no Authorization header (InfluxDB without auth, VM).
@@ -472,6 +492,8 @@ class TsdbWriter:
             outcome, error = await loop.run_in_executor(self._executor, self._write, batch)
         finally:
             self._inflight = None
+        for secret in self._url_secrets:  # an exception's text may quote the URL
+            error = error.replace(secret, "***") if error else error
         trimmed, self._inflight_trimmed = self._inflight_trimmed, 0
         if outcome is _Outcome.FAILED:
             self._failed_batches += 1

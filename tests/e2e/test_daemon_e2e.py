@@ -363,6 +363,19 @@ async def test_the_tsdb_holds_the_points(
     assert cycle and all(0 < v < 5 for vs in cycle.values() for _, v in vs)
     written = samples(series, "rackpower_tsdb_written")
     assert written, sorted({s["metric"]["__name__"] for s in series})
+    # The detail below the racks (every 5 s), from the running service's own poll group:
+    # the devices' statistics reach the TSDB (F9: they never did).
+    detail = await asyncio.to_thread(
+        victoriametrics.wait_for,
+        f'{{__name__=~"rackpower_(device_poll_duration_s|gpu_target_w)",site="{SITE}"}}',
+        lambda got: (
+            {x["metric"]["__name__"] for x in got}
+            == {"rackpower_device_poll_duration_s", "rackpower_gpu_target_w"}
+        ),
+        60,
+    )
+    polled = samples(detail, "rackpower_device_poll_duration_s")
+    assert {dict(k)["driver"] for k in polled} >= {"snmp"}, sorted(polled)
 
 
 async def test_a_reservation_larger_than_the_headroom_is_refused_with_409(

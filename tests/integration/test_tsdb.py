@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from controller.config import InfluxConfig
+from controller.secrets import redact_url
 from controller.tsdb import (
     Point,
     TsdbWriter,
@@ -90,6 +92,12 @@ def test_point_keeps_numbers_only_as_floats_and_drops_non_finite() -> None:
 def test_line_protocol_escapes_tag_spaces_commas_equals() -> None:
     p = Point("rackpower node", {"rack id": "A 1,b=c"}, {"power_w": 1.0}, 5)
     assert p.to_line() == r"rackpower\ node,rack\ id=A\ 1\,b\=c power_w=1 5"
+
+
+def test_redact_url_hides_userinfo_and_keeps_the_rest() -> None:
+    assert redact_url("http://u:p%40ss@127.0.0.1:8428/x?a=1") == "http://***@127.0.0.1:8428/x?a=1"
+    assert redact_url("https://token@[::1]:8086") == "https://***@[::1]:8086"
+    assert redact_url("http://127.0.0.1:8086") == "http://127.0.0.1:8086"
 
 
 def test_token_from_env_or_file(tmp_path: Path) -> None:
@@ -385,3 +393,17 @@ def test_submit_swallows_a_broken_iterable() -> None:
     s = w.stats()
     assert s.queue_depth == 2
     assert s.last_error is not None and "boom" in s.last_error
+
+
+async def test_f10_influx_url_password_is_never_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """F10: a URL with userinfo was logged, password included, on every failed write."""
+    url = f"http://rp-writer:hunter2@127.0.0.1:{free_port()}"  # nothing listens there
+    w = TsdbWriter(cfg(url, flush_s=0.01), backoff_initial_s=0.01, backoff_max_s=0.02)
+    with caplog.at_level(logging.DEBUG):
+        async with w:
+            w.submit(seq_points("s9", 2))
+            assert await until(lambda: w.stats().failed_batches >= 2)
+    assert "tsdb: write to http://127.0.0.1:" in caplog.text  # the failure is logged...
+    assert "hunter2" not in caplog.text  # ...without the password
+    assert "rp-writer" not in caplog.text
+    assert "hunter2" not in (w.stats().last_error or "")
