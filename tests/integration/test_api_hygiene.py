@@ -205,3 +205,65 @@ async def test_validation_error_does_not_echo_a_large_input() -> None:
         assert {e["loc"][-1][:10] for e in errors} >= {"job_id", "x" * 10}
         job = next(e for e in errors if e["loc"][-1] == "job_id")
         assert job["input"].startswith("a ba ba b") and "truncated" in job["input"]
+
+
+# ---------------------------------------------------------------------------
+# Header timeout and connection cap
+
+
+async def test_half_open_connections_are_closed_and_the_cap_refuses_more() -> None:
+    """The audit's 2,000 half-open connections, bounded: 4 slots, 4 connections that
+    never complete a head (two silent, one with half a head, one idle after a request
+    and then half a head: a kept-alive slowloris). A fifth connection, and an
+    authenticated request, get a 503 while they are held; once the head timeout has
+    closed them (each reads EOF), the authenticated request gets through."""
+    async with serving(header_timeout_s=0.5, max_connections=4) as server:
+        held = [await connect(server) for _ in range(3)]
+        held[1][1].write(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        reader, writer = held[2]
+        writer.write(request_head("GET", "/v1/health", {}))
+        status, _, _ = await read_response(reader)
+        assert status == 200
+        writer.write(b"GET /v1/health HTTP/1.1\r\nX-Slow: ")
+        held.append(await connect(server))
+        await asyncio.gather(*(w.drain() for _, w in held))
+        try:
+            # Full: a fifth connection is answered 503 at once, and closed.
+            reader, writer = await connect(server)
+            status, headers, body = await read_response(reader)
+            assert (status, headers["connection"]) == (503, "close")
+            assert "too many connections" in json.loads(body)["detail"]
+            await close(writer)
+            async with httpx.AsyncClient(base_url=server.url) as client:
+                ok = {"node": "rack-2", "watts": 100, "ttl_s": 60, "job_id": "j-cap"}
+                r = await client.post("/v1/reservations", json=ok, headers=AUTH)
+                assert r.status_code == 503
+                # The held connections are closed by the server, not by us.
+                for held_reader, _ in held:
+                    rest = await asyncio.wait_for(held_reader.read(), ANSWER_WAIT_S)
+                    assert b"HTTP/1.1" not in rest  # closed without an answer
+                assert server.connection_stats.header_timeouts == 4
+                assert server.connection_stats.refused_full == 2
+                r = await client.post("/v1/reservations", json=ok, headers=AUTH)
+                assert r.status_code == 201, r.text
+                got = (await client.get("/v1/reservations")).json()["reservations"]
+                assert [x["job_id"] for x in got] == ["j-cap"]
+        finally:
+            for _, w in held:
+                await close(w)
+
+
+async def test_a_client_that_sends_its_head_in_time_is_not_cut_off() -> None:
+    """The head timer is disarmed by each complete head and re-armed by each response:
+    a kept-alive client that comes back in time keeps its connection."""
+    async with serving(header_timeout_s=3.0) as server:
+        reader, writer = await connect(server)
+        try:
+            for _ in range(3):
+                writer.write(request_head("GET", "/v1/health", {}))
+                status, _, _ = await read_response(reader)
+                assert status == 200
+                await asyncio.sleep(0.05)
+            assert server.connection_stats.header_timeouts == 0
+        finally:
+            await close(writer)
