@@ -482,7 +482,9 @@ def create_app(
 
     @app.get("/v1/health", response_model=HealthOut, tags=["state"])
     async def health() -> HealthOut:
-        """Whether the control loop runs and keeps time (``cycle_age_s`` since the last)."""
+        """Whether the control loop runs and keeps time (``cycle_age_s`` since the last),
+        and whether it sees everything it controls: ``degraded`` with ``reasons`` when a
+        device is stale or an agent is lost or on its failsafe cap. Always HTTP 200."""
         h = view.health()
         now = clock()
         return HealthOut(
@@ -498,7 +500,11 @@ def create_app(
             overruns=h.overruns,
             devices_total=h.devices_total,
             devices_stale=h.devices_stale,
+            agents_total=h.agents_total,
+            agents_lost=h.agents_lost,
+            agents_failsafe=h.agents_failsafe,
             reservations=len(store.active(now)),
+            reasons=list(h.reasons),
             message=h.message,
         )
 
