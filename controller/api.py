@@ -47,6 +47,7 @@ from typing import Annotated, Any, Literal
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, status
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.routing import APIRoute
@@ -54,6 +55,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -674,13 +676,15 @@ def create_app(
     async def events(
         limit: Annotated[int, Query(ge=1, le=5000)] = 100,
         since: Annotated[int, Query(ge=0, description="only events with seq above this")] = 0,
+        # A plain array, not ``list | None``: a query cannot tell a one-item list from a
+        # string, and the nullable anyOf made fuzzers call ``?kind=x`` invalid input.
         kind: Annotated[
-            list[EventKindName] | None,
+            list[EventKindName],
             Query(description="only these kinds (cap, uncap, refusal, ...); repeat for more"),
-        ] = None,
+        ] = [],  # noqa: B006 - FastAPI copies parameter defaults per request
     ) -> EventsOut:
         """The audit trail, oldest first: actions with their reasons and readings."""
-        picked = trail.recent(limit=limit, since_seq=since, kinds=kind or ())
+        picked = trail.recent(limit=limit, since_seq=since, kinds=kind)
         return EventsOut(
             last_seq=trail.last_seq,
             events=[EventOut.model_validate(e.to_json()) for e in picked],
@@ -729,6 +733,24 @@ def create_app(
                 "detail": [_short_error(e) for e in _json_safe(jsonable_encoder(exc.errors()))]
             },
         )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # Starlette answers a wrong method from the first route with the path, so a
+        # path with a GET and a POST route said ``Allow: GET`` (schemathesis, ST205).
+        if exc.status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
+            path = request.scope["path"]
+            methods = sorted(
+                {
+                    m
+                    for r in app.routes
+                    if isinstance(r, APIRoute) and r.path_regex.match(path)
+                    for m in r.methods
+                }
+            )
+            if methods:
+                exc.headers = {**(exc.headers or {}), "Allow": ", ".join(methods)}
+        return await http_exception_handler(request, exc)
 
     # The guard must know which routes take a token; every route exists by now.
     protected = [
