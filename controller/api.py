@@ -745,7 +745,7 @@ def create_app(
                     m
                     for r in app.routes
                     if isinstance(r, APIRoute) and r.path_regex.match(path)
-                    for m in r.methods
+                    for m in r.methods or ()
                 }
             )
             if methods:
