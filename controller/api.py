@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -906,6 +907,26 @@ _FULL_RESPONSE = (
 )
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) only listens on this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def binding_note(host: str) -> str:
+    """One line saying who can reach an API bound to ``host`` (the demo prints it)."""
+    if is_loopback(host):
+        return f"{host} only (loopback): not reachable from other machines"
+    return (
+        f"{host}: reachable from other machines (integrations.api.host); reading endpoints"
+        " are open, changes need the token"
+    )
+
+
 def _bind(host: str, port: int) -> socket.socket:
     """A listening socket of our own: a taken port is an ``OSError`` here, where uvicorn
     would ``sys.exit``, and port 0 tells us the port the kernel picked."""
@@ -969,6 +990,8 @@ class ApiServer:
         """Open the listening socket (idempotent); returns the bound port."""
         if self._sock is None:
             self._sock = _bind(self.host, self._requested_port)
+            if not is_loopback(self.host):
+                log.warning("API listens on %s", binding_note(self.host))
         return self.port
 
     @property

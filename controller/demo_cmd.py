@@ -133,6 +133,7 @@ class _AgentStops(logging.Filter):
 async def run_demo(args: argparse.Namespace, site: Site) -> int:
     from controller.agent import NodeAgent
     from controller.agent_config import parse_agent_config
+    from controller.api import binding_note
     from controller.link import ControllerLink, InProcessLink, MqttAgentLink, MqttControllerLink
     from controller.service import ServiceOptions, run_service
     from drivers.nvml import NvmlDriver
@@ -203,6 +204,7 @@ async def run_demo(args: argparse.Namespace, site: Site) -> int:
                     flush=True,
                 )
                 print(f"  metrics      {url}/metrics", flush=True)
+                print(f"  API binds    {binding_note(served.integrations.api.host)}", flush=True)
                 if token:
                     print(
                         f"  API token    {token}   (for POST/DELETE: Authorization: Bearer ...)",

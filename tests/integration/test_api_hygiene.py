@@ -267,3 +267,22 @@ async def test_a_client_that_sends_its_head_in_time_is_not_cut_off() -> None:
             assert server.connection_stats.header_timeouts == 0
         finally:
             await close(writer)
+
+
+# ---------------------------------------------------------------------------
+# Loopback unless told otherwise
+
+
+def test_the_api_binds_to_loopback_unless_told_otherwise() -> None:
+    from pathlib import Path
+
+    from controller.api import binding_note, is_loopback
+    from controller.config import load_site
+
+    assert ApiConfig().host == "127.0.0.1"
+    demo = Path(__file__).resolve().parents[2] / "configs" / "sites" / "demo.yaml"
+    assert is_loopback(load_site(demo).integrations.api.host)
+    assert all(is_loopback(h) for h in ("127.0.0.1", "::1", "localhost", "127.0.0.2"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.1", "ctl.example"))
+    assert "only (loopback)" in binding_note("127.0.0.1")
+    assert "reachable from other machines" in binding_note("0.0.0.0")
