@@ -398,6 +398,7 @@ def create_app(
     environ: Mapping[str, str] | None = None,
     history: History | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    body_timeout_s: float = BODY_TIMEOUT_S,
 ) -> FastAPI:
     """The API over a running controller's view.
 
@@ -764,7 +765,11 @@ def create_app(
         return any(r.matches(scope)[0] is Match.FULL for r in protected)
 
     app.add_middleware(
-        RequestGuard, needs_token=needs_token, refusal=refusal, max_body_bytes=max_body_bytes
+        RequestGuard,
+        needs_token=needs_token,
+        refusal=refusal,
+        max_body_bytes=max_body_bytes,
+        body_timeout_s=body_timeout_s,
     )
     return app
 

@@ -35,9 +35,14 @@ BIG_BYTES = 63 * 1024 * 1024  # the audit's body
 
 
 @contextlib.asynccontextmanager
-async def serving(**server_kw: Any) -> AsyncIterator[ApiServer]:
+async def serving(body_timeout_s: float = 10.0, **server_kw: Any) -> AsyncIterator[ApiServer]:
     view = MemoryView(PowerTree(parse_site(tiny_site())), live=dict(LIVE))
-    app = create_app(view, ApiConfig(token_env="RP_TOKEN"), environ={"RP_TOKEN": TOKEN})
+    app = create_app(
+        view,
+        ApiConfig(token_env="RP_TOKEN"),
+        environ={"RP_TOKEN": TOKEN},
+        body_timeout_s=body_timeout_s,
+    )
     server = ApiServer(app, host="127.0.0.1", port=0, **server_kw)
     task = asyncio.create_task(server.serve())
     try:
@@ -166,6 +171,28 @@ async def test_f1_streamed_body_over_the_cap_is_413_while_streaming() -> None:
             status, _, body = await read_response(reader)
             assert status == 413
             assert "too large" in json.loads(body)["detail"]
+        finally:
+            await close(writer)
+
+
+async def test_a_body_sent_too_slowly_is_408() -> None:
+    """A slow sender (half its body, then nothing) is answered and cut off, instead of
+    holding a request open for as long as it likes."""
+    async with serving(body_timeout_s=0.5) as server:
+        reader, writer = await connect(server)
+        try:
+            writer.write(
+                request_head(
+                    "POST",
+                    "/v1/reservations",
+                    {"Content-Type": "application/json", "Content-Length": "100", **AUTH},
+                )
+                + b'{"node": '
+            )
+            await writer.drain()
+            status, headers, _ = await read_response(reader)
+            assert (status, headers["connection"]) == (408, "close")
+            assert await asyncio.wait_for(reader.read(), ANSWER_WAIT_S) == b""
         finally:
             await close(writer)
 
