@@ -21,7 +21,8 @@ control cycle runs on, so anything that holds the loop holds the cycle:
   wrong token with 401 *before a byte of its body is read* (the audit's 63 MB POST got
   its 401 after 3 s of parsing, and all agents were flagged lost meanwhile), then caps
   the body at ``MAX_BODY_BYTES`` (413: from ``Content-Length`` and counted while a
-  chunked body streams in) and the time to send it (408). Refusals close the connection.
+  chunked body streams in) and the time to send it (408), and a head over
+  ``MAX_HEAD_BYTES`` is a 431. Refusals close the connection.
 - :class:`ApiServer` closes a connection that has not sent a complete request head
   within ``header_timeout_s`` (half-open and slowloris connections), and answers 503 to
   connections beyond ``max_connections`` at once.
@@ -193,6 +194,18 @@ class RequestGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        # h11 bounds only a head still arriving: one that comes in a single read is parsed
+        # whole, however large. Bounded here, before anything reads its fields.
+        head_bytes = len(scope.get("raw_path", b"")) + len(scope.get("query_string", b""))
+        head_bytes += sum(len(k) + len(v) + 4 for k, v in scope["headers"])
+        if head_bytes > MAX_HEAD_BYTES:
+            await _send_refusal(
+                send,
+                status.HTTP_431_REQUEST_HEADER_FIELDS_TOO_LARGE,
+                f"request head too large: at most {MAX_HEAD_BYTES} bytes",
+                {},
+            )
             return
         headers = Headers(scope=scope)
         if self.needs_token(scope):

@@ -175,6 +175,29 @@ async def test_f1_streamed_body_over_the_cap_is_413_while_streaming() -> None:
             await close(writer)
 
 
+@pytest.mark.parametrize("slowly", [False, True])
+async def test_a_head_over_16_kib_is_refused(slowly: bool) -> None:
+    """In one write (h11 parses a complete head whatever its size: the guard answers
+    431) or trickled in 4 KiB writes (refused by the guard or by h11's incomplete-event
+    limit, which answers 400, whichever sees it first)."""
+    async with serving() as server:
+        reader, writer = await connect(server)
+        try:
+            head = request_head("GET", "/v1/health", {"X-Big": "a" * 20_000})
+            if slowly:
+                for i in range(0, len(head), 4096):
+                    writer.write(head[i : i + 4096])
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+            else:
+                writer.write(head)
+                await writer.drain()
+            status, _, _ = await read_response(reader)
+            assert status in ((400, 431) if slowly else (431,))
+        finally:
+            await close(writer)
+
+
 async def test_a_body_sent_too_slowly_is_408() -> None:
     """A slow sender (half its body, then nothing) is answered and cut off, instead of
     holding a request open for as long as it likes."""
