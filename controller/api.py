@@ -41,7 +41,7 @@ import logging
 import math
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -176,6 +176,8 @@ class RequestGuard:
     sender is cut off instead of holding a request open.
     """
 
+    log_every_s = 10.0
+
     def __init__(
         self,
         app: ASGIApp,
@@ -190,6 +192,8 @@ class RequestGuard:
         self.refusal = refusal
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
+        self.refused: Counter[str] = Counter()  # by reason, since start
+        self._logged_at_s: float | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -211,12 +215,7 @@ class RequestGuard:
         if self.needs_token(scope):
             refused = self.refusal(headers.get("authorization"))
             if refused is not None:
-                log.info(
-                    "API: %s %s refused before its body: %s",
-                    scope["method"],
-                    scope["path"],
-                    refused[1],
-                )
+                self._note_refusal(scope, refused[1])
                 await _send_refusal(send, *refused)
                 return
         too_large = f"request body too large: at most {self.max_body_bytes} bytes"
@@ -243,6 +242,24 @@ class RequestGuard:
             return messages.pop(0) if messages else await receive()
 
         await self.app(scope, replay, send)
+
+    def _note_refusal(self, scope: Scope, detail: str) -> None:
+        """Count it; log the first and then at most one summary per ``log_every_s``, so a
+        client that hammers the API with bad tokens cannot flood the journal."""
+        self.refused[detail] += 1
+        now = time.monotonic()
+        if self._logged_at_s is not None and now - self._logged_at_s < self.log_every_s:
+            return
+        self._logged_at_s = now
+        client = scope.get("client") or ("?", 0)
+        log.warning(
+            "API: %s %s from %s refused before its body: %s (refused so far: %s)",
+            scope["method"],
+            scope["path"],
+            client[0],
+            detail,
+            dict(self.refused),
+        )
 
     async def _read_body(self, receive: Receive) -> list[Message]:
         messages: list[Message] = []

@@ -336,3 +336,20 @@ def test_the_api_binds_to_loopback_unless_told_otherwise() -> None:
     assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.1", "ctl.example"))
     assert "only (loopback)" in binding_note("127.0.0.1")
     assert "reachable from other machines" in binding_note("0.0.0.0")
+
+
+async def test_bad_tokens_are_logged_once_not_per_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client hammering the API with bad tokens gets its 401s, and the journal gets one
+    line (with the counts so far), not one per request."""
+    caplog.set_level("INFO", logger="rackpower.api")
+    async with serving() as server, httpx.AsyncClient(base_url=server.url) as client:
+        body = {"node": "rack-2", "watts": 100, "ttl_s": 60, "job_id": "j"}
+        for i in range(50):
+            headers = {"Authorization": "Bearer wrong"} if i % 2 else {}
+            r = await client.post("/v1/reservations", json=body, headers=headers)
+            assert r.status_code == 401
+    lines = [r.getMessage() for r in caplog.records if "refused before its body" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "missing bearer token" in lines[0]
