@@ -14,18 +14,34 @@ on loopback does this). Reading endpoints are open: they expose what a BMS scree
 Bad input answers 4xx with the reason, never 5xx: 422 names the field (FastAPI's
 validation), 404 an unknown node or reservation, 409 a reservation the headroom does not
 cover, 401 a missing or wrong token.
+
+Hostile clients (audit F1 and friends), because the API shares the one event loop the
+control cycle runs on, so anything that holds the loop holds the cycle:
+- :class:`RequestGuard`, the outermost ASGI layer, answers a mutating call's missing or
+  wrong token with 401 *before a byte of its body is read* (the audit's 63 MB POST got
+  its 401 after 3 s of parsing, and all agents were flagged lost meanwhile), then caps
+  the body at ``MAX_BODY_BYTES`` (413: from ``Content-Length`` and counted while a
+  chunked body streams in) and the time to send it (408), and a head over
+  ``MAX_HEAD_BYTES`` is a 431. Refusals close the connection.
+- :class:`ApiServer` closes a connection that has not sent a complete request head
+  within ``header_timeout_s`` (half-open and slowloris connections), and answers 503 to
+  connections beyond ``max_connections`` at once.
+- A 422 shows at most ``MAX_ECHO_CHARS`` of each rejected input, never the whole of it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
+import ipaddress
+import json
 import logging
 import math
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -33,10 +49,18 @@ from typing import Annotated, Any, Literal
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, status
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from controller import audit as audit_kinds
 from controller.audit import AuditLog
@@ -65,6 +89,15 @@ STATIC_DIR = Path(__file__).parent / "static"
 DownTo = Literal["feed", "sst", "bus", "row", "rack", "node"]
 Clock = Callable[[], float]
 
+# A reservation is ~100 bytes of JSON; 64 KiB leaves room for any honest client and
+# bounds what one request can make the loop parse.
+MAX_BODY_BYTES = 64 * 1024
+BODY_TIMEOUT_S = 10.0  # to send a whole body once the head is in (slow-body clients)
+HEADER_TIMEOUT_S = 10.0  # to send a complete request head after connecting or a response
+MAX_CONNECTIONS = 64  # open at once; a scheduler and a few screens need a handful
+MAX_HEAD_BYTES = 16 * 1024  # request line plus headers (h11's incomplete-event limit)
+MAX_ECHO_CHARS = 200  # of a rejected input shown back in a 422
+
 # Module level: handlers' annotations are strings (``from __future__ import annotations``)
 # that FastAPI resolves in this module's namespace, not in create_app's.
 _bearer = HTTPBearer(auto_error=False, description="the token from integrations.api")
@@ -84,6 +117,163 @@ def resolve_api_token(cfg: ApiConfig, environ: Mapping[str, str] | None = None) 
     accepts nothing (or everything) is worse than one that does not come up.
     """
     return read_secret("api token", cfg.token_env, cfg.token_file, environ)
+
+
+Refusal_ = tuple[int, str, dict[str, str]]  # status, detail, extra headers
+
+
+def token_refusal(
+    token: str | None, authorization: str | None, *, allow_unauthenticated: bool
+) -> Refusal_ | None:
+    """Why a mutating call with this ``Authorization`` header is refused; None: allowed.
+
+    One rule for both places that check it: :class:`RequestGuard` (before the body) and
+    the route dependency (which also puts the bearer scheme into the OpenAPI schema).
+    """
+    if token is None:
+        if allow_unauthenticated:
+            return None
+        return (
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "changes through the API are disabled: no API token is configured"
+            " (set integrations.api.token_env or token_file)",
+            {},
+        )
+    challenge = {"WWW-Authenticate": "Bearer"}
+    scheme, credentials = get_authorization_scheme_param(authorization)
+    if not (authorization and scheme and credentials) or scheme.lower() != "bearer":
+        return status.HTTP_401_UNAUTHORIZED, "missing bearer token", challenge
+    if not hmac.compare_digest(credentials.encode(), token.encode()):
+        return status.HTTP_401_UNAUTHORIZED, "wrong token", challenge
+    return None
+
+
+async def _send_refusal(send: Send, code: int, detail: str, headers: Mapping[str, str]) -> None:
+    """A JSON ``{"detail": ...}`` answer that closes the connection: the rest of the
+    request (an unread body) is never read, and h11 cannot reuse the connection anyway."""
+    body = JSONResponse({"detail": detail}).body
+    raw = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+        *((k.lower().encode(), v.encode()) for k, v in headers.items()),
+    ]
+    await send({"type": "http.response.start", "status": code, "headers": raw})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class RequestGuard:
+    """Outermost ASGI layer: token first, then a bounded body, then the app.
+
+    ``needs_token(scope)`` says whether the request goes to a mutating route; its token
+    is checked from the head alone, so a bad token costs no body read (F1). Every body is
+    then read here, up to ``max_body_bytes`` within ``body_timeout_s``, and handed to the
+    app whole: the app never starts on a body that will turn out too large, and a slow
+    sender is cut off instead of holding a request open.
+    """
+
+    log_every_s = 10.0
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        needs_token: Callable[[Scope], bool],
+        refusal: Callable[[str | None], Refusal_ | None],
+        max_body_bytes: int = MAX_BODY_BYTES,
+        body_timeout_s: float = BODY_TIMEOUT_S,
+    ) -> None:
+        self.app = app
+        self.needs_token = needs_token
+        self.refusal = refusal
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
+        self.refused: Counter[str] = Counter()  # by reason, since start
+        self._logged_at_s: float | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        # h11 bounds only a head still arriving: one that comes in a single read is parsed
+        # whole, however large. Bounded here, before anything reads its fields.
+        head_bytes = len(scope.get("raw_path", b"")) + len(scope.get("query_string", b""))
+        head_bytes += sum(len(k) + len(v) + 4 for k, v in scope["headers"])
+        if head_bytes > MAX_HEAD_BYTES:
+            await _send_refusal(
+                send,
+                status.HTTP_431_REQUEST_HEADER_FIELDS_TOO_LARGE,
+                f"request head too large: at most {MAX_HEAD_BYTES} bytes",
+                {},
+            )
+            return
+        headers = Headers(scope=scope)
+        if self.needs_token(scope):
+            refused = self.refusal(headers.get("authorization"))
+            if refused is not None:
+                self._note_refusal(scope, refused[1])
+                await _send_refusal(send, *refused)
+                return
+        too_large = f"request body too large: at most {self.max_body_bytes} bytes"
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            await _send_refusal(send, status.HTTP_413_CONTENT_TOO_LARGE, too_large, {})
+            return
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                messages = await self._read_body(receive)
+        except _BodyTooLarge:
+            await _send_refusal(send, status.HTTP_413_CONTENT_TOO_LARGE, too_large, {})
+            return
+        except TimeoutError:
+            await _send_refusal(
+                send,
+                status.HTTP_408_REQUEST_TIMEOUT,
+                f"request body not sent within {self.body_timeout_s:g} s",
+                {},
+            )
+            return
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    def _note_refusal(self, scope: Scope, detail: str) -> None:
+        """Count it; log the first and then at most one summary per ``log_every_s``, so a
+        client that hammers the API with bad tokens cannot flood the journal."""
+        self.refused[detail] += 1
+        now = time.monotonic()
+        if self._logged_at_s is not None and now - self._logged_at_s < self.log_every_s:
+            return
+        self._logged_at_s = now
+        client = scope.get("client") or ("?", 0)
+        log.warning(
+            "API: %s %s from %s refused before its body: %s (refused so far: %s)",
+            scope["method"],
+            scope["path"],
+            client[0],
+            detail,
+            dict(self.refused),
+        )
+
+    async def _read_body(self, receive: Receive) -> list[Message]:
+        messages: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":  # a disconnect: the app sees it too
+                return messages
+            size += len(message.get("body", b""))
+            if size > self.max_body_bytes:
+                raise _BodyTooLarge
+            if not message.get("more_body", False):
+                return messages
 
 
 # ---------------------------------------------------------------------------
@@ -237,6 +427,8 @@ def create_app(
     allow_unauthenticated: bool = False,
     environ: Mapping[str, str] | None = None,
     history: History | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    body_timeout_s: float = BODY_TIMEOUT_S,
 ) -> FastAPI:
     """The API over a running controller's view.
 
@@ -290,27 +482,24 @@ def create_app(
     app.state.metrics = mets
     app.state.history = hist
 
-    async def require_token(creds: BearerCredentials) -> None:
-        if token is None:
-            if allow_unauthenticated:
-                return
-            raise HTTPException(
-                status.HTTP_503_SERVICE_UNAVAILABLE,
-                "changes through the API are disabled: no API token is configured"
-                " (set integrations.api.token_env or token_file)",
-            )
-        challenge = {"WWW-Authenticate": "Bearer"}
-        if creds is None:
-            raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED, "missing bearer token", headers=challenge
-            )
-        if not hmac.compare_digest(creds.credentials.encode(), token.encode()):
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "wrong token", headers=challenge)
+    def refusal(authorization: str | None) -> Refusal_ | None:
+        return token_refusal(token, authorization, allow_unauthenticated=allow_unauthenticated)
+
+    async def require_token(request: Request, _: BearerCredentials) -> None:
+        # RequestGuard has checked this already, before the body; checked again here so a
+        # route can never be reached unchecked, whatever the middleware order becomes.
+        refused = refusal(request.headers.get("authorization"))
+        if refused is not None:
+            raise HTTPException(refused[0], refused[1], headers=refused[2] or None)
 
     authorized = [Depends(require_token)]
     auth_errors: dict[int | str, dict[str, Any]] = {
         401: {"model": ErrorOut, "description": "missing or wrong bearer token"},
         503: {"model": ErrorOut, "description": "no API token configured"},
+    }
+    body_errors: dict[int | str, dict[str, Any]] = {
+        408: {"model": ErrorOut, "description": "body not sent in time"},
+        413: {"model": ErrorOut, "description": f"body larger than {MAX_BODY_BYTES} bytes"},
     }
 
     def known_node(node: str) -> str:
@@ -327,7 +516,9 @@ def create_app(
 
     @app.get("/v1/health", response_model=HealthOut, tags=["state"])
     async def health() -> HealthOut:
-        """Whether the control loop runs and keeps time (``cycle_age_s`` since the last)."""
+        """Whether the control loop runs and keeps time (``cycle_age_s`` since the last),
+        and whether it sees everything it controls: ``degraded`` with ``reasons`` when a
+        device is stale or an agent is lost or on its failsafe cap. Always HTTP 200."""
         h = view.health()
         now = clock()
         return HealthOut(
@@ -343,7 +534,11 @@ def create_app(
             overruns=h.overruns,
             devices_total=h.devices_total,
             devices_stale=h.devices_stale,
+            agents_total=h.agents_total,
+            agents_lost=h.agents_lost,
+            agents_failsafe=h.agents_failsafe,
             reservations=len(store.active(now)),
+            reasons=list(h.reasons),
             message=h.message,
         )
 
@@ -402,6 +597,7 @@ def create_app(
             409: {"model": RefusalOut},
             **not_found,
             **auth_errors,
+            **body_errors,
         },
     )
     async def reserve(body: ReservationIn, response: Response) -> ReservationOut | JSONResponse:
@@ -512,13 +708,15 @@ def create_app(
     async def events(
         limit: Annotated[int, Query(ge=1, le=5000)] = 100,
         since: Annotated[int, Query(ge=0, description="only events with seq above this")] = 0,
+        # A plain array, not ``list | None``: a query cannot tell a one-item list from a
+        # string, and the nullable anyOf made fuzzers call ``?kind=x`` invalid input.
         kind: Annotated[
-            list[EventKindName] | None,
+            list[EventKindName],
             Query(description="only these kinds (cap, uncap, refusal, ...); repeat for more"),
-        ] = None,
+        ] = [],  # noqa: B006 - FastAPI copies parameter defaults per request
     ) -> EventsOut:
         """The audit trail, oldest first: actions with their reasons and readings."""
-        picked = trail.recent(limit=limit, since_seq=since, kinds=kind or ())
+        picked = trail.recent(limit=limit, since_seq=since, kinds=kind)
         return EventsOut(
             last_seq=trail.last_seq,
             events=[EventOut.model_validate(e.to_json()) for e in picked],
@@ -559,12 +757,76 @@ def create_app(
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's own handler echoes the input, and an input of NaN or 1e400 then
         # fails to render as JSON: a 500 for bad input. Same body, numbers made safe.
+        # The input is shown cut to MAX_ECHO_CHARS: a 10 MB field echoed whole made the
+        # error as big as the attack, and its render held the loop a second time.
         return JSONResponse(
             status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
-            content={"detail": _json_safe(jsonable_encoder(exc.errors()))},
+            content={
+                "detail": [_short_error(e) for e in _json_safe(jsonable_encoder(exc.errors()))]
+            },
         )
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # Starlette answers a wrong method from the first route with the path, so a
+        # path with a GET and a POST route said ``Allow: GET`` (schemathesis, ST205).
+        if exc.status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
+            path = request.scope["path"]
+            methods = sorted(
+                {
+                    m
+                    for r in app.routes
+                    if isinstance(r, APIRoute) and r.path_regex.match(path)
+                    for m in r.methods or ()
+                }
+            )
+            if methods:
+                exc.headers = {**(exc.headers or {}), "Allow": ", ".join(methods)}
+        return await http_exception_handler(request, exc)
+
+    # The guard must know which routes take a token; every route exists by now.
+    protected = [
+        r
+        for r in app.routes
+        if isinstance(r, APIRoute) and any(d.dependency is require_token for d in r.dependencies)
+    ]
+
+    def needs_token(scope: Scope) -> bool:
+        return any(r.matches(scope)[0] is Match.FULL for r in protected)
+
+    app.add_middleware(
+        RequestGuard,
+        needs_token=needs_token,
+        refusal=refusal,
+        max_body_bytes=max_body_bytes,
+        body_timeout_s=body_timeout_s,
+    )
     return app
+
+
+def _shortened(value: Any) -> Any:
+    """``value`` if its text is short, else its first MAX_ECHO_CHARS and how long it was."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    if len(text) <= MAX_ECHO_CHARS:
+        return value
+    return f"{text[:MAX_ECHO_CHARS]}... (truncated, {len(text)} chars)"
+
+
+def _short_error(error: Any) -> Any:
+    """One 422 entry with its input, loc parts and ctx values shortened (a key can be
+    the long part: ``loc`` names an unknown field by the name it was sent with)."""
+    if not isinstance(error, dict):
+        return _shortened(error)
+    out = dict(error)
+    if "input" in out:
+        out["input"] = _shortened(out["input"])
+    if isinstance(out.get("loc"), list):
+        out["loc"] = [_shortened(part) if isinstance(part, str) else part for part in out["loc"]]
+    if isinstance(out.get("ctx"), dict):
+        out["ctx"] = {k: _shortened(v) for k, v in out["ctx"].items()}
+    if isinstance(out.get("msg"), str):
+        out["msg"] = _shortened(out["msg"])
+    return out
 
 
 def _json_safe(value: Any) -> Any:
@@ -590,6 +852,116 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
+@dataclasses.dataclass
+class ConnectionStats:
+    """What the connection limits did, for tests and logs."""
+
+    header_timeouts: int = 0
+    refused_full: int = 0
+
+
+def _guarded_protocol(
+    header_timeout_s: float, max_connections: int, stats: ConnectionStats
+) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a request-head timeout and a connection cap.
+
+    uvicorn (0.30-0.55) times out only an idle *kept-alive* connection, and only from
+    its first response on: a client that connects and sends nothing, or half a head,
+    holds its socket for good (the audit left 2,000 such open). Here the head must be
+    complete within ``header_timeout_s`` of connecting or of the last response, else
+    the connection is closed. ``limit_concurrency`` would answer 503 only once a head
+    has been read, so the cap is taken at accept: beyond ``max_connections`` a
+    connection gets a 503 straight away, is half-closed and dropped a second later
+    (data it sends meanwhile is discarded, so its client reads the 503 and not a reset).
+    """
+
+    class GuardedH11Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+        _refused = False
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            full = len(self.connections) >= max_connections
+            super().connection_made(transport)  # type: ignore[arg-type]
+            if full:
+                self._refuse()
+                return
+            self._arm_header_timer()
+
+        def _refuse(self) -> None:
+            self._refused = True
+            self.connections.discard(self)
+            stats.refused_full += 1
+            log.warning("API: %d connections open, one more refused with 503", max_connections)
+            self.transport.write(_FULL_RESPONSE)
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(1.0, self.transport.close)
+
+        def data_received(self, data: bytes) -> None:
+            if not self._refused:
+                super().data_received(data)
+
+        def handle_events(self) -> None:
+            before = self.cycle
+            super().handle_events()
+            if self.cycle is not before:  # a complete head was parsed: a request began
+                self._disarm_header_timer()
+
+        def on_response_complete(self) -> None:
+            self._arm_header_timer()  # before: a pipelined request in super() disarms it
+            super().on_response_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_header_timer()
+            super().connection_lost(exc)
+
+        def _arm_header_timer(self) -> None:
+            self._disarm_header_timer()
+            self._header_timer = self.loop.call_later(header_timeout_s, self._header_timed_out)
+
+        def _disarm_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _header_timed_out(self) -> None:
+            self._header_timer = None
+            if not self.transport.is_closing():
+                stats.header_timeouts += 1
+                log.info("API: no complete request head within %g s; closed", header_timeout_s)
+                self.transport.close()
+
+    return GuardedH11Protocol
+
+
+_FULL_BODY = b'{"detail":"too many connections to the API; retry shortly"}'
+_FULL_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+    b"content-length: " + str(len(_FULL_BODY)).encode() + b"\r\n"
+    b"retry-after: 1\r\nconnection: close\r\n\r\n" + _FULL_BODY
+)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) only listens on this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def binding_note(host: str) -> str:
+    """One line saying who can reach an API bound to ``host`` (the demo prints it)."""
+    if is_loopback(host):
+        return f"{host} only (loopback): not reachable from other machines"
+    return (
+        f"{host}: reachable from other machines (integrations.api.host); reading endpoints"
+        " are open, changes need the token"
+    )
+
+
 def _bind(host: str, port: int) -> socket.socket:
     """A listening socket of our own: a taken port is an ``OSError`` here, where uvicorn
     would ``sys.exit``, and port 0 tells us the port the kernel picked."""
@@ -613,13 +985,22 @@ class ApiServer:
     ``await shutdown()``; :meth:`bind` first if the port is needed before serving."""
 
     def __init__(
-        self, app: FastAPI, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
+        self,
+        app: FastAPI,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+        header_timeout_s: float = HEADER_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.app = app
         self.host = host
         self._requested_port = port
+        self.connection_stats = ConnectionStats()
         self._config = uvicorn.Config(
             app,
+            http=_guarded_protocol(header_timeout_s, max_connections, self.connection_stats),
             log_config=None,
             log_level=log_level,
             access_log=False,
@@ -627,6 +1008,8 @@ class ApiServer:
             server_header=False,
             proxy_headers=False,
             timeout_graceful_shutdown=2,
+            timeout_keep_alive=5,
+            h11_max_incomplete_event_size=MAX_HEAD_BYTES,
         )
         self._server = _EmbeddedServer(self._config)
         self._sock: socket.socket | None = None
@@ -642,6 +1025,8 @@ class ApiServer:
         """Open the listening socket (idempotent); returns the bound port."""
         if self._sock is None:
             self._sock = _bind(self.host, self._requested_port)
+            if not is_loopback(self.host):
+                log.warning("API listens on %s", binding_note(self.host))
         return self.port
 
     @property

@@ -3,6 +3,12 @@
 Kept apart from what a cycle does so the timing can be tested on its own. A cycle that
 runs long must not make the next ones run back-to-back to "catch up": stale catch-up
 cycles act on old data. So the deadline advances by whole periods past now.
+
+An overrun is any tick that did not do its job on time: a cycle longer than its period,
+a cycle that raised, and a cycle that *started* more than a period after its deadline.
+The last is the event loop held by something else (audit F1: a 63 MB request body
+parsed for 3 s stopped the cycle, and the stall was invisible because only durations
+were compared).
 """
 
 from __future__ import annotations
@@ -14,8 +20,11 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 log = logging.getLogger(__name__)
+
+OverrunKind = Literal["late", "failed", "long"]
 
 
 @dataclass
@@ -25,6 +34,9 @@ class CycleStats:
     cycles: int = 0
     overruns: int = 0
     skipped_ticks: int = 0
+    late_starts: int = 0  # ticks that began more than a period after their deadline
+    max_late_s: float = 0.0
+    last_late_s: float = 0.0
     last_duration_s: float = 0.0
     max_duration_s: float = 0.0
     durations_s: list[float] = field(default_factory=list)
@@ -69,24 +81,44 @@ async def run_cycle(
     stop: asyncio.Event,
     clock: Callable[[], float] = time.monotonic,
     wait: Callable[[asyncio.Event, float], Awaitable[None]] = wait_or_stop,
+    on_overrun: Callable[[OverrunKind], None] | None = None,
 ) -> None:
     """Call ``body(now_s)`` every ``period_s`` on a monotonic deadline until ``stop`` is set.
 
     An exception in one cycle is logged and counted as an overrun; the loop goes on,
     because a controller that stops cycling leaves the racks to the agents' failsafe.
+    Each overrun is also handed to ``on_overrun`` (the service counts it in metrics).
     """
+
+    def overrun(kind: OverrunKind) -> None:
+        stats.overruns += 1
+        if on_overrun is not None:
+            on_overrun(kind)
+
     deadline = clock()
     while not stop.is_set():
         started = clock()
+        late = max(0.0, started - deadline)
+        stats.last_late_s = late
+        if late > period_s:
+            stats.late_starts += 1
+            stats.max_late_s = max(stats.max_late_s, late)
+            overrun("late")
+            log.warning(
+                "cycle started %.3f s after its deadline (period %.3f s): the event loop was"
+                " blocked",
+                late,
+                period_s,
+            )
         try:
             await body(started)
         except Exception:
             log.exception("control cycle failed; continuing with the next one")
-            stats.overruns += 1
+            overrun("failed")
         duration = clock() - started
         stats.record(duration)
         if duration > period_s:
-            stats.overruns += 1
+            overrun("long")
             log.warning("cycle took %.3f s, longer than its period %.3f s", duration, period_s)
         deadline, skipped = next_deadline(deadline, period_s, clock())
         stats.skipped_ticks += skipped

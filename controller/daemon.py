@@ -72,6 +72,12 @@ class _CapSince:
     gpus: tuple[int, ...] = field(default_factory=tuple)
 
 
+def _names(ids: Sequence[str], shown: int = 5) -> str:
+    """The first few ids and how many more: a hall loses agents by the hundred."""
+    head = ", ".join(ids[:shown])
+    return head if len(ids) <= shown else f"{head} (+{len(ids) - shown} more)"
+
+
 def default_controller_id(site: Site) -> str:
     """``rackpower-<site>``: what agents are configured to obey unless told otherwise."""
     return f"rackpower-{site.name}"
@@ -209,24 +215,48 @@ class Controller:
         return self._tree
 
     def health(self) -> Health:
+        """``ok`` only while the loop keeps time and every meter and agent reports.
+
+        ``degraded`` (the API still answers 200, the body says why) when the cycle is
+        late, a device is stale, an agent is lost (its GPUs count at their maximum) or
+        an agent runs on its failsafe cap (our leases do not reach it): each is a reason
+        naming what. Within the start-up grace, before every device and agent had the
+        time to report once, it is ``starting`` instead.
+        """
         devices = self.device_health() if self.device_health else {}
-        stale = sum(1 for is_stale, _ in devices.values() if is_stale)
+        stale_devices = sorted(d for d, (is_stale, _) in devices.items() if is_stale)
+        now = self.clock()
+        lost = sorted(self.lost_agents(now))
+        failsafe = sorted(a for a in self._agent_failsafe if a not in lost)
         late = (
             self._last_cycle_wall_s is None
             or self.wall_clock() - self._last_cycle_wall_s > 5 * self.site.policy.cycle_s
         )
+        reasons: list[str] = []
+        if late and self._last_cycle_wall_s is not None:
+            reasons.append("control cycle is late")
+        if lost:
+            reasons.append(f"{len(lost)} of {len(self.agents)} agents lost: {_names(lost)}")
+        if failsafe:
+            reasons.append(f"{len(failsafe)} agents on their failsafe cap: {_names(failsafe)}")
+        if stale_devices:
+            reasons.append(
+                f"{len(stale_devices)} of {len(devices)} devices stale: {_names(stale_devices)}"
+            )
+        settling = (
+            self._first_cycle_s is not None
+            and now - self._first_cycle_s < self._startup_grace_s
+            and (bool(stale_devices) or len(self._agent_seen_s) < len(self.agents))
+        )
         status: Literal["starting", "ok", "degraded", "stopping"]
         if self.stopping:
             status = "stopping"
-        elif self._last_cycle_wall_s is None:
+        elif self._last_cycle_wall_s is None or (settling and not late):
             status = "starting"
-        elif late or stale:
+        elif reasons:
             status = "degraded"
         else:
             status = "ok"
-        message = "control cycle is late" if late and self._last_cycle_wall_s else ""
-        if stale:
-            message = (message + "; " if message else "") + f"{stale} devices stale"
         return Health(
             status=status,
             mode=self.mode,
@@ -236,8 +266,12 @@ class Controller:
             cycles=self.cycle_stats.cycles,
             overruns=self.cycle_stats.overruns,
             devices_total=len(devices),
-            devices_stale=stale,
-            message=message,
+            devices_stale=len(stale_devices),
+            agents_total=len(self.agents),
+            agents_lost=len(lost),
+            agents_failsafe=len(failsafe),
+            reasons=tuple(reasons),
+            message="; ".join(reasons),
         )
 
     def nodes(self) -> Mapping[str, NodeLive]:

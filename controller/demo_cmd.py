@@ -134,6 +134,7 @@ class _AgentStops(logging.Filter):
 async def run_demo(args: argparse.Namespace, site: Site) -> int:
     from controller.agent import NodeAgent
     from controller.agent_config import parse_agent_config
+    from controller.api import binding_note
     from controller.link import ControllerLink, InProcessLink, MqttAgentLink, MqttControllerLink
     from controller.msgauth import KeyFile, KeyStore, new_key_line, write_key_file
     from controller.service import ServiceOptions, run_service
@@ -213,6 +214,7 @@ async def run_demo(args: argparse.Namespace, site: Site) -> int:
                     flush=True,
                 )
                 print(f"  metrics      {url}/metrics", flush=True)
+                print(f"  API binds    {binding_note(served.integrations.api.host)}", flush=True)
                 if mqtt_cfg is not None:
                     print(
                         f"  agent link   MQTT, every lease and report signed (HMAC-SHA256,"

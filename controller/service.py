@@ -245,10 +245,9 @@ async def run_service(site: Site, options: ServiceOptions, stop: asyncio.Event) 
 
     async def body(now_s: float) -> None:
         controller.run_cycle(now_s)
-        metrics.observe_cycle(
-            controller.cycle_stats.last_duration_s,
-            overrun=controller.cycle_stats.last_duration_s > site.policy.cycle_s,
-        )
+        # Overruns (long, failed or late-started cycles) reach the metrics through
+        # run_cycle's on_overrun, the one place that decides what an overrun is.
+        metrics.observe_cycle(controller.cycle_stats.last_duration_s)
         for dev, st in group.stats().items():
             if st.last_poll_duration_s is not None:
                 metrics.observe_poll(dev, st.last_poll_duration_s, st.last_error)
@@ -263,7 +262,13 @@ async def run_service(site: Site, options: ServiceOptions, stop: asyncio.Event) 
                 notifier.watchdog()
 
     async def cycle() -> None:
-        await run_cycle(body, site.policy.cycle_s, controller.cycle_stats, stop)
+        await run_cycle(
+            body,
+            site.policy.cycle_s,
+            controller.cycle_stats,
+            stop,
+            on_overrun=lambda _: metrics.cycle_overruns.inc(),
+        )
 
     try:
         for pollable in build_pollables(params):

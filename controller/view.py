@@ -97,6 +97,10 @@ class Health:
     overruns: int = 0
     devices_total: int = 0
     devices_stale: int = 0
+    agents_total: int = 0
+    agents_lost: int = 0  # silent past their stale limit: their GPUs count at maximum
+    agents_failsafe: int = 0  # reporting, but on their failsafe cap (no lease reaches them)
+    reasons: tuple[str, ...] = ()  # why not ``ok``, one line per cause, naming what
     message: str = ""
 
 
@@ -262,6 +266,9 @@ class CapsOut(ApiModel):
 
 
 class HealthOut(ApiModel):
+    """``status``: starting, ok, degraded (see ``reasons``) or stopping. Always served with
+    HTTP 200 while the API runs: a probe reads the body, not the code."""
+
     status: str
     site: str
     mode: str
@@ -274,7 +281,11 @@ class HealthOut(ApiModel):
     overruns: int
     devices_total: int
     devices_stale: int
+    agents_total: int
+    agents_lost: int = Field(description="agents silent past their stale limit")
+    agents_failsafe: int = Field(description="agents reporting on their failsafe cap")
     reservations: int
+    reasons: list[str] = Field(description="why the status is not ok, one line per cause")
     message: str
 
 

@@ -115,6 +115,7 @@ def view(tree: PowerTree) -> MemoryView:
             overruns=3,
             devices_total=3,
             devices_stale=1,
+            agents_total=4,
         ),
     )
 
@@ -532,9 +533,36 @@ async def test_caps_events_health(api: Any, clock: FakeClock) -> None:
         "overruns": 3,
         "devices_total": 3,
         "devices_stale": 1,
+        "agents_total": 4,
+        "agents_lost": 0,
+        "agents_failsafe": 0,
         "reservations": 1,
+        "reasons": [],
         "message": "",
     }
+
+
+async def test_health_serves_degraded_with_its_reasons_as_200(api: Any, view: MemoryView) -> None:
+    """The contract: /v1/health answers 200 whatever the status (a probe reads the body);
+    what makes it degraded is listed, and /metrics' rackpower_up follows it."""
+    _, client = api
+    lost = "4 of 4 agents lost: a-1, a-2, a-3, a-4"
+    view.health_info = Health(
+        status="degraded",
+        mode="enforce",
+        started_at_s=NOW_S - 600,
+        last_cycle_at_s=NOW_S - 0.2,
+        agents_total=4,
+        agents_lost=4,
+        reasons=(lost,),
+        message=lost,
+    )
+    r = await client.get("/v1/health")
+    assert r.status_code == 200
+    body = r.json()
+    assert (body["status"], body["agents_lost"], body["reasons"]) == ("degraded", 4, [lost])
+    up = samples((await client.get("/metrics")).text)[("rackpower_up", ())]
+    assert up == 0.0
 
 
 async def test_history_is_sampled_while_serving(view: MemoryView) -> None:

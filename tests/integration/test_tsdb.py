@@ -403,7 +403,7 @@ async def test_f10_influx_url_password_is_never_logged(caplog: pytest.LogCapture
         async with w:
             w.submit(seq_points("s9", 2))
             assert await until(lambda: w.stats().failed_batches >= 2)
-    assert "tsdb: write to http://127.0.0.1:" in caplog.text  # the failure is logged...
+    assert "tsdb: write to http://***@127.0.0.1:" in caplog.text  # the failure is logged...
     assert "hunter2" not in caplog.text  # ...without the password
     assert "rp-writer" not in caplog.text
     assert "hunter2" not in (w.stats().last_error or "")
