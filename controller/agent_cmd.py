@@ -1,9 +1,9 @@
 """``rackpower agent --config FILE``: the node agent as a process.
 
 Exit codes as for every command: 0 after a clean stop (SIGTERM or Ctrl-C), 2 for a bad
-config (a key file others can read included), 1 when it cannot run (no NVML on this
-machine, a broker secret missing). SIGHUP re-reads the key file (it is also re-read when
-it changes).
+config (no ``auth.key_file`` without ``auth.allow_unsigned: true``, or a key file others
+can read, included), 1 when it cannot run (no NVML on this machine, a broker secret
+missing). SIGHUP re-reads the key file (it is also re-read when it changes).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import signal
 import sys
 
 from controller.agent import NodeAgent
-from controller.agent_config import AgentConfig, load_agent_config
+from controller.agent_config import AgentConfig, auth_problem, load_agent_config
 from controller.cmdutil import setup_logging
 from controller.config import ConfigError
 from controller.link import MqttAgentLink
@@ -60,12 +60,17 @@ def cmd_agent(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc.report(), file=sys.stderr)
         return EXIT_BAD_INPUT
+    problem = auth_problem(cfg)  # secure by default: no key, no start (unless allowed)
+    if problem is not None:
+        print(ConfigError(args.config, [problem]).report(), file=sys.stderr)
+        return EXIT_BAD_INPUT
     setup_logging(args.log_level)
     try:
+        key_file = None if cfg.auth is None else cfg.auth.key_file
         keys = (
             None
-            if cfg.auth is None
-            else KeyFile(cfg.auth.key_file, check_every_s=cfg.auth.check_every_s)
+            if cfg.auth is None or key_file is None
+            else KeyFile(key_file, check_every_s=cfg.auth.check_every_s)
         )
     except KeyFileError as exc:
         print(f"rackpower agent: auth.key_file: {exc}", file=sys.stderr)
@@ -89,9 +94,9 @@ async def run_agent(cfg: AgentConfig, keys: KeyFile | None = None) -> int:
     )
     if keys is None:
         log.warning(
-            "LEASES UNAUTHENTICATED: no auth.key_file, so this agent obeys any well-formed"
-            " lease with its controller id from anyone on the broker; set auth.key_file"
-            " (docs/agent-link.md)"
+            "LEASES UNAUTHENTICATED (auth.allow_unsigned: true): this agent obeys any"
+            " well-formed lease with its controller id from anyone on the broker; set"
+            " auth.key_file instead (docs/agent-link.md)"
         )
     async with NvmlDriver(cfg.node_id, confirm_timeout_s=cfg.nvml.confirm_timeout_s) as driver:
         agent = NodeAgent(cfg, driver, link)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import Field, StringConstraints, ValidationError, field_validator
+from pydantic import Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from controller.config import (
     MQTT_SCHEMES,
@@ -57,10 +57,29 @@ class AgentMqttConfig(Strict):
 
 class AgentAuth(Strict):
     """Where this agent's key is: a file ``<kid> <secret hex>`` per line (one or two
-    lines during a rollover), readable only by its owner (0600). Never inline."""
+    lines during a rollover), readable only by its owner (0600). Never inline.
 
-    key_file: Path
+    ``rackpower agent`` refuses to start without ``key_file`` (see :func:`auth_problem`):
+    an agent that obeys unsigned leases obeys anyone on the broker (F2). ``allow_unsigned:
+    true`` instead is the explicit lab mode, with a loud warning at start; both at once
+    are refused, as a reader could not tell which holds.
+    """
+
+    key_file: Path | None = None
+    allow_unsigned: bool = False
     check_every_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> AgentAuth:
+        if self.key_file is None and not self.allow_unsigned:
+            raise ValueError(
+                "set key_file (this agent's key) or, for a lab only, allow_unsigned: true"
+            )
+        if self.key_file is not None and self.allow_unsigned:
+            raise ValueError(
+                "key_file and allow_unsigned: true contradict each other; drop allow_unsigned"
+            )
+        return self
 
 
 class NvmlSettings(Strict):
@@ -87,10 +106,29 @@ class AgentConfig(Strict):
     max_lease_s: Annotated[float, Field(gt=0, le=MAX_LEASE_S)] = 60.0
     # A lease's seq (the controller's wall clock in ms) must be within this of ours.
     seq_window_s: Annotated[float, Field(ge=60, le=86_400)] = 600.0
-    # None: leases are not authenticated (a lab); the agent warns loudly at start.
+    # None is fine for the in-process link (demo, simulator); `rackpower agent` (MQTT)
+    # refuses it: see auth_problem.
     auth: AgentAuth | None = None
     mqtt: AgentMqttConfig
     nvml: NvmlSettings = NvmlSettings()
+
+
+def auth_problem(cfg: AgentConfig) -> Problem | None:
+    """Why this config may not run on an MQTT link, or None.
+
+    The model itself accepts a missing ``auth`` because the in-process link (the demo
+    without ``--mqtt``, the simulator) carries leases between tasks of one process that
+    nobody else can reach. On a broker, a missing key is refused unless the file says
+    ``auth: {allow_unsigned: true}``: secure by default, insecure only by a written choice.
+    """
+    if cfg.auth is not None:
+        return None
+    return Problem(
+        "auth",
+        "no auth.key_file: over MQTT this agent would obey unsigned leases from anyone on the"
+        " broker; set auth.key_file (docs/agent-link.md) or, for a lab only,"
+        " auth: {allow_unsigned: true}",
+    )
 
 
 def parse_agent_config(data: Any, source: str = "<agent config>") -> AgentConfig:

@@ -522,12 +522,56 @@ class SchedulerConfig(Strict):
 
 class AgentAuthConfig(Strict):
     """Where the controller finds each agent's link key: ``<keys_dir>/<agent_id>.key``
-    (``<kid> <secret hex>`` per line, one or two during a rollover, mode 0600). One file
-    per agent: 9,000 agents are a directory, and a node is re-keyed alone. Absent: the
-    agent link is unauthenticated (``run`` warns loudly). See docs/agent-link.md."""
+    (``<kid> <secret hex>`` per line, one or two during a rollover, mode 0600; the
+    directory itself 0700). One file per agent: 9,000 agents are a directory, and a node
+    is re-keyed alone. See docs/agent-link.md.
 
-    keys_dir: Path
+    Required (see :func:`agent_auth_problems`) when agents talk over MQTT: anyone who can
+    publish on the broker could otherwise raise any GPU's cap (F2). ``allow_unsigned:
+    true`` instead of ``keys_dir`` is the explicit, loud lab mode; both at once would
+    leave a reader unsure which holds, so that is refused too.
+    """
+
+    keys_dir: Path | None = None
+    allow_unsigned: bool = False
     check_every_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> AgentAuthConfig:
+        if self.keys_dir is None and not self.allow_unsigned:
+            raise ValueError(
+                "set keys_dir (one key file per agent) or, for a lab only, allow_unsigned: true"
+            )
+        if self.keys_dir is not None and self.allow_unsigned:
+            raise ValueError(
+                "keys_dir and allow_unsigned: true contradict each other; drop allow_unsigned"
+            )
+        return self
+
+
+def agent_auth_problems(spec: SiteSpec, nodes: Sequence[NodeDef]) -> list[Problem]:
+    """Agents on an MQTT link need ``integrations.agent_auth``: refused at ``validate``,
+    not discovered at ``run`` (which loads the site through the same rules).
+
+    Without it every lease goes out unsigned and every report is believed, so any client
+    of the broker can uncap GPUs or fake readings (F2). The in-process link (demo without
+    ``--mqtt``, scenarios, the simulator) has no ``integrations.mqtt`` and is not concerned.
+    """
+    if spec.integrations.mqtt is None or spec.integrations.agent_auth is not None:
+        return []
+    agents = sorted({n.agent for n in nodes if n.kind == "node" and n.agent is not None})
+    if not agents:
+        return []
+    return [
+        Problem(
+            "integrations.agent_auth",
+            f"{len(agents)} node agent{'s' if len(agents) != 1 else ''} ({agents[0]}"
+            f"{', ...' if len(agents) > 1 else ''}) talk over MQTT (integrations.mqtt)"
+            " unauthenticated: set integrations.agent_auth.keys_dir (a directory of"
+            " <agent_id>.key files, docs/agent-link.md) or, for a lab only,"
+            " integrations.agent_auth.allow_unsigned: true",
+        )
+    ]
 
 
 class Integrations(Strict):
@@ -1062,6 +1106,7 @@ def check_site(
     from controller.config_semantics import check_semantics
 
     problems.extend(check_semantics(spec, nodes, devices, device_paths, point_units))
+    problems.extend(agent_auth_problems(spec, nodes))
     return problems
 
 

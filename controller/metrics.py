@@ -103,6 +103,20 @@ class Metrics:
             registry=r,
         )
         self._tsdb_dropped_seen = 0
+        # The agent link's authentication refusals (docs/agent-link.md): forged or
+        # unsigned telemetry, and leases not sent for want of an agent's key. Mirrored
+        # from the link's running counts like the TSDB drops.
+        self.agent_telemetry_refused = Counter(
+            "rackpower_agent_telemetry_refused",
+            "Agent telemetry refused: unsigned, unknown key or bad MAC (forged, or no key).",
+            registry=r,
+        )
+        self.agent_leases_unsent_no_key = Counter(
+            "rackpower_agent_leases_unsent_no_key",
+            "Leases not sent because the agent has no usable key file (it stays at failsafe).",
+            registry=r,
+        )
+        self._link_seen = {"auth_refused": 0, "leases_no_key": 0}
 
         self._tree = _TreeCollector()
         r.register(self._tree)
@@ -143,6 +157,16 @@ class Metrics:
         if total > self._tsdb_dropped_seen:
             self.tsdb_dropped.inc(total - self._tsdb_dropped_seen)
             self._tsdb_dropped_seen = total
+
+    def set_agent_link(self, auth_refused: int, leases_no_key: int) -> None:
+        """Mirror the controller link's running counts (``LinkStats``) into counters."""
+        for name, total, counter in (
+            ("auth_refused", auth_refused, self.agent_telemetry_refused),
+            ("leases_no_key", leases_no_key, self.agent_leases_unsent_no_key),
+        ):
+            if total > self._link_seen[name]:
+                counter.inc(total - self._link_seen[name])
+                self._link_seen[name] = total
 
     def set_gpu_power(self, tree: PowerTree, power_w: npt.NDArray[np.float64]) -> None:
         """Per-GPU power; a no-op unless the instance was made with ``per_gpu=True``."""

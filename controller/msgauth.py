@@ -186,6 +186,30 @@ class KeyFile:
         self.reloads += 1
 
 
+def _check_keys_dir(path: Path) -> None:
+    """The controller's keys directory: there, a directory, readable by us, by us alone.
+
+    Every agent's secret is in it, so it gets the key files' own rule: a directory that
+    others may list or write (group or world bits) is refused, as ssh refuses a loose
+    ``~/.ssh``. Writable by others would let them plant a key for an agent that has none.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise KeyFileError(
+            f"{path}: agent keys directory cannot be read: {exc.strerror or exc}"
+        ) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise KeyFileError(f"{path}: agent keys directory is not a directory")
+    if st.st_mode & 0o077:
+        raise KeyFileError(
+            f"{path}: mode {stat.S_IMODE(st.st_mode):04o} lets others list or change the"
+            " agents' key files; the keys directory must be its owner's alone (chmod 700)"
+        )
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise KeyFileError(f"{path}: agent keys directory cannot be read by this user")
+
+
 class KeyStore:
     """The controller's keys for every agent: ``<keys_dir>/<agent_id>.key``, loaded lazily.
 
@@ -204,8 +228,7 @@ class KeyStore:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.keys_dir = Path(keys_dir)
-        if not self.keys_dir.is_dir():
-            raise KeyFileError(f"{self.keys_dir}: agent keys directory does not exist")
+        _check_keys_dir(self.keys_dir)  # a bad directory stops the start here
         self._check_every_s = check_every_s
         self._clock = clock
         self._files: dict[str, KeyFile] = {}

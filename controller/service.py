@@ -27,7 +27,7 @@ from controller.api import ApiServer, create_app
 from controller.audit import AuditLog
 from controller.bms import BmsLink
 from controller.commands import Command, ModeSwitch
-from controller.config import ConfigError, Site, load_site
+from controller.config import ConfigError, Site, agent_auth_problems, load_site
 from controller.cycle import run_cycle
 from controller.daemon import Controller, Mode
 from controller.devices import polled_device_params
@@ -105,18 +105,23 @@ async def run_service(site: Site, options: ServiceOptions, stop: asyncio.Event) 
     link = options.link
     keys: KeyStore | None = None
     if link is None and integrations.mqtt is not None:
+        # load_site refuses agents on MQTT without agent_auth; a Site put together in
+        # code has not been through it, so ask the same rule again: no key, no start.
+        for problem in agent_auth_problems(site.spec, site.nodes):
+            raise ValueError(f"{site.source}: {problem.path}: {problem.message}")
         auth = integrations.agent_auth
-        if auth is not None:  # a missing directory stops the start (KeyFileError)
+        if auth is not None and auth.keys_dir is not None:
+            # A directory missing, unreadable or open to others stops the start here.
             keys = KeyStore(auth.keys_dir, check_every_s=auth.check_every_s)
         link = MqttControllerLink(integrations.mqtt, site.name, keys=keys)
     if isinstance(link, MqttControllerLink):
         keys = link.keys
         if keys is None:
             log.warning(
-                "AGENT LINK UNAUTHENTICATED: leases go out unsigned and any telemetry is"
-                " believed, so anyone who can publish on the broker can raise or lower GPU"
-                " caps and fake readings; set integrations.agent_auth.keys_dir"
-                " (docs/agent-link.md)"
+                "AGENT LINK UNAUTHENTICATED (integrations.agent_auth.allow_unsigned): leases"
+                " go out unsigned and any telemetry is believed, so anyone who can publish on"
+                " the broker can raise or lower GPU caps and fake readings; set"
+                " integrations.agent_auth.keys_dir instead (docs/agent-link.md)"
             )
     controller = Controller(
         site,
@@ -251,6 +256,9 @@ async def run_service(site: Site, options: ServiceOptions, stop: asyncio.Event) 
         for dev, st in group.stats().items():
             if st.last_poll_duration_s is not None:
                 metrics.observe_poll(dev, st.last_poll_duration_s, st.last_error)
+        if isinstance(link, MqttControllerLink):  # the in-process link neither signs nor refuses
+            ls = link.stats()
+            metrics.set_agent_link(ls.auth_refused, ls.leases_no_key)
 
     async def watchdog() -> None:
         interval = notifier.watchdog_interval_s() or 5.0

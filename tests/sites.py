@@ -89,8 +89,15 @@ def ab_site() -> dict[str, Any]:
     return site
 
 
-def agent_site(mqtt: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The tiny site with a node agent per server (``agent-<node>``) and an MQTT section."""
+def agent_site(
+    mqtt: dict[str, Any] | None = None, agent_auth: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The tiny site with a node agent per server (``agent-<node>``) and an MQTT section.
+
+    Agents on MQTT need ``integrations.agent_auth`` (validation refuses them without):
+    ``agent_auth`` if given, else a keys directory that a test running the link must
+    create and fill (``/etc/rackpower/agent-keys``: fine for a config that is only read).
+    """
     site = tiny_site()
     for r in (1, 2):  # device ids are expanded per entry: one entry per rack
         site["devices"].append(
@@ -105,5 +112,6 @@ def agent_site(mqtt: dict[str, Any] | None = None) -> dict[str, Any]:
     node = site["rows"][0]["racks"][0]["nodes"][0]
     node["agent"] = "agent-{rack}-n{i}"
     if mqtt is not None:
-        site["integrations"] = {"mqtt": mqtt}
+        auth = agent_auth if agent_auth is not None else {"keys_dir": "/etc/rackpower/agent-keys"}
+        site["integrations"] = {"mqtt": mqtt, "agent_auth": auth}
     return site

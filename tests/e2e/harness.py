@@ -48,6 +48,7 @@ from controller.config import MqttConfig, Site
 from controller.demo_cmd import failsafe_shares_w
 from controller.link import MqttAgentLink
 from controller.mqtt import Backoff
+from controller.msgauth import KeyFile, new_key_line, write_key_file
 from controller.topology import PowerTree
 from drivers.nvml import NvmlDriver
 from sim.runtime import SimRuntime
@@ -100,9 +101,13 @@ def site_dict(
     mqtt_url: str,
     influx_url: str | None = None,
     *,
+    keys_dir: Path,
     rack_envelope_w: float = 10_000.0,
 ) -> dict[str, Any]:
     """The e2e site: one feed, SST and bus, one row, two racks of two 8-GPU servers.
+
+    Its agent link is signed (``integrations.agent_auth.keys_dir``), as a site on MQTT
+    must be: :func:`running_plant` makes the directory and a key per agent.
 
     A rack draws up to 2 x (1000 + 8 x 700) = 13.2 kW against a 10 kW envelope (1.32x
     oversubscribed); at the steady half load it draws about 7.9 kW, inside. Feed and row
@@ -111,6 +116,7 @@ def site_dict(
     integrations: dict[str, Any] = {
         "api": {"host": "127.0.0.1", "port": ports.api, "token_env": TOKEN_ENV},
         "mqtt": {"url": mqtt_url, "telemetry_period_s": 0.5},
+        "agent_auth": {"keys_dir": str(keys_dir)},
     }
     if influx_url is not None:
         integrations["influx"] = {"url": influx_url, "flush_s": 0.5, "batch_size": 500}
@@ -343,8 +349,17 @@ class Plant:
 
 @contextlib.asynccontextmanager
 async def running_plant(site: Site, mqtt_url: str) -> AsyncIterator[Plant]:
-    """Simulator on the site's ports plus agents over MQTT; everything stopped on exit."""
+    """Simulator on the site's ports plus agents over MQTT; everything stopped on exit.
+
+    Each agent signs with a key in the site's ``agent_auth.keys_dir`` (made here if
+    absent, kept across a second plant on the same site); on one test host the agent's
+    ``auth.key_file`` and the controller's copy can be the same file.
+    """
     tree = PowerTree(site)
+    auth = site.integrations.agent_auth
+    keys_dir = auth.keys_dir if auth is not None else None
+    if keys_dir is not None:
+        keys_dir.mkdir(mode=0o700, exist_ok=True)
     mqtt = MqttConfig(url=mqtt_url)
     tasks: list[asyncio.Task[None]] = []
     links: list[MqttAgentLink] = []
@@ -357,6 +372,9 @@ async def running_plant(site: Site, mqtt_url: str) -> AsyncIterator[Plant]:
                 assert node.agent is not None
                 driver = NvmlDriver(node_id, backend=sim.fake_nvml(node_id))
                 await driver.start()
+                key_file = None if keys_dir is None else keys_dir / f"{node.agent}.key"
+                if key_file is not None and not key_file.exists():
+                    write_key_file(key_file, new_key_line("e2e"))
                 cfg = parse_agent_config(
                     {
                         "site": site.name,
@@ -365,12 +383,21 @@ async def running_plant(site: Site, mqtt_url: str) -> AsyncIterator[Plant]:
                         "controller_id": CONTROLLER_ID,
                         "failsafe_w": shares[node_id],
                         "telemetry_hz": 4,
+                        "auth": (
+                            {"allow_unsigned": True}
+                            if key_file is None
+                            else {"key_file": str(key_file)}
+                        ),
                         "mqtt": {"url": mqtt_url},
                     },
                     "<e2e agent>",
                 )
                 link = MqttAgentLink(
-                    mqtt, site.name, node.agent, backoff=Backoff(initial_s=0.1, max_s=1.0)
+                    mqtt,
+                    site.name,
+                    node.agent,
+                    backoff=Backoff(initial_s=0.1, max_s=1.0),
+                    keys=None if key_file is None else KeyFile(key_file),
                 )
                 agent = NodeAgent(cfg, driver, link)
                 links.append(link)

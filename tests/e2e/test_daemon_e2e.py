@@ -75,7 +75,12 @@ async def make_system(tmp_path: Path, mosquitto: Mosquitto) -> AsyncIterator[Sys
         ports = Ports.pick()
         site_path = write_site(
             tmp_path / "site.yaml",
-            site_dict(ports, mosquitto.url, influx.url if influx else None),
+            site_dict(
+                ports,
+                mosquitto.url,
+                influx.url if influx else None,
+                keys_dir=tmp_path / "agent-keys",
+            ),
         )
         plant_cm = running_plant(load_site(site_path), mosquitto.url)
         plant = await plant_cm.__aenter__()

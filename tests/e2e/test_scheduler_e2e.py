@@ -60,8 +60,10 @@ EXTRA_W = 6500.0
 SLURM_TOKEN_ENV = "RACKPOWER_E2E_SLURM_JWT"
 
 
-def escalating_site(ports: Ports, mqtt_url: str, scheduler: dict[str, Any]) -> dict[str, Any]:
-    site = site_dict(ports, mqtt_url)
+def escalating_site(
+    ports: Ports, mqtt_url: str, scheduler: dict[str, Any], keys_dir: Path
+) -> dict[str, Any]:
+    site = site_dict(ports, mqtt_url, keys_dir=keys_dir)
     # One move per node per minute: the test must see exactly one, not a second one
     # racing the removal of the overload.
     site["policy"]["escalation"] = {"min_interval_s": 60.0}
@@ -75,7 +77,8 @@ async def running_system(
 ) -> AsyncIterator[tuple[Plant, ControllerProcess]]:
     ports = Ports.pick()
     site_path = write_site(
-        tmp_path / "site.yaml", escalating_site(ports, mosquitto.url, scheduler)
+        tmp_path / "site.yaml",
+        escalating_site(ports, mosquitto.url, scheduler, tmp_path / "agent-keys"),
     )
     async with running_plant(load_site(site_path), mosquitto.url) as plant:
         ctl = ControllerProcess(
@@ -145,8 +148,10 @@ async def test_slurm_overload_requeues_one_job_drains_the_node_then_resumes_it(
             )
             assert cluster.show_node()["Reason"].startswith("rackpower:")
             await eventually(
-                lambda: "AdminComment=rackpower: capped to "
-                in cluster.run("scontrol", "show", "job", high),
+                lambda: (
+                    "AdminComment=rackpower: capped to "
+                    in cluster.run("scontrol", "show", "job", high)
+                ),
                 f"a note on job {high} saying why it is capped",
             )
             plant.sim.set_extra_load(SERVER, 0.0)  # the load left with the job
@@ -194,14 +199,46 @@ def kube_cluster(kube: FakeKube) -> None:
     for name in SERVERS:
         kube.add_node(name)
     movable = {"rackpower.io/requeueable": "true"}
-    kube.add_pod(make_pod("train-0", SERVER, namespace="ml", labels={"job-name": "train",
-                          **movable}, priority_class="high", gpus=2))
-    kube.add_pod(make_pod("batch-0", SERVER, namespace="ml", labels={"job-name": "batch",
-                          **movable}, priority_class="low", gpus=2))
-    kube.add_pod(make_pod("pinned-0", SERVER, namespace="ml", labels={"job-name": "pinned"},
-                          priority_class="low", gpus=4))
-    kube.add_pod(make_pod("other-0", SERVERS[2], namespace="ml", labels={"job-name": "other",
-                          **movable}, priority_class="low", gpus=8))
+    kube.add_pod(
+        make_pod(
+            "train-0",
+            SERVER,
+            namespace="ml",
+            labels={"job-name": "train", **movable},
+            priority_class="high",
+            gpus=2,
+        )
+    )
+    kube.add_pod(
+        make_pod(
+            "batch-0",
+            SERVER,
+            namespace="ml",
+            labels={"job-name": "batch", **movable},
+            priority_class="low",
+            gpus=2,
+        )
+    )
+    kube.add_pod(
+        make_pod(
+            "pinned-0",
+            SERVER,
+            namespace="ml",
+            labels={"job-name": "pinned"},
+            priority_class="low",
+            gpus=4,
+        )
+    )
+    kube.add_pod(
+        make_pod(
+            "other-0",
+            SERVERS[2],
+            namespace="ml",
+            labels={"job-name": "other", **movable},
+            priority_class="low",
+            gpus=8,
+        )
+    )
 
 
 async def test_kubernetes_overload_evicts_one_job_cordons_the_rack_then_uncordons(

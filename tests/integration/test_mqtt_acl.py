@@ -41,6 +41,7 @@ from controller.config import MqttConfig, parse_site
 from controller.lease import Lease, LeaseSequence, Telemetry
 from controller.link import AgentTopics, MqttAgentLink, MqttControllerLink
 from controller.mqtt import Backoff
+from controller.msgauth import KeyFile, KeyStore, new_key_line, parse_keys, seal, write_key_file
 from controller.topology import PowerTree
 from drivers.nvml import NvmlDriver
 from sim.fake_nvml import FakeNvml
@@ -311,18 +312,41 @@ async def test_the_password_template_loaded_by_mistake_lets_nobody_in(
                     pass
 
 
-async def test_real_links_lease_end_to_end_under_the_acl_over_tls(acl_broker: AclBroker) -> None:
-    """Controller and agent links with their own username and password_file over mqtts://:
-    a lease is enforced (read back from the fake NVML), telemetry and status come back,
-    and a lease forged with B's credentials (right controller id, far higher seq) is
-    dropped by the broker: the real controller's next, lower seq still gets applied."""
+async def test_real_links_lease_end_to_end_under_the_acl_over_tls(
+    acl_broker: AclBroker, tmp_path: Path
+) -> None:
+    """Controller and agent links with their own username and password_file over mqtts://,
+    signing as a site with ``agent_auth`` does: a signed lease is enforced (read back from
+    the fake NVML), telemetry and status come back. Then both defences, each against a
+    lease with the right controller id and a higher seq (inside the seq window, so only
+    they can stop it), each changing no GPU limit:
+
+    - the ACL: sealed with B's own agent key and published with B's broker credentials,
+      it is dropped by the broker (it never reaches A: A refuses nothing);
+    - the signature: published with the controller's broker credentials (a stolen broker
+      password) but without A's key, once unsigned and once sealed with B's key, it
+      reaches A and is refused as unauthenticated.
+
+    The real controller's next, lower seq is applied after each: no forgery moved the seq.
+    """
+    keys_dir = tmp_path / "agent-keys"
+    keys_dir.mkdir(mode=0o700)
+    a_key = tmp_path / f"{A}.key"  # A's auth.key_file; the controller holds the same file
+    line = new_key_line("k1")
+    write_key_file(a_key, line)
+    write_key_file(keys_dir / f"{A}.key", line)
+    b_key = parse_keys(new_key_line("k1"), "B's key")[0]  # B's own secret, not A's
     ctl = MqttControllerLink(
-        acl_broker.mqtt_config(CTL), SITE, tls_context=acl_broker.tls, backoff=Backoff(0.05, 0.5)
+        acl_broker.mqtt_config(CTL),
+        SITE,
+        tls_context=acl_broker.tls,
+        backoff=Backoff(0.05, 0.5),
+        keys=KeyStore(keys_dir),
     )
     agent_cfg = parse_agent_config(
         {
             "site": SITE, "agent_id": A, "node_id": NODE_A, "controller_id": CTL,
-            "failsafe_w": 400, "telemetry_hz": 10,
+            "failsafe_w": 400, "telemetry_hz": 10, "auth": {"key_file": str(a_key)},
             "mqtt": {"url": acl_broker.broker.url, "username": A,
                      "password_file": str(acl_broker.password_files[A])},
         },
@@ -335,6 +359,7 @@ async def test_real_links_lease_end_to_end_under_the_acl_over_tls(acl_broker: Ac
         tls_context=acl_broker.tls,
         backoff=Backoff(0.05, 0.5),
         keepalive_s=5,
+        keys=KeyFile(a_key),
     )
     fake = FakeNvml.for_node(NODE_A, 4, min_w=100, max_w=500, power_w=300)
 
@@ -364,13 +389,25 @@ async def test_real_links_lease_end_to_end_under_the_acl_over_tls(acl_broker: Ac
                         break
             assert (got[-1].agent_id, got[-1].limit_w) == (A, [350.0] * 4)
 
-            forged = Lease.issue(CTL, first.seq + 10**9, dict.fromkeys(range(4), 500.0), 3600)
-            await publish_as(acl_broker, B, AGENT.lease(A), forged.encode())
-            ctl.send_lease(
-                A, lease(300)
-            )  # lower seq than the forgery: applied only if it was dropped
+            assert ctl.stats().auth_refused == 0  # A's reports are signed and checked
+            # 60 s ahead of the real seq: inside the agent's seq window (600 s).
+            forged = Lease.issue(
+                CTL, first.seq + 60_000, dict.fromkeys(range(4), 500.0), 3600, agent_id=A
+            ).encode()
+            # 1. The ACL: B's broker identity may not publish on A's lease topic.
+            await publish_as(acl_broker, B, AGENT.lease(A), seal("lease", A, forged, b_key))
+            ctl.send_lease(A, lease(300))  # lower seq than the forgery: applied if dropped
             await eventually(lambda: enforced() == [300.0] * 4, "the real lease after")
+            assert agent_link.stats().auth_refused == 0  # dropped by the broker: never here
+            # 2. The signature: the controller's broker identity, without A's key.
+            for payload in (forged, seal("lease", A, forged, b_key)):
+                await publish_as(acl_broker, CTL, AGENT.lease(A), payload)
+            await eventually(lambda: agent_link.stats().auth_refused == 2, "both refused")
+            assert enforced() == [300.0] * 4
+            ctl.send_lease(A, lease(250))  # still below the forgeries' seq: applied
+            await eventually(lambda: enforced() == [250.0] * 4, "the real lease after")
             assert agent_link.stats().bad_messages == 0
+            assert agent.state.seq is not None and agent.state.seq < first.seq + 60_000
         finally:
             agent.stop()
             await agent_task

@@ -157,7 +157,7 @@ def test_key_store_finds_each_agent_by_file_and_reports_the_missing(tmp_path: Pa
     assert store.keys(B) is None  # looked at again only after check_every_s
     now[0] = 2
     assert store.keys(B) is not None
-    with pytest.raises(KeyFileError, match="does not exist"):
+    with pytest.raises(KeyFileError, match="cannot be read: No such file"):
         KeyStore(tmp_path / "nope")
 
 
