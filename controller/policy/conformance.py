@@ -1,0 +1,255 @@
+"""Does each GPU server obey the caps we leased it? (pure: no I/O, no clock)
+
+A tenant with root on a node can raise its GPU limits by hand, or kill the agent with
+its GPUs at their maximum. Leases then change nothing, and a policy that plans the node
+at its caps leaves its rack over the envelope. This module says which nodes do not obey;
+the daemon plans those at their maximum (``Snapshot.uncappable``), so the rack's budget
+goes to the neighbours, and raises the alarm and the drain.
+
+The rule, per GPU server with an agent:
+
+- **Allowed**: what WE leased, never what the agent says is enforced (a rogue node's
+  agent may say anything). Per GPU the highest lease sent within ``lag_s``, summed, plus
+  the node's ``baseline_w``. A cap just lowered is not held against the node until it
+  has had ``lag_s`` to land (lease, NVML set, the 1 s power average, the meter's poll),
+  so normal lag cannot look like disobedience. A GPU never leased counts at its maximum.
+- **Seen**, from each source there is, any one of which may convict:
+  1. the node's own meter (a PDU outlet or server meter), fresh: it reads input power,
+     so the allowance is raised by ``loss_fraction`` (PSU and conversion losses) and the
+     reading lowered by ``meter_accuracy``;
+  2. the agent's own report, fresh: GPU power plus baseline. A node that says it draws
+     more than its caps convicts itself (the fake NVML's ``ignore_set_limit``);
+  3. the nearest metered level above it (the rack's PDU) minus every other server under
+     that level, only when this node is the ONE server there that nothing accounts for
+     (its agent is silent, it has no meter) while every other has a fresh meter or report.
+     The others are counted at the most they may be drawing (reading plus accuracy and
+     losses), the level's reading at the least, so an honest neighbour never convicts
+     this node. A live agent that under-reports is not named this way: the rack's excess
+     cannot be pinned on one of several live nodes (the policy counts it as unexplained,
+     uncappable load, so the rack stays inside anyway).
+- **Over**: seen above allowed by more than ``slack_w`` plus ``report_fraction`` of it.
+- **Hysteresis**: a node is flagged once some source has said over on every cycle for
+  ``raise_s`` on end, and cleared once it has conformed (a source spoke, none said over)
+  for ``clear_s`` on end. Cycles with no source leave both timers as they are: silence is
+  never taken as conforming.
+
+While a node is flagged the daemon keeps leasing it the caps it was flagged against
+(``probe_w``), so that conforming again means obeying them, not obeying the maximum the
+policy now plans it at.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import numpy as np
+
+from controller.topology import PowerTree
+
+from .types import FloatArray
+from .window import WindowMax
+
+LAG_BUCKETS = 4
+
+
+@dataclass(frozen=True)
+class ConformanceLimits:
+    """Tolerances and timers (seconds, watts, fractions of the figure they scale)."""
+
+    lag_s: float = 4.0
+    raise_s: float = 2.0
+    clear_s: float = 30.0
+    slack_w: float = 50.0
+    report_fraction: float = 0.05
+    meter_accuracy: float = 0.02
+    loss_fraction: float = 0.10
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One node's verdict this cycle, with the figures that made it (audit, alarm)."""
+
+    node_id: str
+    allowed_w: float
+    seen_w: float  # the highest figure any source gave (NaN: none spoke)
+    source: str  # "node meter", "agent report", "<level> meter minus the other servers"
+    over: bool
+
+
+@dataclass(frozen=True, eq=False)
+class ConformanceState:
+    """What the judge carries between cycles; start with :meth:`empty`."""
+
+    leased: WindowMax
+    over_since_s: Mapping[str, float] = field(default_factory=dict)
+    ok_since_s: Mapping[str, float] = field(default_factory=dict)
+    flagged: frozenset[str] = frozenset()
+    probe_w: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    evidence: Mapping[str, Evidence] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, n_gpus: int, limits: ConformanceLimits) -> ConformanceState:
+        return cls(leased=WindowMax.empty(n_gpus, limits.lag_s, LAG_BUCKETS))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """This cycle's outcome: who is flagged, who just became so or stopped being so."""
+
+    flagged: frozenset[str]
+    raised: tuple[str, ...]
+    cleared: tuple[str, ...]
+    evidence: Mapping[str, Evidence]
+
+
+def judge(
+    tree: PowerTree,
+    now_s: float,
+    state: ConformanceState,
+    *,
+    leased_w: FloatArray | None,
+    gpu_power_w: FloatArray,
+    node_power_w: Mapping[str, float | None],
+    limits: ConformanceLimits,
+) -> tuple[Verdict, ConformanceState]:
+    """One cycle: fold in the leases last sent (``leased_w``, per GPU, NaN unknown), judge
+    every GPU server with an agent, update the hysteresis.
+
+    ``gpu_power_w`` is what the agents reported (NaN where an agent is silent or a GPU
+    unreadable); ``node_power_w`` the fresh meter readings as the snapshot has them.
+    """
+    max_w = np.array([g.max_w for g in tree.gpus], dtype=np.float64)
+    leased = state.leased
+    if leased_w is not None:
+        leased = leased.push(now_s, np.where(np.isfinite(leased_w), leased_w, max_w))
+    per_gpu = leased.maximum()
+    per_gpu = np.where(np.isfinite(per_gpu), per_gpu, max_w)
+
+    servers = [n for n in tree.of_kind("node") if tree.node(n).agent is not None]
+    allowed: dict[str, float] = {}
+    reported: dict[str, float] = {}
+    metered: dict[str, float] = {}
+    for nid in servers:
+        first, stop = tree.gpu_range(nid)
+        base = tree.node(nid).baseline_w
+        allowed[nid] = float(per_gpu[first:stop].sum()) + base
+        power = gpu_power_w[first:stop]
+        if stop > first and np.isfinite(power).all():
+            reported[nid] = float(power.sum()) + base
+        value = node_power_w.get(nid)
+        if value is not None and math.isfinite(value):
+            metered[nid] = float(value)
+
+    evidence: dict[str, Evidence] = {}
+    for nid in servers:
+        evidence[nid] = _evidence(tree, nid, allowed, reported, metered, node_power_w, limits)
+
+    over_since = dict(state.over_since_s)
+    ok_since = dict(state.ok_since_s)
+    flagged = set(state.flagged)
+    probe = dict(state.probe_w)
+    raised: list[str] = []
+    cleared: list[str] = []
+    for nid, ev in evidence.items():
+        if math.isnan(ev.seen_w):
+            continue  # nobody spoke: neither over nor conforming
+        if ev.over:
+            over_since.setdefault(nid, now_s)
+            ok_since.pop(nid, None)
+            if nid not in flagged and now_s - over_since[nid] >= limits.raise_s:
+                flagged.add(nid)
+                first, stop = tree.gpu_range(nid)
+                probe[nid] = tuple(float(v) for v in per_gpu[first:stop])
+                raised.append(nid)
+        else:
+            ok_since.setdefault(nid, now_s)
+            over_since.pop(nid, None)
+            if nid in flagged and now_s - ok_since[nid] >= limits.clear_s:
+                flagged.discard(nid)
+                probe.pop(nid, None)
+                cleared.append(nid)
+    for nid in list(flagged):
+        if nid not in evidence:  # gone from the config
+            flagged.discard(nid)
+            probe.pop(nid, None)
+            cleared.append(nid)
+    new_state = ConformanceState(
+        leased=leased,
+        over_since_s=MappingProxyType(over_since),
+        ok_since_s=MappingProxyType(ok_since),
+        flagged=frozenset(flagged),
+        probe_w=MappingProxyType(probe),
+        evidence=MappingProxyType(evidence),
+    )
+    verdict = Verdict(
+        frozenset(flagged), tuple(sorted(raised)), tuple(sorted(cleared)), new_state.evidence
+    )
+    return verdict, new_state
+
+
+def _evidence(
+    tree: PowerTree,
+    nid: str,
+    allowed: Mapping[str, float],
+    reported: Mapping[str, float],
+    metered: Mapping[str, float],
+    node_power_w: Mapping[str, float | None],
+    limits: ConformanceLimits,
+) -> Evidence:
+    """The strongest case against one node from the sources there are (module docstring)."""
+    allow = allowed[nid]
+    threshold = allow + limits.slack_w + limits.report_fraction * allow
+    meter_threshold = allow * (1.0 + limits.loss_fraction) + limits.slack_w
+    cases: list[tuple[bool, float, str]] = []
+    if nid in metered:
+        low = metered[nid] * (1.0 - limits.meter_accuracy)
+        cases.append((low > meter_threshold, metered[nid], "node meter"))
+    if nid in reported:
+        cases.append((reported[nid] > threshold, reported[nid], "agent report"))
+    if not cases:
+        residual = _residual(tree, nid, reported, metered, node_power_w, limits)
+        if residual is not None:
+            level, low = residual
+            cases.append(
+                (low > meter_threshold, low, f"{level} meter minus the other servers under it")
+            )
+    if not cases:
+        return Evidence(nid, allow, math.nan, "", False)
+    convicting = [c for c in cases if c[0]]
+    over, seen, source = max(convicting or cases, key=lambda c: c[1])
+    return Evidence(nid, allow, seen, source, over)
+
+
+def _residual(
+    tree: PowerTree,
+    nid: str,
+    reported: Mapping[str, float],
+    metered: Mapping[str, float],
+    node_power_w: Mapping[str, float | None],
+    limits: ConformanceLimits,
+) -> tuple[str, float] | None:
+    """(level, the least this node can be drawing) from the nearest metered level above,
+    or None when that level is silent or another server under it is unaccounted for."""
+    for level in tree.ancestors(nid):
+        if level not in node_power_w:
+            continue
+        value = node_power_w[level]
+        if value is None or not math.isfinite(value):
+            return None
+        others = 0.0
+        for other in tree.subtree(level):
+            node = tree.node(other)
+            if node.kind != "node" or other == nid:
+                continue
+            if other in metered:
+                figure = metered[other] * (1.0 + limits.meter_accuracy)
+            elif other in reported:
+                figure = reported[other] * (1.0 + limits.loss_fraction) + limits.slack_w
+            else:
+                return None  # two unknowns: the excess cannot be pinned on this node
+            others += figure
+        return level, value * (1.0 - limits.meter_accuracy) - others
+    return None
