@@ -148,7 +148,6 @@ class Controller:
         # ``on_drain(node_id, reason)``; never awaits.
         self.on_drain: Callable[[str, str], None] | None = None
         self._install(site)
-        self.alarm_sources.append(self._uncappable_alarms)
 
     # -- configuration ---------------------------------------------------------------
 
@@ -631,6 +630,7 @@ class Controller:
                 for a in agent_alarms(self.lost_agents(now_s), self._agent_failsafe, wall)
             }
         )
+        current.update({a.alarm_id: a for a in self._uncappable_alarms(wall)})
         for source in self.alarm_sources:
             current.update({a.alarm_id: a for a in source(wall)})
         for aid, alarm in current.items():

@@ -92,7 +92,9 @@ class ConformanceState:
 
     @classmethod
     def empty(cls, n_gpus: int, limits: ConformanceLimits) -> ConformanceState:
-        return cls(leased=WindowMax.empty(n_gpus, limits.lag_s, LAG_BUCKETS))
+        # One bucket more than the lag: the window then holds a lease at least lag_s.
+        bucket_s = limits.lag_s / LAG_BUCKETS
+        return cls(leased=WindowMax.empty(n_gpus, limits.lag_s + bucket_s, LAG_BUCKETS + 1))
 
 
 @dataclass(frozen=True)
