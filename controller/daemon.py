@@ -210,7 +210,10 @@ class Controller:
             raise_s=max(2.0, 4 * cycle_s),
             clear_s=max(30.0, 20 * cycle_s),
         )
+        was = getattr(self, "_conformance", None)
         self._conformance = ConformanceState.empty(len(self._tree.gpus), self._conformance_limits)
+        if was is not None and was.flagged:
+            self._conformance = self._carry_flags(was)
         self._leased_w: np.ndarray | None = None  # the leases sent last cycle
 
     def reload(self, site: Site) -> None:
@@ -459,6 +462,24 @@ class Controller:
             node=nid,
             details={"seen_w": round(ev.seen_w, 1), "allowed_w": round(ev.allowed_w, 1)},
             advisory=self.mode != "enforce",
+        )
+
+    def _carry_flags(self, was: ConformanceState) -> ConformanceState:
+        """A reload keeps the servers flagged that are still there with as many GPUs (the
+        alarm must not clear and the drain be asked again just because of a SIGHUP)."""
+        keep = {
+            nid: caps
+            for nid, caps in was.probe_w.items()
+            if nid in self._tree
+            and self._tree.node(nid).kind == "node"
+            and len(caps) == self._tree.node(nid).gpus
+        }
+        return dataclasses.replace(
+            self._conformance,
+            flagged=frozenset(keep),
+            probe_w=keep,
+            evidence={n: e for n, e in was.evidence.items() if n in keep},
+            ok_since_s={n: t for n, t in was.ok_since_s.items() if n in keep},
         )
 
     def _probe_leases(self, target_w: np.ndarray) -> np.ndarray:

@@ -187,9 +187,19 @@ async def test_node_ignoring_caps_rack_stays_inside_its_envelope_and_alarm_names
     assert max(rig.rack_w[-4:]) <= RACK_ENVELOPE_W  # honest nodes: capped inside
     # Every GPU started uncapped and was capped hard: that lag convicted nobody.
     assert rig.uncappable() == []
+    before_w = rig.rack_w[-1]
     rig.sim.fake_nvml(ROGUE).ignore_set_limit(raise_to_w=GPU_MAX_W)
     rig.rack_w.clear()
-    await rig.cycles(SETTLE_CYCLES)
+    flagged_after = None
+    for k in range(SETTLE_CYCLES):
+        await rig.cycles(1)
+        if flagged_after is None and ROGUE in rig.controller._conformance.flagged:
+            flagged_after = k + 1
+    print(
+        f"figures: rack-1 {before_w:.0f} W before, {max(rig.rack_w):.0f} W peak with the rogue,"
+        f" {rig.rack_w[-1]:.0f} W settled (envelope {RACK_ENVELOPE_W:.0f} W);"
+        f" flagged after {flagged_after} cycles of {CYCLE_S} s"
+    )
     nvml = rig.sim.fake_nvml(ROGUE)
     assert [nvml.enforced_limit_w(i) for i in range(4)] == [GPU_MAX_W] * 4  # still rogue
     assert nvml.ignored_sets > 0  # leases kept coming and were ignored
@@ -235,6 +245,15 @@ async def test_rogue_node_that_obeys_again_is_cleared_after_a_while(rig: Rig) ->
     kinds = [e.kind for e in rig.controller.audit.recent(limit=300)]
     assert "node_conforms" in kinds and "alarm_cleared" in kinds
     assert max(rig.rack_w[-4:]) <= RACK_ENVELOPE_W
+    # A SIGHUP while flagged keeps the flag (no clear, no second drain request).
+    await rig.cycles(1)
+    nvml.ignore_set_limit(raise_to_w=GPU_MAX_W)
+    await rig.cycles(8)
+    assert rig.uncappable() == [f"node_uncappable:{ROGUE}"]
+    rig.controller.reload(rogue_site())
+    await rig.cycles(2)
+    assert rig.uncappable() == [f"node_uncappable:{ROGUE}"]
+    assert ROGUE in rig.controller._conformance.flagged
 
 
 async def test_agent_killed_with_gpus_at_maximum_rack_stays_inside_and_alarm_names_node(
