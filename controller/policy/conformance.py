@@ -41,14 +41,17 @@ policy now plans it at.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import numpy as np
+import numpy.typing as npt
 
 from controller.topology import PowerTree
 
+from .index import tree_index
 from .types import FloatArray
 from .window import WindowMax
 
@@ -123,24 +126,29 @@ def judge(
     ``gpu_power_w`` is what the agents reported (NaN where an agent is silent or a GPU
     unreadable); ``node_power_w`` the fresh meter readings as the snapshot has them.
     """
-    max_w = np.array([g.max_w for g in tree.gpus], dtype=np.float64)
+    table = _servers(tree)
+    max_w = tree_index(tree).gpu_max_w
     leased = state.leased
     if leased_w is not None:
         leased = leased.push(now_s, np.where(np.isfinite(leased_w), leased_w, max_w))
     per_gpu = leased.maximum()
     per_gpu = np.where(np.isfinite(per_gpu), per_gpu, max_w)
 
-    servers = [n for n in tree.of_kind("node") if tree.node(n).agent is not None]
-    allowed: dict[str, float] = {}
-    reported: dict[str, float] = {}
+    servers = table.ids
+    lease_cs = np.concatenate(([0.0], np.cumsum(per_gpu)))
+    finite = np.isfinite(gpu_power_w)
+    power_cs = np.concatenate(([0.0], np.cumsum(np.where(finite, gpu_power_w, 0.0))))
+    bad_cs = np.concatenate(([0], np.cumsum(~finite)))
+    first, stop = table.first, table.stop
+    allowed_v = lease_cs[stop] - lease_cs[first] + table.base_w
+    reported_v = power_cs[stop] - power_cs[first] + table.base_w
+    whole = (bad_cs[stop] - bad_cs[first] == 0) & (stop > first)
+    allowed = dict(zip(servers, allowed_v.tolist(), strict=True))
+    reported = {
+        n: v for n, v, ok in zip(servers, reported_v.tolist(), whole.tolist(), strict=True) if ok
+    }
     metered: dict[str, float] = {}
     for nid in servers:
-        first, stop = tree.gpu_range(nid)
-        base = tree.node(nid).baseline_w
-        allowed[nid] = float(per_gpu[first:stop].sum()) + base
-        power = gpu_power_w[first:stop]
-        if stop > first and np.isfinite(power).all():
-            reported[nid] = float(power.sum()) + base
         value = node_power_w.get(nid)
         if value is not None and math.isfinite(value):
             metered[nid] = float(value)
@@ -190,6 +198,35 @@ def judge(
         frozenset(flagged), tuple(sorted(raised)), tuple(sorted(cleared)), new_state.evidence
     )
     return verdict, new_state
+
+
+@dataclass(frozen=True, eq=False)
+class _Servers:
+    """GPU servers with an agent, in tree order, and their GPU ranges and baselines."""
+
+    ids: tuple[str, ...]
+    first: npt.NDArray[np.intp]
+    stop: npt.NDArray[np.intp]
+    base_w: FloatArray
+
+
+_CACHE: weakref.WeakKeyDictionary[PowerTree, _Servers] = weakref.WeakKeyDictionary()
+
+
+def _servers(tree: PowerTree) -> _Servers:
+    """Built once per tree (cached while it lives, like the policy's tree index)."""
+    table = _CACHE.get(tree)
+    if table is None:
+        ids = tuple(n for n in tree.of_kind("node") if tree.node(n).agent is not None)
+        ranges = [tree.gpu_range(n) for n in ids]
+        table = _Servers(
+            ids,
+            np.array([r[0] for r in ranges], dtype=np.intp),
+            np.array([r[1] for r in ranges], dtype=np.intp),
+            np.array([tree.node(n).baseline_w for n in ids], dtype=np.float64),
+        )
+        _CACHE[tree] = table
+    return table
 
 
 def _evidence(
