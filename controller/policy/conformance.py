@@ -171,8 +171,8 @@ def judge(
             ok_since.pop(nid, None)
             if nid not in flagged and now_s - over_since[nid] >= limits.raise_s:
                 flagged.add(nid)
-                first, stop = tree.gpu_range(nid)
-                probe[nid] = tuple(float(v) for v in per_gpu[first:stop])
+                lo, hi = tree.gpu_range(nid)
+                probe[nid] = tuple(float(v) for v in per_gpu[lo:hi])
                 raised.append(nid)
         else:
             ok_since.setdefault(nid, now_s)
