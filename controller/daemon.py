@@ -215,6 +215,8 @@ class Controller:
         if was is not None and was.flagged:
             self._conformance = self._carry_flags(was)
         self._leased_w: np.ndarray | None = None  # the leases sent last cycle
+        self._silent_nodes: set[str] = set()  # servers whose agent was lost last cycle
+        self._back_until_s: dict[str, float] = {}  # agent back: not judged until then
 
     def reload(self, site: Site) -> None:
         """Replace the running config by one already validated (SIGHUP)."""
@@ -415,6 +417,11 @@ class Controller:
     def _check_conformance(self, snap: Snapshot, now_s: float, wall: float) -> Snapshot:
         """Judge every GPU server against what we leased it; the snapshot names those that
         do not obey (``uncappable``), and each newly flagged one is audited and drained."""
+        silent = {self.agents[a].node_id for a in self.lost_agents(now_s)}
+        for nid in self._silent_nodes - silent:  # back: it sat at its own failsafe cap
+            self._back_until_s[nid] = now_s + self._conformance_limits.lag_s
+        self._silent_nodes = silent
+        self._back_until_s = {n: t for n, t in self._back_until_s.items() if t > now_s}
         verdict, self._conformance = judge(
             self._tree,
             now_s,
@@ -423,6 +430,7 @@ class Controller:
             gpu_power_w=snap.gpu_power_w,
             node_power_w=snap.node_power_w,
             limits=self._conformance_limits,
+            quiet=frozenset(self._back_until_s),
         )
         self._leased_w = None  # folded in
         for nid in verdict.raised:

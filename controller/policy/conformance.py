@@ -28,6 +28,11 @@ The rule, per GPU server with an agent:
      cannot be pinned on one of several live nodes (the policy counts it as unexplained,
      uncappable load, so the rack stays inside anyway).
 - **Over**: seen above allowed by more than ``slack_w`` plus ``report_fraction`` of it.
+- **Back from silence**: an agent that was silent and reports again (a broker outage, a
+  restart) sat at its own failsafe cap, which we do not know; it gets ``lag_s`` for our
+  lease to land (``quiet``: the daemon names such nodes), during which it is not judged.
+  Quiet is not conforming: its timers hold, so restarting the agent does not clear a
+  flag nor reset a case being built.
 - **Hysteresis**: a node is flagged once some source has said over on every cycle for
   ``raise_s`` on end, and cleared once it has conformed (a source spoke, none said over)
   for ``clear_s`` on end. Cycles with no source leave both timers as they are: silence is
@@ -119,12 +124,14 @@ def judge(
     gpu_power_w: FloatArray,
     node_power_w: Mapping[str, float | None],
     limits: ConformanceLimits,
+    quiet: frozenset[str] = frozenset(),
 ) -> tuple[Verdict, ConformanceState]:
     """One cycle: fold in the leases last sent (``leased_w``, per GPU, NaN unknown), judge
     every GPU server with an agent, update the hysteresis.
 
     ``gpu_power_w`` is what the agents reported (NaN where an agent is silent or a GPU
-    unreadable); ``node_power_w`` the fresh meter readings as the snapshot has them.
+    unreadable); ``node_power_w`` the fresh meter readings as the snapshot has them;
+    ``quiet`` the servers not judged this cycle (module docstring).
     """
     table = _servers(tree)
     max_w = tree_index(tree).gpu_max_w
@@ -164,8 +171,8 @@ def judge(
     raised: list[str] = []
     cleared: list[str] = []
     for nid, ev in evidence.items():
-        if math.isnan(ev.seen_w):
-            continue  # nobody spoke: neither over nor conforming
+        if math.isnan(ev.seen_w) or nid in quiet:
+            continue  # nobody spoke (or may not yet): neither over nor conforming
         if ev.over:
             over_since.setdefault(nid, now_s)
             ok_since.pop(nid, None)

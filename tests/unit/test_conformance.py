@@ -45,7 +45,12 @@ class Judge:
             out[first:stop] = w
         return out
 
-    def cycle(self, gpu_w: np.ndarray, meters: dict[str, float | None] | None = None) -> Verdict:
+    def cycle(
+        self,
+        gpu_w: np.ndarray,
+        meters: dict[str, float | None] | None = None,
+        quiet: frozenset[str] = frozenset(),
+    ) -> Verdict:
         verdict, self.state = judge(
             self.tree,
             self.t,
@@ -54,6 +59,7 @@ class Judge:
             gpu_power_w=gpu_w,
             node_power_w=meters or {},
             limits=LIMITS,
+            quiet=quiet,
         )
         self.t += 0.5
         return verdict
@@ -193,3 +199,21 @@ def test_the_policy_plans_an_uncappable_server_at_its_maximum_and_caps_its_neigh
     # Rack-1's budget: 3,000 W at the band's target, minus two baselines and the rogue at
     # its maximum: what is left for the neighbour, never below its floor.
     assert rogue[r2[0] : r2[1]].sum() <= max(3000.0 - 2 * BASE_W - 2000.0, 4 * 100.0) + 1
+
+
+def test_an_agent_back_from_silence_is_not_judged_until_its_lease_lands(tree: PowerTree) -> None:
+    """After a broker outage the agent sits at its own failsafe cap (300 W here, above the
+    200 W we lease): while quiet it is not judged, and quiet never clears a case either."""
+    j = Judge(tree)
+    lease(j, N1, 200.0)
+    j.run(5.0, j.gpus(rack_1_n1=200))
+    for _ in range(round(LIMITS.lag_s / 0.5)):
+        verdict = j.cycle(j.gpus(rack_1_n1=300), quiet=frozenset({N1}))
+    assert verdict.flagged == frozenset() and N1 not in j.state.over_since_s
+    # Still above once the grace is over: a case is built and the node flagged.
+    verdict = j.run(LIMITS.raise_s + 0.5, j.gpus(rack_1_n1=300))
+    assert verdict.flagged == {N1}
+    # A restart while flagged (quiet again) clears nothing.
+    for _ in range(3 * round(LIMITS.clear_s / 0.5)):
+        verdict = j.cycle(j.gpus(rack_1_n1=195), quiet=frozenset({N1}))
+    assert verdict.flagged == {N1}
