@@ -67,13 +67,14 @@ LAG_BUCKETS = 4
 class ConformanceLimits:
     """Tolerances and timers (seconds, watts, fractions of the figure they scale)."""
 
+    # lease -> agent -> NVML set -> its 1 s power average -> the meter's next poll
     lag_s: float = 4.0
-    raise_s: float = 2.0
-    clear_s: float = 30.0
-    slack_w: float = 50.0
-    report_fraction: float = 0.05
-    meter_accuracy: float = 0.02
-    loss_fraction: float = 0.10
+    raise_s: float = 2.0  # "a few cycles": one odd sample is not a case
+    clear_s: float = 30.0  # a tenant toggling the limit must not flap the alarm and caps
+    slack_w: float = 50.0  # baseline_w is an estimate (fans ramp with inlet temperature)
+    report_fraction: float = 0.05  # NVML holds the average to the limit, not every sample
+    meter_accuracy: float = 0.02  # PDU outlet and rack meters: class 1-2
+    loss_fraction: float = 0.10  # a meter reads input power; server PSUs are >= 90 % efficient
 
 
 @dataclass(frozen=True)
