@@ -38,8 +38,8 @@ GPU_MAX_W = 500.0
 ROGUE = "rack-1-n1"
 NEIGHBOUR = "rack-1-n2"
 CYCLE_S = 0.5
-# What the PDU may read above the envelope for a cycle or two while caps land: the
-# controller's own band, not a breach (the rack is rated 8 kW).
+# Cycles given to detection (lag, raise_s) and to the neighbour's caps landing; the rack
+# may read above its envelope meanwhile (it is rated 8 kW: over the envelope, no trip).
 SETTLE_CYCLES = 16
 
 
