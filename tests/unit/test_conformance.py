@@ -8,6 +8,8 @@ import math
 import numpy as np
 import pytest
 
+from controller.daemon import Controller
+from controller.lease import Telemetry
 from controller.policy import Snapshot, decide
 from controller.policy.conformance import (
     ConformanceLimits,
@@ -16,6 +18,7 @@ from controller.policy.conformance import (
     judge,
 )
 from controller.topology import PowerTree
+from drivers.reading import Quality, Reading
 from tests.unit.test_daemon import site_with_agents
 
 LIMITS = ConformanceLimits(lag_s=4.0, raise_s=2.0, clear_s=10.0)
@@ -217,3 +220,58 @@ def test_an_agent_back_from_silence_is_not_judged_until_its_lease_lands(tree: Po
     for _ in range(3 * round(LIMITS.clear_s / 0.5)):
         verdict = j.cycle(j.gpus(rack_1_n1=195), quiet=frozenset({N1}))
     assert verdict.flagged == {N1}
+
+
+def _report(node: str, agent: str, w: float) -> Telemetry:
+    return Telemetry(
+        agent_id=agent,
+        node_id=node,
+        ts=0.0,
+        failsafe=False,
+        power_w=[w] * 4,
+        power_avg_w=[w] * 4,
+        limit_w=[500.0] * 4,
+        min_w=[100.0] * 4,
+        max_w=[500.0] * 4,
+        q=[Quality.GOOD] * 4,
+    )
+
+
+@pytest.mark.parametrize("mode", ["enforce", "advisory"])
+def test_the_daemon_drains_a_flagged_node_once_and_only_when_enforcing(mode: str) -> None:
+    """Through Controller.run_cycle, no link: the agents' reports are fed in directly.
+    Every GPU wants 480 W; rack-1-n1 draws it whatever it is leased, the others obey their
+    lease. Enforcing, it is flagged and drained once (not every cycle) with the reason.
+    Advisory leases every GPU its default: nothing is capped, so nobody can disobey,
+    nobody is flagged and nothing is asked of the scheduler."""
+    site = site_with_agents(rack_envelope_w=3000.0)
+    ctl = Controller(site, controller_id="ctl", mode=mode)  # type: ignore[arg-type]
+    ctl._startup_grace_s = 0.0
+    drains: list[tuple[str, str]] = []
+    ctl.on_drain = lambda node, reason: drains.append((node, reason))
+    t0 = 1000.0
+    leased = np.full(len(ctl.tree.gpus), 500.0)
+    for k in range(30):
+        now = t0 + 0.5 * k
+        rack_w = {"rack-1": 0.0, "rack-2": 0.0}
+        for info in ctl.agents.values():
+            w = 480.0 if info.node_id == N1 else min(480.0, float(leased[info.first]))
+            ctl.accept_telemetry(_report(info.node_id, info.agent_id, w), received_s=now)
+            rack_w[info.node_id[:6]] += 4 * w + BASE_W
+        ctl.accept_readings(
+            [Reading(f"pdu-{r[-1]}", "power_w", w, "W", now, now) for r, w in rack_w.items()]
+            + [Reading("sst-meter", "input_power_w", sum(rack_w.values()), "W", now, now)]
+        )
+        ctl.run_cycle(now)
+        assert ctl._leased_w is not None
+        leased = np.array(ctl._leased_w)
+    events = [e for e in ctl.audit.recent(limit=500) if e.kind == "node_uncappable"]
+    if mode == "advisory":
+        assert events == [] and drains == [] and ctl._conformance.flagged == frozenset()
+        return
+    assert [e.node for e in events] == [N1]
+    assert len(drains) == 1 and drains[0][0] == N1
+    assert drains[0][1].startswith(f"{N1}: agent report reads")
+    assert "drain requested through the scheduler" in events[0].reason
+    assert f"node_uncappable:{N1}" in ctl._alarms
+    assert [a for a in ctl._alarms if a.startswith("node_uncappable:")] == [f"node_uncappable:{N1}"]
