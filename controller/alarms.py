@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 
 from controller.bms import Alarm, AlarmKind
 from controller.policy import NodeStatus
+from controller.policy.conformance import Evidence
 
 TRIP_RISK_FRACTION = 0.5  # half of a breaker's thermal allowance used
 
@@ -81,4 +82,43 @@ def agent_alarms(
         for a, why in sorted(failsafe.items())
         if a not in lost
     ]
+    return out
+
+
+def out_of_band_text(node_id: str) -> str:
+    """What we cannot do yet for a node that ignores its caps (no Redfish driver)."""
+    return f"no out-of-band path (BMC) configured: cannot cap node {node_id} out of band"
+
+
+def uncappable_alarms(
+    flagged: Iterable[str], evidence: Mapping[str, Evidence], now_s: float
+) -> list[Alarm]:
+    """GPU servers that ignore their caps: counted at their maximum, neighbours capped.
+
+    The message names the node and what was done; the figures that convicted it go in
+    ``details`` (they change every cycle, the message must not).
+    """
+    out: list[Alarm] = []
+    for nid in sorted(flagged):
+        ev = evidence.get(nid)
+        details: dict[str, float | str] = {}
+        if ev is not None:
+            details = {
+                "allowed_w": round(ev.allowed_w, 1),
+                "seen_w": round(ev.seen_w, 1) if ev.seen_w == ev.seen_w else "unknown",
+                "source": ev.source,
+            }
+        out.append(
+            Alarm(
+                AlarmKind.NODE_UNCAPPABLE,
+                nid,
+                f"node {nid} draws more than its leased caps allow: it is counted at its"
+                f" maximum, its rack neighbours are capped instead and a drain is requested;"
+                f" {out_of_band_text(nid)}",
+                now_s,
+                severity="critical",
+                node=nid,
+                details=details,
+            )
+        )
     return out

@@ -76,6 +76,7 @@ class AlarmKind(enum.StrEnum):
     DEVICE_STALE = "device_stale"
     AGENT_LOST = "agent_lost"
     ESCALATION = "escalation"
+    NODE_UNCAPPABLE = "node_uncappable"  # a GPU server ignores its caps (policy/conformance.py)
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,14 @@ Safety rules that live here rather than in the policy:
 - A GPU whose agent is silent counts at its maximum (the store turns it NaN).
 - A feed source whose meter is silent or reads nearly nothing while the feed carries
   load counts as lost: the feed's envelope shrinks to what the other side can carry.
+- A GPU server that draws more than we leased it (policy/conformance.py) is planned at
+  its maximum from then on, alarmed, and drained through the scheduler; it keeps being
+  leased the caps it ignored, so that obeying them again clears it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -25,7 +29,13 @@ from typing import Literal
 
 import numpy as np
 
-from controller.alarms import agent_alarms, device_alarms, node_alarms
+from controller.alarms import (
+    agent_alarms,
+    device_alarms,
+    node_alarms,
+    out_of_band_text,
+    uncappable_alarms,
+)
 from controller.audit import AuditLog
 from controller.bms import Alarm, NodeTelemetry
 from controller.config import Site
@@ -35,6 +45,7 @@ from controller.link import ControllerLink
 from controller.metrics import Metrics
 from controller.overrides import EnvelopeOverrides
 from controller.policy import Action, Job, PolicyState, SetCap, Snapshot, get_policy
+from controller.policy.conformance import ConformanceLimits, ConformanceState, Evidence, judge
 from controller.readings import ReadingsStore
 from controller.reservations import ReservationStore
 from controller.topology import PowerTree
@@ -142,6 +153,9 @@ class Controller:
         # integrations (e.g. an unreachable scheduler) come from ``alarm_sources``.
         self.on_action: Callable[[Action], None] | None = None
         self.alarm_sources: list[Callable[[float], list[Alarm]]] = []
+        # A node that ignores its caps is drained through this (set by attach_scheduler):
+        # ``on_drain(node_id, reason)``; never awaits.
+        self.on_drain: Callable[[str, str], None] | None = None
         self._install(site)
 
     # -- configuration ---------------------------------------------------------------
@@ -198,6 +212,21 @@ class Controller:
         self._startup_grace_s = max((d.effective_stale_s for d in site.devices), default=0.0)
         # TSDB points and their counters (violations since start) survive a reload.
         self._points: CyclePoints = getattr(self, "_points", None) or CyclePoints()
+        # Conformance: a lowered cap gets a few cycles and the slowest meter's stale limit
+        # to land before it is held against a node (GPU indices may move: start afresh).
+        cycle_s = site.policy.cycle_s
+        self._conformance_limits = ConformanceLimits(
+            lag_s=max(4.0, 4 * cycle_s, self._startup_grace_s),
+            raise_s=max(2.0, 4 * cycle_s),
+            clear_s=max(30.0, 20 * cycle_s),
+        )
+        was = getattr(self, "_conformance", None)
+        self._conformance = ConformanceState.empty(len(self._tree.gpus), self._conformance_limits)
+        if was is not None and was.flagged:
+            self._conformance = self._carry_flags(was)
+        self._leased_w: np.ndarray | None = None  # the leases sent last cycle
+        self._silent_nodes: set[str] = set()  # servers whose agent was lost last cycle
+        self._back_until_s: dict[str, float] = {}  # agent back: not judged until then
 
     def reload(self, site: Site) -> None:
         """Replace the running config by one already validated (SIGHUP)."""
@@ -390,7 +419,7 @@ class Controller:
     def run_cycle(self, now_s: float) -> Snapshot:
         """One control cycle: snapshot, decide, act, publish. Returns the snapshot used."""
         wall = self.wall_clock()
-        snap = self.snapshot(now_s)
+        snap = self._check_conformance(self.snapshot(now_s), now_s, wall)
         actions, self.policy_state = self.policy(snap, self._tree, self.policy_state)
         advisory = self.mode == "advisory"
         status = self.policy_state.nodes.as_dict()
@@ -413,12 +442,107 @@ class Controller:
             if isinstance(action, SetCap):
                 self._note_cap(action, wall)
         if not advisory:
-            self._send_leases(self.policy_state.target_w)
+            self._leased_w = self._probe_leases(self.policy_state.target_w)
         else:
-            self._send_leases(self._gpu_default_w)
+            self._leased_w = self._gpu_default_w
+        self._send_leases(self._leased_w)
         self._last_cycle_wall_s = wall
         self._publish(snap, now_s, wall)
         return snap
+
+    # -- nodes that ignore their caps (policy/conformance.py) --------------------------------
+
+    def _check_conformance(self, snap: Snapshot, now_s: float, wall: float) -> Snapshot:
+        """Judge every GPU server against what we leased it; the snapshot names those that
+        do not obey (``uncappable``), and each newly flagged one is audited and drained."""
+        silent = {self.agents[a].node_id for a in self.lost_agents(now_s)}
+        for nid in self._silent_nodes - silent:  # back: it sat at its own failsafe cap
+            self._back_until_s[nid] = now_s + self._conformance_limits.lag_s
+        self._silent_nodes = silent
+        self._back_until_s = {n: t for n, t in self._back_until_s.items() if t > now_s}
+        verdict, self._conformance = judge(
+            self._tree,
+            now_s,
+            self._conformance,
+            leased_w=self._leased_w,
+            gpu_power_w=snap.gpu_power_w,
+            node_power_w=snap.node_power_w,
+            limits=self._conformance_limits,
+            quiet=frozenset(self._back_until_s),
+        )
+        self._leased_w = None  # folded in
+        for nid in verdict.raised:
+            self._act_on_uncappable(nid, verdict.evidence[nid], wall)
+        for nid in verdict.cleared:
+            log.warning("%s obeys its caps again: planned at its caps from now on", nid)
+            self.audit.record(
+                "node_conforms",
+                f"{nid} has kept to its leased caps for"
+                f" {self._conformance_limits.clear_s:.0f} s: planned at its caps again"
+                " (a drain stays until an operator resumes the node)",
+                now_s=wall,
+                node=nid,
+            )
+        if not verdict.flagged:
+            return snap
+        return dataclasses.replace(snap, uncappable=verdict.flagged)
+
+    def _act_on_uncappable(self, nid: str, ev: Evidence, wall: float) -> None:
+        reason = (
+            f"{nid}: {ev.source} reads {ev.seen_w:.0f} W, its leased caps and baseline allow"
+            f" {ev.allowed_w:.0f} W: counted at its maximum, its rack neighbours capped instead"
+        )
+        if self.mode != "enforce":
+            done = "advisory: not drained"
+        elif self.on_drain is None:
+            done = "no scheduler configured: cannot drain it"
+        else:
+            self.on_drain(nid, reason)
+            done = "drain requested through the scheduler"
+        text = f"{reason}; {done}; {out_of_band_text(nid)}"
+        log.error("node ignores its caps: %s", text)
+        self.audit.record(
+            "node_uncappable",
+            text,
+            now_s=wall,
+            node=nid,
+            details={"seen_w": round(ev.seen_w, 1), "allowed_w": round(ev.allowed_w, 1)},
+            advisory=self.mode != "enforce",
+        )
+
+    def _carry_flags(self, was: ConformanceState) -> ConformanceState:
+        """A reload keeps the servers flagged that are still there with as many GPUs (the
+        alarm must not clear and the drain be asked again just because of a SIGHUP)."""
+        keep = {
+            nid: caps
+            for nid, caps in was.probe_w.items()
+            if nid in self._tree
+            and self._tree.node(nid).kind == "node"
+            and len(caps) == self._tree.node(nid).gpus
+        }
+        return dataclasses.replace(
+            self._conformance,
+            flagged=frozenset(keep),
+            probe_w=keep,
+            evidence={n: e for n, e in was.evidence.items() if n in keep},
+            ok_since_s={n: t for n, t in was.ok_since_s.items() if n in keep},
+        )
+
+    def _probe_leases(self, target_w: np.ndarray) -> np.ndarray:
+        """The policy plans a flagged node at its maximum; it is still leased the caps it
+        was flagged against, so that obeying them is what clears it."""
+        probes = self._conformance.probe_w
+        if not probes:
+            return target_w
+        out = np.array(target_w, dtype=np.float64)
+        for nid, caps in probes.items():
+            first, stop = self._tree.gpu_range(nid)
+            if stop - first == len(caps):
+                out[first:stop] = caps
+        return out
+
+    def _uncappable_alarms(self, now_s: float) -> list[Alarm]:
+        return uncappable_alarms(self._conformance.flagged, self._conformance.evidence, now_s)
 
     def _note_cap(self, action: SetCap, wall: float) -> None:
         """Track caps in force (for /v1/caps): a new cap replaces any it overlaps."""
@@ -571,6 +695,7 @@ class Controller:
                 for a in agent_alarms(self.lost_agents(now_s), self._agent_failsafe, wall)
             }
         )
+        current.update({a.alarm_id: a for a in self._uncappable_alarms(wall)})
         for source in self.alarm_sources:
             current.update({a.alarm_id: a for a in source(wall)})
         for aid, alarm in current.items():

@@ -110,5 +110,8 @@ def attach_scheduler(
 
     controller.jobs_provider = link.jobs_for_policy
     controller.on_action = on_action
+    # A node that ignores its caps stays drained until an operator resumes it (its
+    # headroom never "returns": a GPU server is not a constraint node).
+    controller.on_drain = link.drain_until_headroom
     controller.alarm_sources.append(scheduler_alarms)
     return link

@@ -15,6 +15,12 @@ Limits behave like NVML's: a set outside [min, max] is InvalidArgument, a set wi
 (when ``require_root``) is NoPermission; an accepted set becomes the enforced limit after
 ``actuation_delay_s``, and is then written to the source as point ``limit_w`` for the plant.
 
+A node whose tenant has root and raises the limit by hand: :meth:`FakeNvml.ignore_set_limit`
+makes a GPU acknowledge every later set (success, as a shim or a ``nvidia-smi -pl`` loop
+would leave it) while its enforced limit stays where the tenant put it. Its reads stay
+honest (the agent reports the real power and limit); what the controller must not trust
+is that a lease it sent was applied.
+
 Faults: the shared :class:`sim.faults.FaultTable` per GPU device id (GONE: GpuIsLost on every
 call; DELAY: the call blocks for ``delay_s``, as a slow NVML call does; TIMEOUT: Timeout;
 EXCEPTION: Unknown; GARBAGE: all-ones power), plus NVML's own: the instantaneous field not
@@ -69,6 +75,7 @@ class _GpuState:
     last: tuple[float, float] | None = None  # (t_s, power_w) of the last sample
     changes: deque[tuple[float, float]] = field(default_factory=deque)  # where power changed
     instant_supported: bool = True
+    ignore_sets: bool = False  # a tenant's hand-set limit wins over every set (rogue node)
 
 
 class FakeNvml:
@@ -135,6 +142,7 @@ class FakeNvml:
             _GpuState(s, round(s.default_w * 1000), round(s.default_w * 1000)) for s in gpus
         ]
         self.set_calls = 0  # accepted sets, for tests that check nothing was applied
+        self.ignored_sets = 0  # sets acknowledged but not applied (ignore_set_limit)
 
     @classmethod
     def for_node(
@@ -201,6 +209,24 @@ class FakeNvml:
     def lose(self, index: int, lost: bool = True) -> None:
         """The GPU falls off the bus (GpuIsLost on every call) or comes back."""
         self.faults.set(self.device_id(index), Fault(FaultKind.GONE) if lost else None)
+
+    def ignore_set_limit(
+        self, index: int | None = None, ignore: bool = True, *, raise_to_w: float | None = None
+    ) -> None:
+        """A tenant with root takes the GPU (``index``; all of them when None) out of our hands.
+
+        From now on a set succeeds and changes nothing; ``raise_to_w`` is the limit the
+        tenant sets by hand, enforced at once (clipped to the GPU's range). ``ignore=False``
+        gives the GPU back: the next set is applied again (the hand-set limit stays until then).
+        """
+        with self._lock:
+            targets = self._gpus if index is None else [self._gpus[index]]
+            for g in targets:
+                g.ignore_sets = ignore
+                if ignore and raise_to_w is not None:
+                    w = min(max(raise_to_w, g.spec.min_w), g.spec.max_w)
+                    g.pending = None
+                    self._enforce(g, round(w * 1000))
 
     def set_instant_supported(self, index: int, supported: bool) -> None:
         """Older GPUs/drivers answer NotSupported for ``NVML_FI_DEV_POWER_INSTANT``."""
@@ -298,6 +324,9 @@ class FakeNvml:
         if not round(g.spec.min_w * 1000) <= limit <= round(g.spec.max_w * 1000):
             raise pynvml.NVMLError_InvalidArgument()
         with self._lock:
+            if g.ignore_sets:
+                self.ignored_sets += 1
+                return
             self.set_calls += 1
             if self.actuation_delay_s > 0:
                 g.pending = (int(limit), self._clock() + self.actuation_delay_s)

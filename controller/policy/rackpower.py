@@ -33,6 +33,7 @@ from .escalation import EscalationInputs, escalate, integrate_trip
 from .index import TreeIndex, tree_index
 from .jobs import JobIndex, build_job_index, job_min
 from .loads import (
+    BoolArray,
     Loads,
     effective_envelopes,
     estimate_loads,
@@ -121,6 +122,11 @@ def decide(
     if jobs is None or jobs.jobs != snapshot.jobs:
         jobs = build_job_index(index, snapshot.jobs, cfg)
     floor, max_w = jobs.floor_w, index.gpu_max_w
+    # A server that ignores its caps (conformance.py) draws what it likes: plan it at its
+    # maximum and give it no cap to shed, so its neighbours get what is left.
+    rogue = _gpus_of(tree, index.n_gpus, snapshot.uncappable)
+    if rogue is not None:
+        floor = np.where(rogue, max_w, floor)
     prev = np.minimum(np.maximum(np.where(np.isfinite(reference), reference, max_w), floor), max_w)
 
     # 1. demand
@@ -128,6 +134,8 @@ def decide(
     enforced = np.where(np.isfinite(snapshot.gpu_limit_w), snapshot.gpu_limit_w, prev)
     held = power >= enforced * (1.0 - BOUND_FRACTION) - BOUND_W
     wanted = np.where(stale_gpu | held, max_w, power)
+    if rogue is not None:
+        wanted = np.where(rogue, max_w, wanted)
     demand_mem = memory.demand.push(now, wanted)
     async_mem = memory.demand_async.push(now, wanted)
     # A synchronous job's cap must fit its compute phase, so its demand is the peak over
@@ -270,6 +278,18 @@ def decide(
         tree_id=id(tree), now_s=now, target_w=frozen_array(new), nodes=status, memory=new_memory
     )
     return tuple(actions), new_state
+
+
+def _gpus_of(tree: PowerTree, n_gpus: int, servers: frozenset[str]) -> BoolArray | None:
+    """Per GPU: is it on one of ``servers``? None when there are none (the usual case)."""
+    if not servers:
+        return None
+    out = np.zeros(n_gpus, dtype=bool)
+    for nid in servers:
+        if nid in tree:
+            first, stop = tree.gpu_range(nid)
+            out[first:stop] = True
+    return out if out.any() else None
 
 
 def _loss_ratio(previous: FloatArray, loads: Loads) -> FloatArray:

@@ -64,7 +64,10 @@ class Snapshot:
     mapping is unmetered unless the config gives it meters (then absent means missing).
     GPU arrays are indexed like ``tree.gpus``; a NaN power is a GPU the policy cannot
     see and counts at its maximum; a NaN limit means "unknown" (the policy then assumes
-    its own last command was applied).
+    its own last command was applied). ``uncappable`` names GPU servers known not to
+    obey their caps (a tenant raised the limits, or killed the agent at maximum): their
+    GPUs are planned at their maximum and no cap of theirs is counted on, so the budget
+    of the levels above goes to the servers that do obey.
     """
 
     now_s: float
@@ -76,6 +79,7 @@ class Snapshot:
     envelope_override_w: Mapping[str, float] = field(default_factory=_empty)
     lost_sources: frozenset[str] = frozenset()
     trip_used: Mapping[str, float] | None = None
+    uncappable: frozenset[str] = frozenset()
 
     @classmethod
     def build(
@@ -91,6 +95,7 @@ class Snapshot:
         envelope_override_w: Mapping[str, float] | None = None,
         lost_sources: frozenset[str] | set[str] = frozenset(),
         trip_used: Mapping[str, float] | None = None,
+        uncappable: frozenset[str] | set[str] = frozenset(),
     ) -> Snapshot:
         """Coerce whatever the caller has (lists, arrays, dicts) into a valid snapshot.
 
@@ -111,6 +116,7 @@ class Snapshot:
             envelope_override_w=MappingProxyType(dict(envelope_override_w or {})),
             lost_sources=frozenset(lost_sources),
             trip_used=None if trip_used is None else MappingProxyType(dict(trip_used)),
+            uncappable=frozenset(uncappable),
         )
 
 
