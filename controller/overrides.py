@@ -104,3 +104,26 @@ class EnvelopeOverrides:
 
     def snapshot(self) -> Mapping[tuple[str, OverrideKind], ActiveOverride]:
         return dict(self._entries)
+
+
+ModeName = Literal["enforce", "advisory"]
+
+
+@dataclass(frozen=True, slots=True)
+class ModeHold:
+    """A BMS ``mode: advisory`` in force until ``until_s``, then ``revert_to`` (F7).
+
+    Advisory switches every protection off, so it always lapses by itself; the mode the
+    controller had before the first advisory command comes back (normally ``enforce``),
+    logged and audited by the daemon. A later advisory command moves the expiry; an
+    ``enforce`` command ends the hold at once.
+    """
+
+    mode: ModeName
+    until_s: float
+    command_id: str
+    revert_to: ModeName
+    set_at_s: float
+
+    def expired(self, now_s: float) -> bool:
+        return now_s >= self.until_s

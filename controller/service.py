@@ -19,7 +19,7 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +145,7 @@ async def run_service(site: Site, options: ServiceOptions, stop: asyncio.Event) 
 
         def on_command(cmd: Command) -> None:
             if isinstance(cmd, ModeSwitch):
-                controller.mode = cmd.mode
+                controller.apply_mode_command(cmd)
             audit.record(
                 f"command:{cmd.type}",
                 f"BMS command {cmd.command_id} accepted: {cmd.model_dump_json()}",
@@ -160,6 +160,7 @@ async def run_service(site: Site, options: ServiceOptions, stop: asyncio.Event) 
             overrides=controller.overrides,
         )
         b = bms
+        metrics.watch_bms(lambda: asdict(b.stats()))
         controller.on_alarm_raise = b.raise_alarm
 
         def clear(alarm_id: str) -> None:
