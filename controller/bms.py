@@ -241,6 +241,7 @@ class BmsLink:
         ack_queue_size: int = 1_000,
         inbox_messages: int = 10_000,
         inbox_bytes: int = 16 * 1024 * 1024,
+        max_commands_per_s: float = 500.0,
         backoff: Backoff | None = None,
         identifier: str | None = None,
         keepalive_s: int = 15,
@@ -273,6 +274,12 @@ class BmsLink:
         self._acks: deque[_Outgoing] = deque()
         self._acks_max = ack_queue_size
         self._ack_space = asyncio.Event()
+        # Commands are handled at most this fast (a token bucket, 50 at once), so a flood
+        # takes a bounded share of the loop the control cycle runs on; the excess waits
+        # in the bounded inbox and what overflows it is counted as commands_dropped.
+        self._cmd_rate_per_s = max_commands_per_s
+        self._cmd_tokens = _CMD_BURST
+        self._cmd_tokens_at_s = -math.inf
         self._log_window_s = -math.inf
         self._log_lines = 0
         self._log_suppressed = 0
@@ -468,13 +475,23 @@ class BmsLink:
             while len(self._acks) >= self._acks_max:
                 self._ack_space.clear()
                 await self._ack_space.wait()
+            await asyncio.sleep(self._take_command_token())
             try:
                 self.handle_command(_as_bytes(message.payload))
             except Exception:  # last resort: one message must never end the receiver (F3)
                 self._counters.internal_errors += 1
                 log.exception("bms: a command could not be handled")
-            # Let the control cycle and the publisher run between two commands of a flood.
-            await asyncio.sleep(0)
+
+    def _take_command_token(self) -> float:
+        """Seconds to wait before handling the next command (0: at once, but still yield
+        to the loop so the control cycle and the publisher run between two commands)."""
+        now_s = time.monotonic()
+        self._cmd_tokens = min(
+            _CMD_BURST, self._cmd_tokens + (now_s - self._cmd_tokens_at_s) * self._cmd_rate_per_s
+        )
+        self._cmd_tokens_at_s = now_s
+        self._cmd_tokens -= 1.0
+        return 0.0 if self._cmd_tokens >= 0 else -self._cmd_tokens / self._cmd_rate_per_s
 
     def handle_command(self, payload: bytes) -> None:
         """Validate, apply and queue the ack of one command (what the receiver calls)."""
@@ -638,6 +655,7 @@ class BmsLink:
             self.publish_telemetry(frames)
 
 
+_CMD_BURST = 50.0  # commands handled back to back before the rate limit applies
 _ACK_WINDOW = 20  # acks in flight at once (paho's default max_inflight_messages)
 _LOG_WINDOW_S = 10.0
 _LOG_LINES_PER_WINDOW = 50
