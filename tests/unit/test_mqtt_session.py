@@ -13,7 +13,7 @@ import time
 import aiomqtt
 import pytest
 
-from controller.mqtt import SessionTaskEnded, run_until_any_ends
+from controller.mqtt import SessionTaskEnded, inbox_type, run_until_any_ends
 
 
 async def test_f4_session_ends_although_a_task_swallows_its_cancellation() -> None:
@@ -96,3 +96,22 @@ async def test_outer_cancellation_cancels_every_task() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert sorted(ended) == ["a", "b"]
+
+
+def _message(payload: bytes) -> aiomqtt.Message:
+    return aiomqtt.Message("t", payload, qos=1, retain=False, mid=1, properties=None)
+
+
+async def test_inbox_is_bounded_in_messages_and_bytes_and_counts_drops() -> None:
+    drops: list[int] = []
+    inbox = inbox_type(3, 100, lambda: drops.append(1))()
+    for _ in range(5):
+        inbox.put_nowait(_message(b"x" * 10))
+    assert (inbox.qsize(), inbox.dropped, len(drops)) == (3, 2, 2)
+    assert (await inbox.get()).payload == b"x" * 10
+    inbox.put_nowait(_message(b"y" * 80))  # 20 + 80 bytes: fits exactly
+    inbox.put_nowait(_message(b"z"))  # one byte over
+    assert (inbox.qsize(), inbox.bytes, inbox.dropped) == (3, 100, 3)
+    while not inbox.empty():
+        await inbox.get()
+    assert inbox.bytes == 0
