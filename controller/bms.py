@@ -224,6 +224,8 @@ class BmsLink:
     must be cheap and not block: return the latest snapshot). ``on_command`` receives
     every accepted command after validation and before the ack; it may raise
     :class:`~controller.commands.CommandRefused` to turn it down (the reason is acked).
+    ``on_rejected`` gets the ack of a rejected command (for the audit trail), within the
+    same budget as the log lines so a flood of junk does not flood the audit either.
     Accepted envelope overrides and demand responses are also written to ``overrides``.
     """
 
@@ -234,6 +236,7 @@ class BmsLink:
         *,
         telemetry: Callable[[], Iterable[NodeTelemetry]] | None = None,
         on_command: Callable[[Command], None] | None = None,
+        on_rejected: Callable[[Ack], None] | None = None,
         overrides: EnvelopeOverrides | None = None,
         limits: CommandLimits | None = None,
         clock: Callable[[], float] = time.time,
@@ -256,6 +259,7 @@ class BmsLink:
         self.overrides = overrides
         self._telemetry_source = telemetry
         self._on_command = on_command
+        self._on_rejected = on_rejected
         self._clock = clock
         if limits is None:
             limits = replace(
@@ -520,16 +524,20 @@ class BmsLink:
             self._counters.commands_accepted += 1
         else:
             self._counters.commands_rejected += 1
-        self._log_outcome(ack)
+        if self._log_outcome(ack) and not ack.accepted and self._on_rejected is not None:
+            try:
+                self._on_rejected(ack)
+            except Exception:
+                log.exception("bms: on_rejected failed for %s", ack.command_id)
         if len(self._acks) >= self._acks_max:
             self._acks.popleft()
             self._counters.acks_dropped += 1
         self._acks.append(_Outgoing(self.topics.ack, ack.payload(), 1, False))
         self._wake.set()
 
-    def _log_outcome(self, ack: Ack) -> None:
+    def _log_outcome(self, ack: Ack) -> bool:
         """One line per command, at most ``_LOG_LINES_PER_WINDOW`` per 10 s (a flood must
-        not flood the journal); the rest are counted and summarised."""
+        not flood the journal); the rest are counted and summarised. True if logged."""
         now_s = time.monotonic()
         if now_s - self._log_window_s >= _LOG_WINDOW_S:
             if self._log_suppressed:
@@ -541,7 +549,7 @@ class BmsLink:
             self._log_window_s, self._log_lines, self._log_suppressed = now_s, 0, 0
         if self._log_lines >= _LOG_LINES_PER_WINDOW:
             self._log_suppressed += 1
-            return
+            return False
         self._log_lines += 1
         log.info(
             "bms: command %s %s%s%s",
@@ -550,6 +558,7 @@ class BmsLink:
             " (duplicate)" if ack.duplicate else "",
             f": {ack.reason}" if ack.reason else "",
         )
+        return True
 
     def _next(self) -> tuple[_Outgoing, Callable[[], None]] | None:
         """The most urgent message and how to put it back if the connection fails."""

@@ -26,7 +26,7 @@ from typing import Any
 from controller.api import ApiServer, create_app
 from controller.audit import AuditLog
 from controller.bms import BmsLink
-from controller.commands import Command, ModeSwitch
+from controller.commands import Ack, Command, ModeSwitch
 from controller.config import ConfigError, Site, load_site
 from controller.cycle import run_cycle
 from controller.daemon import Controller, Mode
@@ -152,11 +152,19 @@ async def run_service(site: Site, options: ServiceOptions, stop: asyncio.Event) 
                 now_s=time.time(),
             )
 
+        def on_rejected(ack: Ack) -> None:
+            audit.record(
+                "command_rejected",
+                f"BMS command {ack.command_id} ({ack.type}) rejected: {ack.reason}",
+                now_s=time.time(),
+            )
+
         bms = BmsLink(
             integrations.mqtt,
             controller.tree,
             telemetry=lambda: controller.telemetry_frames,
             on_command=on_command,
+            on_rejected=on_rejected,
             overrides=controller.overrides,
         )
         b = bms

@@ -104,3 +104,23 @@ def test_f6_bms_drop_counters_are_exported_on_metrics() -> None:
     assert "rackpower_bms_connected 1.0" in text
     stats["commands_dropped"] = 9  # read at scrape time
     assert "rackpower_bms_commands_dropped_total 9.0" in generate_latest(metrics.registry).decode()
+
+
+def test_rejections_reach_the_audit_hook_within_the_log_budget() -> None:
+    """A refused command is audited (why it was refused), but a flood of junk is not
+    audited line by line: the same 50-per-10-s budget as the log."""
+    from controller.bms import BmsLink
+    from controller.commands import Ack
+    from controller.config import MqttConfig
+
+    rejected: list[Ack] = []
+    tree = PowerTree(parse_site(tiny_site()))
+    link = BmsLink(MqttConfig(url="mqtt://127.0.0.1:1"), tree, on_rejected=rejected.append)
+    bad = {"type": "demand_response", "command_id": "r-0", "node": "rack-1", "limit_w": 9000}
+    link.handle_command(json.dumps({**bad, "ttl_s": 60}).encode())
+    [ack] = rejected
+    assert ack.command_id == "r-0" and ack.reason and "above the rating" in ack.reason
+    for i in range(1, 200):
+        link.handle_command(json.dumps({**bad, "command_id": f"r-{i}"}).encode())
+    assert len(rejected) == 50
+    assert link.stats().commands_rejected == 200
