@@ -30,13 +30,14 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import aiomqtt
 
 from controller.commands import (
     DEFAULT_LIMITS,
+    Ack,
     Command,
     CommandLimits,
     CommandProcessor,
@@ -46,7 +47,15 @@ from controller.commands import (
     format_ts,
 )
 from controller.config import MqttConfig
-from controller.mqtt import Backoff, broker_settings, make_client, run_with_reconnect
+from controller.mqtt import (
+    Backoff,
+    SessionTaskEnded,
+    broker_settings,
+    inbox_type,
+    make_client,
+    run_until_any_ends,
+    run_with_reconnect,
+)
 from controller.overrides import EnvelopeOverrides
 from controller.topology import PowerTree
 from drivers.reading import Quality
@@ -175,6 +184,8 @@ class BmsStats:
     commands_rejected: int
     commands_duplicate: int
     retained_commands_ignored: int
+    commands_dropped: int
+    internal_errors: int
 
 
 @dataclass
@@ -188,6 +199,8 @@ class _Counters:
     commands_rejected: int = 0
     commands_duplicate: int = 0
     retained_commands_ignored: int = 0
+    commands_dropped: int = 0  # the bounded inbox was full (a flood): no ack possible
+    internal_errors: int = 0  # a bug, acked "rejected: internal error"
 
 
 def _finite(value: float | str | None) -> float | str | None:
@@ -212,6 +225,8 @@ class BmsLink:
     must be cheap and not block: return the latest snapshot). ``on_command`` receives
     every accepted command after validation and before the ack; it may raise
     :class:`~controller.commands.CommandRefused` to turn it down (the reason is acked).
+    ``on_rejected`` gets the ack of a rejected command (for the audit trail), within the
+    same budget as the log lines so a flood of junk does not flood the audit either.
     Accepted envelope overrides and demand responses are also written to ``overrides``.
     """
 
@@ -222,11 +237,15 @@ class BmsLink:
         *,
         telemetry: Callable[[], Iterable[NodeTelemetry]] | None = None,
         on_command: Callable[[Command], None] | None = None,
+        on_rejected: Callable[[Ack], None] | None = None,
         overrides: EnvelopeOverrides | None = None,
-        limits: CommandLimits = DEFAULT_LIMITS,
+        limits: CommandLimits | None = None,
         clock: Callable[[], float] = time.time,
         telemetry_queue_size: int = 2_000,
         ack_queue_size: int = 1_000,
+        inbox_messages: int = 10_000,
+        inbox_bytes: int = 16 * 1024 * 1024,
+        max_commands_per_s: float = 500.0,
         backoff: Backoff | None = None,
         identifier: str | None = None,
         keepalive_s: int = 15,
@@ -241,8 +260,16 @@ class BmsLink:
         self.overrides = overrides
         self._telemetry_source = telemetry
         self._on_command = on_command
+        self._on_rejected = on_rejected
         self._clock = clock
+        if limits is None:
+            limits = replace(
+                DEFAULT_LIMITS,
+                allow_mode_commands=cfg.allow_mode_commands,
+                max_advisory_s=cfg.max_advisory_s,
+            )
         self._processor = CommandProcessor(tree, limits)
+        self._inbox_type = inbox_type(inbox_messages, inbox_bytes, self._count_inbox_drop)
         self._backoff = backoff or Backoff()
         self._keepalive_s = keepalive_s
         self._tls_context = tls_context
@@ -251,6 +278,16 @@ class BmsLink:
         self._telemetry_max = telemetry_queue_size
         self._acks: deque[_Outgoing] = deque()
         self._acks_max = ack_queue_size
+        self._ack_space = asyncio.Event()
+        # Commands are handled at most this fast (a token bucket, 50 at once), so a flood
+        # takes a bounded share of the loop the control cycle runs on; the excess waits
+        # in the bounded inbox and what overflows it is counted as commands_dropped.
+        self._cmd_rate_per_s = max_commands_per_s
+        self._cmd_tokens = _CMD_BURST
+        self._cmd_tokens_at_s = -math.inf
+        self._log_window_s = -math.inf
+        self._log_lines = 0
+        self._log_suppressed = 0
         self._alarms: dict[str, Alarm] = {}
         self._alarms_dirty: set[str] = set()
         self._status_pending = False
@@ -329,7 +366,11 @@ class BmsLink:
         return tuple(self._alarms)
 
     def stats(self) -> BmsStats:
+        self._counters.internal_errors = self._processor.internal_errors
         return BmsStats(**asdict(self._counters))
+
+    def _count_inbox_drop(self) -> None:
+        self._counters.commands_dropped += 1
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -378,6 +419,7 @@ class BmsLink:
             will=will,
             keepalive_s=self._keepalive_s,
             tls_context=self._tls_context,
+            queue_type=self._inbox_type,
         )
 
     def _on_state(self, connected: bool) -> None:
@@ -391,17 +433,23 @@ class BmsLink:
             self._wake.set()
 
     async def _session(self, client: aiomqtt.Client) -> None:
+        """Receive and publish until either ends (F4): then the session is over.
+
+        A clean stop is the publisher returning once ``stop()`` was asked and the queues
+        are drained; any other end (the receiver returning or failing, a publish failing)
+        ends the session with an error so :func:`run_with_reconnect` connects again.
+        """
         await client.subscribe(self.topics.cmd, qos=1)
+        over = asyncio.Event()
+
+        async def publish_then_stop() -> None:
+            await self._publish_loop(client, over)
+            await client.publish(self.topics.status, b"offline", qos=1, retain=True)
+
         try:
-            async with asyncio.TaskGroup() as tg:
-                receiver = tg.create_task(self._receive(client), name="bms-receive")
-
-                async def publish_then_stop() -> None:
-                    await self._publish_loop(client)
-                    await client.publish(self.topics.status, b"offline", qos=1, retain=True)
-                    receiver.cancel()
-
-                tg.create_task(publish_then_stop(), name="bms-publish")
+            ended = await run_until_any_ends(
+                {"bms-receive": self._receive(client), "bms-publish": publish_then_stop()}
+            )
         except asyncio.CancelledError:
             # Cancelled from outside: the graceful disconnect that follows suppresses the
             # last will, so say offline ourselves (best effort, briefly).
@@ -410,6 +458,12 @@ class BmsLink:
                     client.publish(self.topics.status, b"offline", qos=1, retain=True), 1.0
                 )
             raise
+        finally:
+            over.set()  # a task left behind by a swallowed cancellation stops at its next turn
+            self._wake.set()
+            self._ack_space.set()
+        if ended != "bms-publish" or not self._stopping.is_set():
+            raise SessionTaskEnded(f"bms: {ended} ended; reconnecting")
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
@@ -420,7 +474,29 @@ class BmsLink:
                 self._counters.retained_commands_ignored += 1
                 log.warning("bms: ignoring a retained command on %s", message.topic)
                 continue
-            self.handle_command(_as_bytes(message.payload))
+            # F6: backpressure instead of dropping acks. While the ack queue is full the
+            # receiver waits for the publisher; commands wait in the bounded inbox
+            # (whose overflow is counted as commands_dropped).
+            while len(self._acks) >= self._acks_max:
+                self._ack_space.clear()
+                await self._ack_space.wait()
+            await asyncio.sleep(self._take_command_token())
+            try:
+                self.handle_command(_as_bytes(message.payload))
+            except Exception:  # last resort: one message must never end the receiver (F3)
+                self._counters.internal_errors += 1
+                log.exception("bms: a command could not be handled")
+
+    def _take_command_token(self) -> float:
+        """Seconds to wait before handling the next command (0: at once, but still yield
+        to the loop so the control cycle and the publisher run between two commands)."""
+        now_s = time.monotonic()
+        self._cmd_tokens = min(
+            _CMD_BURST, self._cmd_tokens + (now_s - self._cmd_tokens_at_s) * self._cmd_rate_per_s
+        )
+        self._cmd_tokens_at_s = now_s
+        self._cmd_tokens -= 1.0
+        return 0.0 if self._cmd_tokens >= 0 else -self._cmd_tokens / self._cmd_rate_per_s
 
     def handle_command(self, payload: bytes) -> None:
         """Validate, apply and queue the ack of one command (what the receiver calls)."""
@@ -449,6 +525,33 @@ class BmsLink:
             self._counters.commands_accepted += 1
         else:
             self._counters.commands_rejected += 1
+        if self._log_outcome(ack) and not ack.accepted and self._on_rejected is not None:
+            try:
+                self._on_rejected(ack)
+            except Exception:
+                log.exception("bms: on_rejected failed for %s", ack.command_id)
+        if len(self._acks) >= self._acks_max:
+            self._acks.popleft()
+            self._counters.acks_dropped += 1
+        self._acks.append(_Outgoing(self.topics.ack, ack.payload(), 1, False))
+        self._wake.set()
+
+    def _log_outcome(self, ack: Ack) -> bool:
+        """One line per command, at most ``_LOG_LINES_PER_WINDOW`` per 10 s (a flood must
+        not flood the journal); the rest are counted and summarised. True if logged."""
+        now_s = time.monotonic()
+        if now_s - self._log_window_s >= _LOG_WINDOW_S:
+            if self._log_suppressed:
+                log.warning(
+                    "bms: %d command outcomes not logged in the last %.0f s (see the counters)",
+                    self._log_suppressed,
+                    _LOG_WINDOW_S,
+                )
+            self._log_window_s, self._log_lines, self._log_suppressed = now_s, 0, 0
+        if self._log_lines >= _LOG_LINES_PER_WINDOW:
+            self._log_suppressed += 1
+            return False
+        self._log_lines += 1
         log.info(
             "bms: command %s %s%s%s",
             ack.command_id,
@@ -456,11 +559,7 @@ class BmsLink:
             " (duplicate)" if ack.duplicate else "",
             f": {ack.reason}" if ack.reason else "",
         )
-        if len(self._acks) >= self._acks_max:
-            self._acks.popleft()
-            self._counters.acks_dropped += 1
-        self._acks.append(_Outgoing(self.topics.ack, ack.payload(), 1, False))
-        self._wake.set()
+        return True
 
     def _next(self) -> tuple[_Outgoing, Callable[[], None]] | None:
         """The most urgent message and how to put it back if the connection fails."""
@@ -480,26 +579,72 @@ class BmsLink:
             )
         if self._acks:
             item = self._acks.popleft()
+            self._ack_space.set()
             return item, lambda: self._acks.appendleft(item)
         if self._telemetry:
             return self._telemetry.popleft(), lambda: None  # stale by the reconnect anyway
         return None
 
-    async def _publish_loop(self, client: aiomqtt.Client) -> None:
-        """Drain the queues by priority; return once stopping and drained."""
-        while True:
+    def _next_batch(self) -> list[tuple[_Outgoing, Callable[[], None]]]:
+        """The most urgent message, and with an ack up to ``_ACK_WINDOW - 1`` more acks.
+
+        F6: one QoS 1 publish at a time waits a PUBACK round trip each, so a burst of
+        commands outran the acks; a window of acks in flight keeps up with the receiver.
+        """
+        first = self._next()
+        if first is None:
+            return []
+        batch = [first]
+        if first[0].topic == self.topics.ack:
+            while (
+                len(batch) < _ACK_WINDOW
+                and self._acks
+                and not self._status_pending
+                and not self._alarms_dirty
+            ):
+                nxt = self._next()
+                assert nxt is not None
+                batch.append(nxt)
+        return batch
+
+    async def _publish_loop(self, client: aiomqtt.Client, over: asyncio.Event) -> None:
+        """Drain the queues by priority; return once stopping and drained.
+
+        ``over`` is set when the session has ended: a loop that outlived its session
+        (its cancellation swallowed) must not take more from the queues.
+        """
+        while not over.is_set():
             self._wake.clear()
-            while (nxt := self._next()) is not None:
-                item, restore = nxt
+            while batch := self._next_batch():
                 try:
-                    await client.publish(item.topic, item.payload, qos=item.qos, retain=item.retain)
-                except BaseException:
-                    restore()
+                    results = await asyncio.gather(
+                        *(
+                            client.publish(i.topic, i.payload, qos=i.qos, retain=i.retain)
+                            for i, _ in batch
+                        ),
+                        return_exceptions=True,
+                    )
+                except BaseException:  # cancelled: which ones went out is unknown
+                    for _, restore in reversed(batch):
+                        restore()
                     raise
-                self._counters.published += 1
-            if self._stopping.is_set():
+                failed = [
+                    (restore, r)
+                    for (_, restore), r in zip(batch, results, strict=True)
+                    if isinstance(r, BaseException)
+                ]
+                self._counters.published += len(batch) - len(failed)
+                for restore, _ in reversed(failed):
+                    restore()
+                if failed:
+                    raise failed[0][1]
+                if over.is_set():
+                    break
+            if self._stopping.is_set() and not over.is_set():
                 return
-            await self._wake.wait()
+            if not over.is_set():
+                await self._wake.wait()
+        raise SessionTaskEnded("bms: the session ended under the publisher")
 
     async def _telemetry_ticker(self) -> None:
         """Poll the daemon's snapshot on a fixed deadline; missed ticks are skipped."""
@@ -518,6 +663,12 @@ class BmsLink:
                 log.exception("bms: telemetry source failed; skipping this period")
                 continue
             self.publish_telemetry(frames)
+
+
+_CMD_BURST = 50.0  # commands handled back to back before the rate limit applies
+_ACK_WINDOW = 20  # acks in flight at once (paho's default max_inflight_messages)
+_LOG_WINDOW_S = 10.0
+_LOG_LINES_PER_WINDOW = 50
 
 
 def _dumps(obj: object) -> bytes:

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AwareDatetime,
@@ -31,7 +33,20 @@ from pydantic import (
 
 from controller.topology import CONSTRAINT_KINDS, PowerTree
 
-CommandId = Annotated[str, Field(min_length=1, max_length=128)]
+log = logging.getLogger(__name__)
+
+# A command id is echoed in the ack and kept in the dedupe ledger, so it is bounded in
+# length and charset (F5: 1 MiB ids were kept and echoed). An id outside these bounds is
+# never echoed or remembered: the ack names it by its length and a hash prefix.
+COMMAND_ID_MAX = 128
+COMMAND_ID_CHARS = "A-Z a-z 0-9 . _ : @ / -"
+_COMMAND_ID_RE = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
+# Checked on the raw bytes before any JSON parsing: a command is a few hundred bytes.
+MAX_PAYLOAD_B = 64 * 1024
+
+CommandId = Annotated[
+    str, Field(min_length=1, max_length=COMMAND_ID_MAX, pattern=r"^[A-Za-z0-9._:@/-]+$")
+]
 PositiveW = Annotated[float, Field(gt=0)]
 PositiveS = Annotated[float, Field(gt=0)]
 
@@ -44,29 +59,50 @@ class _CommandBase(BaseModel):
     command_id: CommandId
 
 
-class _TimedCommand(_CommandBase):
-    """A command that lapses by itself: the BMS must say until when (or for how long)."""
+_EXPIRY_REQUIRED = "an expiry is required: give expires_at (RFC 3339 with timezone) or ttl_s"
 
-    node: Annotated[str, Field(min_length=1)]
+
+class _Expiring(_CommandBase):
+    """A command that may lapse by itself: until when (or for how long)."""
+
     expires_at: AwareDatetime | None = None
     ttl_s: PositiveS | None = None
 
     @model_validator(mode="after")
-    def _one_expiry(self) -> _TimedCommand:
-        if self.expires_at is None and self.ttl_s is None:
-            raise ValueError(
-                "an expiry is required: give expires_at (RFC 3339 with timezone) or ttl_s"
-            )
+    def _at_most_one_expiry(self) -> _Expiring:
         if self.expires_at is not None and self.ttl_s is not None:
             raise ValueError("give either expires_at or ttl_s, not both")
+        if self.expires_at is not None:
+            # F3: an aware time near year 1 or 9999 cannot be converted to UTC or to a
+            # timestamp; refuse it here (it becomes the ack's reason), not deep in a check.
+            try:
+                self.expires_at.astimezone(UTC).timestamp()
+            except (ValueError, OverflowError, OSError):
+                raise ValueError("expires_at: out of range (cannot be converted to UTC)") from None
         return self
+
+    @property
+    def has_expiry(self) -> bool:
+        return self.expires_at is not None or self.ttl_s is not None
 
     def expires_at_s(self, received_s: float) -> float:
         """Absolute expiry (``time.time()`` seconds); a TTL counts from reception."""
         if self.expires_at is not None:
             return self.expires_at.timestamp()
-        assert self.ttl_s is not None  # guaranteed by _one_expiry
+        assert self.ttl_s is not None  # callers check has_expiry
         return received_s + self.ttl_s
+
+
+class _TimedCommand(_Expiring):
+    """A command that lapses by itself: the BMS must say until when (or for how long)."""
+
+    node: Annotated[str, Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _one_expiry(self) -> _TimedCommand:
+        if not self.has_expiry:
+            raise ValueError(_EXPIRY_REQUIRED)
+        return self
 
 
 class EnvelopeOverride(_TimedCommand):
@@ -83,11 +119,24 @@ class DemandResponse(_TimedCommand):
     limit_w: PositiveW
 
 
-class ModeSwitch(_CommandBase):
-    """``advisory``: compute and publish, change nothing; ``enforce``: act."""
+class ModeSwitch(_Expiring):
+    """``advisory``: compute and publish, change nothing; ``enforce``: act.
+
+    F7: advisory switches protection off, so it must lapse by itself (``expires_at`` or
+    ``ttl_s``, bounded by ``CommandLimits.max_advisory_s``); ``enforce`` is what the
+    controller returns to, so it takes no expiry.
+    """
 
     type: Literal["mode"]
     mode: Literal["enforce", "advisory"]
+
+    @model_validator(mode="after")
+    def _expiry_for_advisory(self) -> ModeSwitch:
+        if self.mode == "advisory" and not self.has_expiry:
+            raise ValueError(_EXPIRY_REQUIRED + " (advisory mode must lapse by itself)")
+        if self.mode == "enforce" and self.has_expiry:
+            raise ValueError("enforce takes no expiry: it is the mode the controller returns to")
+        return self
 
 
 Command = EnvelopeOverride | DemandResponse | ModeSwitch
@@ -101,20 +150,37 @@ _COMMAND_ADAPTER: TypeAdapter[Command] = TypeAdapter(
 
 @dataclass(frozen=True)
 class CommandLimits:
-    """Bounds on expiries: long enough not to lapse in transit, short enough to be revisited."""
+    """Bounds on expiries: long enough not to lapse in transit, short enough to be revisited.
+
+    ``allow_mode_commands`` is off by default (F7): MQTT 3.1.1 does not tell the
+    controller who sent a command, and ``mode`` turns every protection off, so a site
+    opts in (``integrations.mqtt.allow_mode_commands``) once its broker ACL lets only the
+    BMS publish on the command topic. ``max_advisory_s`` bounds how long advisory lasts.
+    """
 
     min_ttl_s: float = 1.0
     max_ttl_s: float = 24 * 3600.0
+    allow_mode_commands: bool = False
+    max_advisory_s: float = 3600.0
 
 
 DEFAULT_LIMITS = CommandLimits()
 
 
 def format_ts(ts_s: float) -> str:
-    """RFC 3339 UTC with milliseconds, the form every timestamp on the BMS topics takes."""
-    return (
-        datetime.fromtimestamp(ts_s, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    )
+    """RFC 3339 UTC with milliseconds, the form every timestamp on the BMS topics takes.
+
+    A time outside what ``datetime`` can hold (F3: it arrives from the wire) is shown as
+    seconds since the epoch instead of raising.
+    """
+    try:
+        return (
+            datetime.fromtimestamp(ts_s, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z")
+        )
+    except (ValueError, OverflowError, OSError):
+        return f"{ts_s:.0f} s since the epoch"
 
 
 @dataclass(frozen=True)
@@ -182,21 +248,44 @@ def _error_lines(exc: ValidationError) -> str:
     return "; ".join(lines)
 
 
+def valid_command_id(value: object) -> bool:
+    """An id that may be echoed and remembered: a string of 1-128 safe characters."""
+    return isinstance(value, str) and _COMMAND_ID_RE.fullmatch(value) is not None
+
+
+def describe_bad_id(value: str) -> str:
+    """How an ack names an id it will not echo: its length and a hash prefix to match on."""
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return (
+        f"command_id is not a valid id ({len(value)} characters, sha256 {digest}...): "
+        f"ids are 1-{COMMAND_ID_MAX} characters of {COMMAND_ID_CHARS}"
+    )
+
+
 def parse_command(payload: bytes | str) -> Command:
-    """JSON and schema only; raises :class:`CommandRejected` carrying whatever id it found."""
+    """Size, JSON and schema; raises :class:`CommandRejected` with the id if it is valid."""
+    size_b = len(payload) if isinstance(payload, bytes) else len(payload.encode("utf-8", "replace"))
+    if size_b > MAX_PAYLOAD_B:
+        raise CommandRejected(
+            f"payload is {size_b} bytes, more than the {MAX_PAYLOAD_B} allowed (not parsed)"
+        )
     try:
         raw = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CommandRejected(f"payload is not valid JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise CommandRejected(f"payload is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(raw, dict):
         raise CommandRejected("payload must be a JSON object")
-    command_id = raw.get("command_id")
-    command_id = command_id if isinstance(command_id, str) and command_id else None
-    command_type = raw.get("type") if isinstance(raw.get("type"), str) else None
+    raw_id = raw.get("command_id")
+    command_id = raw_id if valid_command_id(raw_id) else None
+    raw_type = raw.get("type")
+    command_type = raw_type if isinstance(raw_type, str) and raw_type in COMMAND_TYPES else None
     try:
         return _COMMAND_ADAPTER.validate_json(payload)
     except ValidationError as exc:
-        raise CommandRejected(_error_lines(exc), command_id, command_type) from None
+        reason = _error_lines(exc)
+        if isinstance(raw_id, str) and raw_id and command_id is None:
+            reason = f"{describe_bad_id(raw_id)}; {reason}"
+        raise CommandRejected(reason, command_id, command_type) from None
 
 
 def check_command(
@@ -207,11 +296,20 @@ def check_command(
     A ``ttl_s`` becomes an absolute ``expires_at`` here, so whoever applies the command
     later (and the ack) sees the same deadline.
     """
-    if isinstance(cmd, ModeSwitch):
-        return cmd
 
     def reject(reason: str) -> CommandRejected:
         return CommandRejected(reason, cmd.command_id, cmd.type)
+
+    if isinstance(cmd, ModeSwitch):
+        if not limits.allow_mode_commands:
+            raise reject(
+                "mode commands are disabled on this controller: a site enables them with "
+                "integrations.mqtt.allow_mode_commands once its broker ACL lets only the "
+                "BMS publish commands"
+            )
+        if cmd.mode == "enforce":
+            return cmd
+        return _fix_expiry(cmd, now_s, limits.min_ttl_s, limits.max_advisory_s, reject)
 
     if cmd.node not in tree:
         raise reject(f"unknown node {cmd.node!r} in site {tree.site.name!r}")
@@ -230,12 +328,35 @@ def check_command(
         raise reject(
             f"{field} {value_w:g} W is above the rating of {cmd.node} ({node.rating_w:g} W)"
         )
+    if isinstance(cmd, EnvelopeOverride) and value_w > node.envelope_w:
+        # F8: the policy only ever lowers an envelope, so a raise was acked and ignored.
+        # Raising is a change to the reviewed site config (checked by ``validate`` for
+        # feasibility and A/B feeds), not something one broker message may do.
+        raise reject(
+            f"envelope_w {value_w:g} W is above the configured envelope of {cmd.node} "
+            f"({node.envelope_w:g} W): a BMS override may only lower an envelope; "
+            "raise it in the site config"
+        )
     floor_w = tree.floor_draw_w(cmd.node)
     if value_w < floor_w:
         raise reject(
             f"{field} {value_w:g} W is below what {cmd.node} can be brought down to "
             f"({floor_w:g} W: every GPU at its floor plus baselines)"
         )
+    return _fix_expiry(cmd, now_s, limits.min_ttl_s, limits.max_ttl_s, reject)
+
+
+_C = TypeVar("_C", bound=_Expiring)
+
+
+def _fix_expiry(
+    cmd: _C,
+    now_s: float,
+    min_s: float,
+    max_s: float,
+    reject: Callable[[str], CommandRejected],
+) -> _C:
+    """Check the expiry is ``min_s`` to ``max_s`` ahead; return the command with it absolute."""
     expires_s = cmd.expires_at_s(now_s)
     ahead_s = expires_s - now_s
     if ahead_s <= 0:
@@ -243,14 +364,10 @@ def check_command(
             f"expires_at {format_ts(expires_s)} is not in the future "
             f"(controller time {format_ts(now_s)})"
         )
-    if ahead_s < limits.min_ttl_s:
-        raise reject(
-            f"expiry is {ahead_s:.3g} s ahead, less than the minimum {limits.min_ttl_s:g} s"
-        )
-    if ahead_s > limits.max_ttl_s:
-        raise reject(
-            f"expiry is {ahead_s:.0f} s ahead, more than the maximum {limits.max_ttl_s:.0f} s"
-        )
+    if ahead_s < min_s:
+        raise reject(f"expiry is {ahead_s:.3g} s ahead, less than the minimum {min_s:g} s")
+    if ahead_s > max_s:
+        raise reject(f"expiry is {ahead_s:.0f} s ahead, more than the maximum {max_s:.0f} s")
     return cmd.model_copy(
         update={"expires_at": datetime.fromtimestamp(expires_s, UTC), "ttl_s": None}
     )
@@ -265,8 +382,9 @@ class _Seen:
 class CommandProcessor:
     """Parse, dedupe, check, apply, answer: the whole life of one command, minus the wire.
 
-    Every outcome that carries a ``command_id`` is remembered (the last ``ledger_size``
-    ids), accepted or rejected: a repeated id is answered with its first outcome and
+    Every outcome that carries a valid ``command_id`` (see :func:`valid_command_id`) is
+    remembered (the last ``ledger_size`` ids), accepted or rejected; an invalid id is
+    neither remembered nor echoed (F5): a repeated id is answered with its first outcome and
     ``duplicate: true`` and is never applied again. A BMS fixes a rejected command by
     sending it with a new id.
     """
@@ -281,16 +399,34 @@ class CommandProcessor:
         self.limits = limits
         self.ledger_size = ledger_size
         self._seen: OrderedDict[str, _Seen] = OrderedDict()
+        self.internal_errors = 0
 
     def handle(
         self, payload: bytes | str, now_s: float, apply: Callable[[Command], None]
     ) -> tuple[Ack, Command | None]:
         """The ack to publish and, when accepted, the command that ``apply`` was given.
 
-        ``apply`` may raise :class:`CommandRefused` to turn a valid command down.
+        ``apply`` may raise :class:`CommandRefused` to turn a valid command down. Nothing
+        a payload contains raises out of here (F3): a bug is acked ``rejected: internal
+        error``, logged with its traceback the first time, and counted.
         """
+        try:
+            return self._handle(payload, now_s, apply)
+        except Exception:
+            self.internal_errors += 1
+            if self.internal_errors == 1:
+                log.exception("bms: internal error handling a command (further ones are counted)")
+            else:
+                log.error(
+                    "bms: internal error handling a command (%d so far)", self.internal_errors
+                )
+            return Ack(None, None, "rejected", "internal error", now_s), None
+
+    def _handle(
+        self, payload: bytes | str, now_s: float, apply: Callable[[Command], None]
+    ) -> tuple[Ack, Command | None]:
         digest = hashlib.sha256(
-            payload if isinstance(payload, bytes) else payload.encode()
+            payload if isinstance(payload, bytes) else payload.encode("utf-8", "surrogatepass")
         ).hexdigest()
         try:
             cmd = parse_command(payload)
@@ -309,7 +445,7 @@ class CommandProcessor:
                 now_s,
                 digest,
             ), None
-        expires_s = None if isinstance(cmd, ModeSwitch) else cmd.expires_at_s(now_s)
+        expires_s = cmd.expires_at_s(now_s) if cmd.has_expiry else None
         ack = Ack(cmd.command_id, cmd.type, "accepted", None, now_s, expires_at_s=expires_s)
         self._remember(ack, digest)
         return ack, cmd

@@ -429,6 +429,10 @@ class MqttConfig(Strict):
     password_file: Path | None = None
     tls: bool = False
     telemetry_period_s: PosS = 5.0
+    # BMS ``mode`` commands turn protection off; off unless the site's broker ACL lets
+    # only the BMS publish commands (MQTT 3.1.1 carries no sender identity). See docs/mqtt.md.
+    allow_mode_commands: bool = False
+    max_advisory_s: Annotated[float, Field(gt=0, le=24 * 3600)] = 3600.0
 
     @field_validator("url")
     @classmethod

@@ -38,12 +38,13 @@ from controller.alarms import (
 )
 from controller.audit import AuditLog
 from controller.bms import Alarm, NodeTelemetry
+from controller.commands import ModeSwitch
 from controller.config import Site
 from controller.cycle import CycleStats
 from controller.lease import Lease, LeaseSequence, Telemetry
 from controller.link import ControllerLink
 from controller.metrics import Metrics
-from controller.overrides import EnvelopeOverrides
+from controller.overrides import EnvelopeOverrides, ModeHold
 from controller.policy import Action, Job, PolicyState, SetCap, Snapshot, get_policy
 from controller.policy.conformance import ConformanceLimits, ConformanceState, Evidence, judge
 from controller.readings import ReadingsStore
@@ -125,6 +126,7 @@ class Controller:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.mode: Mode = mode
+        self.mode_hold: ModeHold | None = None  # a BMS advisory window, with its expiry
         self.link = link
         # Agents obey one configured controller id, so the default must be stable (not the
         # host's name: a standby on another host is the same controller) and a valid lease
@@ -416,9 +418,41 @@ class Controller:
             if (seen := self._agent_seen_s.get(a.agent_id)) is None or now_s - seen > a.stale_s
         ]
 
+    def apply_mode_command(self, cmd: ModeSwitch) -> None:
+        """A checked BMS mode command (its expiry already absolute, bounded by the config).
+
+        ``advisory`` holds until its expiry, then the mode from before comes back (see
+        :meth:`_expire_mode_hold`); ``enforce`` ends any hold at once.
+        """
+        wall = self.wall_clock()
+        if cmd.mode == "enforce":
+            self.mode_hold = None
+            self.mode = "enforce"
+            return
+        revert_to: Mode = self.mode_hold.revert_to if self.mode_hold is not None else self.mode
+        self.mode_hold = ModeHold(
+            "advisory", cmd.expires_at_s(wall), cmd.command_id, revert_to, wall
+        )
+        self.mode = "advisory"
+
+    def _expire_mode_hold(self, wall_s: float) -> None:
+        hold = self.mode_hold
+        if hold is None or not hold.expired(wall_s):
+            return
+        self.mode_hold = None
+        self.mode = hold.revert_to
+        self.audit.record(
+            "mode_expired",
+            f"BMS {hold.mode} mode from command {hold.command_id} lapsed at its expiry; "
+            f"back to {hold.revert_to}",
+            now_s=wall_s,
+            details={"command_id": hold.command_id, "until_s": hold.until_s},
+        )
+
     def run_cycle(self, now_s: float) -> Snapshot:
         """One control cycle: snapshot, decide, act, publish. Returns the snapshot used."""
         wall = self.wall_clock()
+        self._expire_mode_hold(wall)
         snap = self._check_conformance(self.snapshot(now_s), now_s, wall)
         actions, self.policy_state = self.policy(snap, self._tree, self.policy_state)
         advisory = self.mode == "advisory"

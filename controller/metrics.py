@@ -20,7 +20,7 @@ on a large site ``down_to="rack"`` keeps even the servers out.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -32,7 +32,7 @@ from prometheus_client import (
     exposition,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from controller.config import Kind
@@ -152,6 +152,10 @@ class Metrics:
         for nid in node_ids:
             self.violations.labels(nid).inc()
 
+    def watch_bms(self, stats: Callable[[], Mapping[str, int | bool]]) -> None:
+        """Export the BMS link's counters, read at scrape time (the link keeps them)."""
+        self.registry.register(_BmsCollector(stats))
+
     def set_tsdb_dropped(self, total: int) -> None:
         """Mirror the TSDB writer's running drop count into a counter (it only grows)."""
         if total > self._tsdb_dropped_seen:
@@ -254,3 +258,47 @@ class _TreeCollector(Collector):
             for row in rows:
                 family.add_metric((row.id, row.kind), value(row))
             yield family
+
+
+# BMS link counter -> (metric name, help). Drops are the ones to alert on (F6, flood).
+_BMS_COUNTERS = {
+    "acks_dropped": ("rackpower_bms_acks_dropped", "BMS acks dropped before publishing."),
+    "commands_dropped": (
+        "rackpower_bms_commands_dropped",
+        "BMS commands dropped unanswered: the bounded inbox was full (a flood).",
+    ),
+    "telemetry_dropped": (
+        "rackpower_bms_telemetry_dropped",
+        "BMS telemetry frames dropped (queue full while the broker was away).",
+    ),
+    "commands_accepted": ("rackpower_bms_commands_accepted", "BMS commands accepted."),
+    "commands_rejected": ("rackpower_bms_commands_rejected", "BMS commands rejected."),
+    "commands_duplicate": (
+        "rackpower_bms_commands_duplicate",
+        "BMS commands with a command_id seen before (answered, not applied again).",
+    ),
+    "retained_commands_ignored": (
+        "rackpower_bms_retained_commands_ignored",
+        "Retained BMS commands ignored.",
+    ),
+    "internal_errors": (
+        "rackpower_bms_internal_errors",
+        "BMS commands acked 'internal error' (a bug: see the log).",
+    ),
+    "connects": ("rackpower_bms_connects", "Connections made to the BMS broker."),
+}
+
+
+class _BmsCollector(Collector):
+    def __init__(self, stats: Callable[[], Mapping[str, int | bool]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        for key, (name, doc) in _BMS_COUNTERS.items():
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], float(stats.get(key, 0)))
+            yield c
+        g = GaugeMetricFamily("rackpower_bms_connected", "1 while connected to the BMS broker.")
+        g.add_metric([], float(bool(stats.get("connected", False))))
+        yield g

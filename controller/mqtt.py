@@ -15,9 +15,10 @@ import logging
 import os
 import random
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiomqtt
@@ -136,6 +137,57 @@ def default_tls_context() -> ssl.SSLContext:
 PENDING_CALLS_WARN = 10_000
 
 
+class Inbox(asyncio.Queue[aiomqtt.Message]):
+    """aiomqtt's incoming queue, bounded in messages and bytes, counting what it drops.
+
+    aiomqtt's own bound logs a warning per dropped message (a flood would flood the log
+    too) and has no byte bound; this one drops silently and counts, and the link exports
+    the count. Build it with :func:`inbox_type` (aiomqtt wants a class).
+    """
+
+    max_messages = 1_000
+    max_bytes = 16 * 1024 * 1024
+
+    def __init__(self, maxsize: int = 0) -> None:  # aiomqtt passes its own maxsize (0)
+        super().__init__()
+        self.dropped = 0
+        self.bytes = 0
+
+    def put_nowait(self, item: aiomqtt.Message) -> None:
+        size_b = _payload_size(item)
+        if self.qsize() >= self.max_messages or self.bytes + size_b > self.max_bytes:
+            self.dropped += 1
+            self.on_drop()
+            return
+        self.bytes += size_b
+        super().put_nowait(item)
+
+    @staticmethod
+    def on_drop() -> None:
+        """Overridden by :func:`inbox_type` to count drops where they are exported."""
+
+    def get_nowait(self) -> aiomqtt.Message:
+        item = super().get_nowait()
+        self.bytes -= _payload_size(item)
+        return item
+
+
+def _payload_size(m: aiomqtt.Message) -> int:
+    p = m.payload
+    return len(p) if isinstance(p, bytes | bytearray | str) else 8
+
+
+def inbox_type(
+    max_messages: int, max_bytes: int, on_drop: Callable[[], None] | None = None
+) -> type[Inbox]:
+    """An :class:`Inbox` class with these bounds, for ``make_client(queue_type=...)``;
+    ``on_drop`` is called once per dropped message."""
+    attrs: dict[str, object] = {"max_messages": max_messages, "max_bytes": max_bytes}
+    if on_drop is not None:
+        attrs["on_drop"] = staticmethod(on_drop)
+    return type("BoundedInbox", (Inbox,), attrs)
+
+
 def make_client(
     settings: BrokerSettings,
     *,
@@ -144,6 +196,7 @@ def make_client(
     keepalive_s: int = 15,
     timeout_s: float = 10.0,
     tls_context: ssl.SSLContext | None = None,
+    queue_type: type[asyncio.Queue[aiomqtt.Message]] | None = None,
 ) -> aiomqtt.Client:
     """A fresh client for one connection attempt (aiomqtt clients are used once here)."""
     context = tls_context
@@ -160,6 +213,7 @@ def make_client(
         keepalive=keepalive_s,
         timeout=timeout_s,
         tls_context=context if settings.tls else None,
+        queue_type=queue_type,
     )
     # aiomqtt warns once per publish beyond 10 in flight; a controller leasing to
     # hundreds of agents each cycle has hundreds in flight by design (bounded by its
@@ -202,6 +256,70 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+
+class SessionTaskEnded(aiomqtt.MqttError):
+    """One task of a session ended while the others still ran: end the session, reconnect.
+
+    An ``MqttError``, so :func:`run_with_reconnect` treats it like a lost connection.
+    """
+
+
+async def run_until_any_ends(
+    tasks: Mapping[str, Coroutine[Any, Any, None]], *, grace_s: float = 2.0
+) -> str:
+    """Run a session's tasks; when ANY ends, cancel the rest and return the first's name.
+
+    F4: with a TaskGroup, a receiver that died left the session running when the
+    publisher's cancellation was swallowed inside aiomqtt's ``publish`` (Python 3.11
+    ``wait_for``): connected, publishing ``online``, deaf to commands. Here the session
+    ends whatever the others do: they get ``grace_s`` to finish after ``cancel()``; one
+    that does not is left behind (logged; its publish fails once the client disconnects).
+
+    A task that raised re-raises its error (an ``MqttError`` or ``OSError`` as is, anything
+    else wrapped in :class:`SessionTaskEnded`); the caller decides whether a clean return
+    of the one it got back is the end it expected.
+    """
+    running = {asyncio.create_task(coro, name=name): name for name, coro in tasks.items()}
+    try:
+        done, pending = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        await _cancel_all(running, grace_s)
+        raise
+    await _cancel_all({t: running[t] for t in pending}, grace_s)
+    # Prefer a task that failed: its error is the reason the session ends.
+    first = next((t for t in done if not t.cancelled() and t.exception() is not None), None)
+    if first is None:
+        first = next(iter(done))
+    name = running[first]
+    if first.cancelled():
+        raise SessionTaskEnded(f"session task {name} was cancelled")
+    exc = first.exception()
+    if exc is None:
+        return name
+    if isinstance(exc, aiomqtt.MqttError | OSError):
+        raise exc
+    log.error("session task %s failed: %r", name, exc, exc_info=exc)
+    raise SessionTaskEnded(f"session task {name} failed: {exc!r}") from exc
+
+
+async def _cancel_all(tasks: Mapping[asyncio.Task[None], str], grace_s: float) -> None:
+    for t in tasks:
+        t.cancel()
+    if not tasks:
+        return
+    _done, stuck = await asyncio.wait(tasks, timeout=grace_s)
+    for t in stuck:
+        log.warning("session task %s ignored its cancellation; left to end by itself", tasks[t])
+        t.add_done_callback(_collect)
+    for t in _done:
+        _collect(t)
+
+
+def _collect(task: asyncio.Task[None]) -> None:
+    """Retrieve a finished task's outcome so asyncio does not report it as never retrieved."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.debug("session task %s ended with %r", task.get_name(), exc)
 
 
 def _only_mqtt_errors(group: BaseExceptionGroup[BaseException]) -> bool:

@@ -5,8 +5,13 @@ the control cycle can ask for the envelopes in force without touching a clock or
 the BMS link and the cycle share one event loop.
 
 How the two kinds combine on one node: an envelope override *replaces* the configured
-envelope; a demand-response limit *caps* whatever envelope is in force and never raises
-it. A newer command of the same kind on the same node replaces the older one.
+envelope with a lower one; a demand-response limit *caps* whatever envelope is in force.
+Neither raises an envelope (F8: a raise was acked and then ignored by the policy, which
+takes the minimum; :func:`~controller.commands.check_command` now refuses it, and
+:meth:`EnvelopeOverrides.active` never reports more than the configured envelope, so
+what the API and telemetry say is in force is what the policy uses, also after a reload
+that lowered the configured value). A newer command of the same kind on the same node
+replaces the older one.
 """
 
 from __future__ import annotations
@@ -81,7 +86,8 @@ class EnvelopeOverrides:
             (overrides if kind == "envelope_override" else limits)[node] = e.value_w
         out: dict[str, float] = {}
         for node in overrides.keys() | limits.keys():
-            envelope_w = overrides.get(node, self._tree.node(node).envelope_w)
+            configured_w = self._tree.node(node).envelope_w
+            envelope_w = min(overrides.get(node, configured_w), configured_w)
             out[node] = min(envelope_w, limits.get(node, envelope_w))
         return out
 
@@ -98,3 +104,26 @@ class EnvelopeOverrides:
 
     def snapshot(self) -> Mapping[tuple[str, OverrideKind], ActiveOverride]:
         return dict(self._entries)
+
+
+ModeName = Literal["enforce", "advisory"]
+
+
+@dataclass(frozen=True, slots=True)
+class ModeHold:
+    """A BMS ``mode: advisory`` in force until ``until_s``, then ``revert_to`` (F7).
+
+    Advisory switches every protection off, so it always lapses by itself; the mode the
+    controller had before the first advisory command comes back (normally ``enforce``),
+    logged and audited by the daemon. A later advisory command moves the expiry; an
+    ``enforce`` command ends the hold at once.
+    """
+
+    mode: ModeName
+    until_s: float
+    command_id: str
+    revert_to: ModeName
+    set_at_s: float
+
+    def expired(self, now_s: float) -> bool:
+        return now_s >= self.until_s

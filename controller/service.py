@@ -19,14 +19,14 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from controller.api import ApiServer, create_app
 from controller.audit import AuditLog
 from controller.bms import BmsLink
-from controller.commands import Command, ModeSwitch
+from controller.commands import Ack, Command, ModeSwitch
 from controller.config import ConfigError, Site, agent_auth_problems, load_site
 from controller.cycle import run_cycle
 from controller.daemon import Controller, Mode
@@ -179,10 +179,17 @@ async def run_service(site: Site, options: ServiceOptions, stop: asyncio.Event) 
 
         def on_command(cmd: Command) -> None:
             if isinstance(cmd, ModeSwitch):
-                controller.mode = cmd.mode
+                controller.apply_mode_command(cmd)
             audit.record(
                 f"command:{cmd.type}",
                 f"BMS command {cmd.command_id} accepted: {cmd.model_dump_json()}",
+                now_s=time.time(),
+            )
+
+        def on_rejected(ack: Ack) -> None:
+            audit.record(
+                "command_rejected",
+                f"BMS command {ack.command_id} ({ack.type}) rejected: {ack.reason}",
                 now_s=time.time(),
             )
 
@@ -191,9 +198,11 @@ async def run_service(site: Site, options: ServiceOptions, stop: asyncio.Event) 
             controller.tree,
             telemetry=lambda: controller.telemetry_frames,
             on_command=on_command,
+            on_rejected=on_rejected,
             overrides=controller.overrides,
         )
         b = bms
+        metrics.watch_bms(lambda: asdict(b.stats()))
         controller.on_alarm_raise = b.raise_alarm
 
         def clear(alarm_id: str) -> None:

@@ -115,7 +115,8 @@ def site_dict(
     """
     integrations: dict[str, Any] = {
         "api": {"host": "127.0.0.1", "port": ports.api, "token_env": TOKEN_ENV},
-        "mqtt": {"url": mqtt_url, "telemetry_period_s": 0.5},
+        # The e2e BMS switches modes (test_advisory_...); a site opts in (issue 11, F7).
+        "mqtt": {"url": mqtt_url, "telemetry_period_s": 0.5, "allow_mode_commands": True},
         "agent_auth": {"keys_dir": str(keys_dir)},
     }
     if influx_url is not None:

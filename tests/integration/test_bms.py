@@ -341,10 +341,12 @@ async def send(sub: Subscriber, payload: dict[str, Any] | bytes) -> dict[str, An
 
 @asynccontextmanager
 async def bms_session(
-    broker: Mosquitto, tree: PowerTree
+    broker: Mosquitto, tree: PowerTree, **cfg: Any
 ) -> AsyncIterator[tuple[BmsLink, Subscriber, CommandSink, EnvelopeOverrides]]:
+    """A running link with a recorder and a store; ``cfg`` adds ``MqttConfig`` fields."""
     sink, overrides = CommandSink(), EnvelopeOverrides(tree)
-    link = make_link(broker, tree, on_command=sink, overrides=overrides)
+    mqtt_cfg = MqttConfig(url=broker.url, telemetry_period_s=0.1, **cfg)
+    link = make_link(broker, tree, cfg=mqtt_cfg, on_command=sink, overrides=overrides)
     async with subscriber(broker, f"{BASE}/cmd/ack", f"{BASE}/status") as sub, running(link):
         await sub.next(f"{BASE}/status", lambda m: m.payload == b"online")
         await eventually(lambda: link.stats().connected, "the link to subscribe")
@@ -425,9 +427,14 @@ async def test_repeated_command_id_is_not_applied_twice(
         assert link.stats().commands_duplicate == 1
 
 
+MODES_ON = {"allow_mode_commands": True}
+
+
 async def test_mode_switch_reaches_the_daemon(mosquitto: Mosquitto, tree: PowerTree) -> None:
-    async with bms_session(mosquitto, tree) as (_link, sub, sink, overrides):
-        ack = await send(sub, {"type": "mode", "command_id": "m-1", "mode": "advisory"})
+    async with bms_session(mosquitto, tree, **MODES_ON) as (_link, sub, sink, overrides):
+        ack = await send(
+            sub, {"type": "mode", "command_id": "m-1", "mode": "advisory", "ttl_s": 600}
+        )
         assert ack["status"] == "accepted"
         assert [getattr(c, "mode", None) for c in sink.commands] == ["advisory"]
         assert len(overrides) == 0
@@ -435,10 +442,11 @@ async def test_mode_switch_reaches_the_daemon(mosquitto: Mosquitto, tree: PowerT
 
 async def test_command_nobody_handles_is_refused(mosquitto: Mosquitto, tree: PowerTree) -> None:
     """Without ``on_command`` a mode switch has no taker; acking it would mislead the BMS."""
-    link = make_link(mosquitto, tree, overrides=EnvelopeOverrides(tree))
+    cfg = MqttConfig(url=mosquitto.url, telemetry_period_s=0.1, **MODES_ON)
+    link = make_link(mosquitto, tree, cfg=cfg, overrides=EnvelopeOverrides(tree))
     async with subscriber(mosquitto, f"{BASE}/cmd/ack", f"{BASE}/status") as sub, running(link):
         await sub.next(f"{BASE}/status", lambda m: m.payload == b"online")
-        ack = await send(sub, {"type": "mode", "command_id": "m-2", "mode": "advisory"})
+        ack = await send(sub, {"type": "mode", "command_id": "m-2", "mode": "enforce"})
         assert ack["status"] == "rejected"
         assert (
             ack["reason"]

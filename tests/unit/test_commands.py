@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from controller.commands import (
+    DEFAULT_LIMITS,
     Ack,
     Command,
     CommandLimits,
@@ -120,8 +121,13 @@ def test_ttl_becomes_an_absolute_expiry_before_it_is_applied(tree: PowerTree) ->
     assert cmd.expires_at_s(NOW_S + 1000) == pytest.approx(NOW_S + 600)
 
 
-def test_envelope_override_may_raise_up_to_the_rating(tree: PowerTree) -> None:
-    ack, _ = handle(tree, env(node="rack-2", envelope_w=8000))
+def test_f8_envelope_override_may_not_raise_the_envelope(tree: PowerTree) -> None:
+    """On c203a14 this was accepted, and the policy (taking the minimum) ignored it."""
+    ack, applied = handle(tree, env(node="rack-2", envelope_w=7001))
+    assert not ack.accepted and applied == []
+    assert ack.reason is not None
+    assert "above the configured envelope of rack-2 (7000 W)" in ack.reason
+    ack, _ = handle(tree, env(node="rack-2", envelope_w=7000))
     assert ack.accepted, ack.reason
 
 
@@ -130,11 +136,58 @@ def test_limit_exactly_at_floor_is_accepted(tree: PowerTree) -> None:
     assert ack.accepted, ack.reason
 
 
-@pytest.mark.parametrize("mode", ["enforce", "advisory"])
-def test_mode_switch_is_accepted(tree: PowerTree, mode: str) -> None:
-    ack, [cmd] = handle(tree, {"type": "mode", "command_id": "m", "mode": mode})
+MODES_ON = CommandLimits(allow_mode_commands=True, max_advisory_s=3600)
+
+
+def test_mode_switch_is_accepted_when_the_site_allows_it(tree: PowerTree) -> None:
+    rec = Recorder()
+    proc = CommandProcessor(tree, MODES_ON)
+    ack, _ = proc.handle(
+        json.dumps({"type": "mode", "command_id": "m", "mode": "enforce"}), NOW_S, rec
+    )
     assert ack.accepted and ack.expires_at_s is None
-    assert isinstance(cmd, ModeSwitch) and cmd.mode == mode
+    payload = {"type": "mode", "command_id": "a", "mode": "advisory", "ttl_s": 600}
+    ack, _ = proc.handle(json.dumps(payload), NOW_S, rec)
+    assert ack.accepted and ack.expires_at_s == pytest.approx(NOW_S + 600)
+    [enforce, advisory] = rec.applied
+    assert isinstance(enforce, ModeSwitch) and enforce.mode == "enforce"
+    assert isinstance(advisory, ModeSwitch) and advisory.mode == "advisory"
+    assert advisory.expires_at_s(NOW_S + 1000) == pytest.approx(NOW_S + 600)
+
+
+MODE_REJECTIONS: list[tuple[str, CommandLimits, dict[str, Any], str]] = [
+    ("off by default", DEFAULT_LIMITS,
+     {"type": "mode", "command_id": "m", "mode": "advisory", "ttl_s": 60},
+     "mode commands are disabled on this controller"),
+    ("enforce off by default too", DEFAULT_LIMITS,
+     {"type": "mode", "command_id": "m", "mode": "enforce"}, "allow_mode_commands"),
+    ("advisory without expiry", MODES_ON,
+     {"type": "mode", "command_id": "m", "mode": "advisory"}, "an expiry is required"),
+    ("advisory too long", MODES_ON,
+     {"type": "mode", "command_id": "m", "mode": "advisory", "ttl_s": 3601},
+     "more than the maximum 3600 s"),
+    ("advisory in the past", MODES_ON,
+     {"type": "mode", "command_id": "m", "mode": "advisory", "expires_at": at(-5)},
+     "is not in the future"),
+    ("enforce with expiry", MODES_ON,
+     {"type": "mode", "command_id": "m", "mode": "enforce", "ttl_s": 60},
+     "enforce takes no expiry"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("limits", "payload", "reason"),
+    [r[1:] for r in MODE_REJECTIONS],
+    ids=[r[0] for r in MODE_REJECTIONS],
+)
+def test_f7_mode_switch_rejected(
+    tree: PowerTree, limits: CommandLimits, payload: dict[str, Any], reason: str
+) -> None:
+    """On c203a14 every one of these was accepted: anonymous, and advisory for good."""
+    rec = Recorder()
+    ack, _ = CommandProcessor(tree, limits).handle(json.dumps(payload), NOW_S, rec)
+    assert not ack.accepted and rec.applied == []
+    assert ack.reason is not None and reason in ack.reason, ack.reason
 
 
 def test_non_utc_offset_is_understood(tree: PowerTree) -> None:
@@ -300,3 +353,73 @@ def test_ledger_is_bounded_and_forgets_the_oldest(tree: PowerTree) -> None:
     again_a, _ = proc.handle(json.dumps(dr(command_id="a")), NOW_S, rec)
     assert not again_a.duplicate  # forgotten: bounded memory over a long run
     assert len(rec.applied) == 4
+
+
+# ---------------------------------------------------------------------------
+# hostile input (issue 11): each of these raised, was kept, or was echoed on c203a14
+
+
+@pytest.mark.parametrize(
+    "expires_at",
+    ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00Z"],
+)
+def test_f3_out_of_range_expiry_is_rejected_not_raised(tree: PowerTree, expires_at: str) -> None:
+    for payload in (dr(expires_at=expires_at), env(ttl_s=None, expires_at=expires_at)):
+        ack, applied = handle(tree, payload)
+        assert not ack.accepted and applied == []
+        assert ack.reason is not None and "expires_at" in ack.reason, ack.reason
+        json.loads(ack.payload())  # the ack itself can be built and sent
+
+
+def test_f3_a_bug_in_apply_is_acked_as_internal_error_not_raised(tree: PowerTree) -> None:
+    def broken(_cmd: Command) -> None:
+        raise KeyError("a bug")
+
+    proc = CommandProcessor(tree)
+    ack, cmd = proc.handle(json.dumps(dr()), NOW_S, broken)
+    assert (ack.status, ack.reason, cmd) == ("rejected", "internal error", None)
+    assert proc.internal_errors == 1
+
+
+def test_f3_format_ts_survives_any_float() -> None:
+    for ts in (-1e300, 1e300, float("nan"), float("inf"), -62135596800.0 - 86400):
+        assert isinstance(format_ts(ts), str)
+
+
+@pytest.mark.parametrize(
+    ("bad_id", "why"),
+    [
+        ("x" * 129, "129 characters"),
+        ("x" * (1 << 20), "1048576 characters"),
+        ("a b", "3 characters"),
+        ("cmd\n1", "5 characters"),
+        ('{"$ne": 1}', "10 characters"),
+    ],
+    ids=["129", "1MiB", "space", "newline", "braces"],
+)
+def test_f5_invalid_id_is_neither_echoed_nor_remembered(
+    tree: PowerTree, bad_id: str, why: str
+) -> None:
+    proc, rec = CommandProcessor(tree), Recorder()
+    ack, _ = proc.handle(json.dumps(dr(command_id=bad_id)), NOW_S, rec)
+    assert ack.command_id is None and not ack.accepted and rec.applied == []
+    assert ack.reason is not None
+    if len(bad_id) < 1000:
+        assert why in ack.reason and "sha256" in ack.reason, ack.reason
+    assert len(ack.payload()) < 1024
+    assert len(proc._seen) == 0
+
+
+def test_f5_oversized_payload_is_refused_before_parsing(tree: PowerTree) -> None:
+    from controller.commands import MAX_PAYLOAD_B
+
+    big = json.dumps(dr(command_id="ok-id", pad="x" * MAX_PAYLOAD_B))
+    ack, _ = handle(tree, big)
+    assert ack.command_id is None and ack.reason is not None
+    assert f"more than the {MAX_PAYLOAD_B} allowed" in ack.reason
+
+
+def test_f5_safe_ids_still_work(tree: PowerTree) -> None:
+    for cid in ("bms-2025-0611-001", "a" * 128, "site/hall:dr@7.1_x", "550e8400-e29b-41d4"):
+        ack, _ = handle(tree, dr(command_id=cid))
+        assert ack.accepted and ack.command_id == cid, ack.reason

@@ -55,12 +55,12 @@ def test_demand_response_lowers_but_never_raises(tree: PowerTree) -> None:
 
 def test_override_replaces_and_demand_response_caps_it(tree: PowerTree) -> None:
     store = EnvelopeOverrides(tree)
-    store.apply(override(tree, "rack-1", 7800, 600), NOW_S)
-    assert store.active(NOW_S) == {"rack-1": 7800.0}
+    store.apply(override(tree, "rack-1", 6800, 600), NOW_S)
+    assert store.active(NOW_S) == {"rack-1": 6800.0}
     store.apply(dr(tree, "rack-1", 6000, 60), NOW_S)
     assert store.active(NOW_S) == {"rack-1": 6000.0}
     # The demand response lapses first; the override is still in force.
-    assert store.active(NOW_S + 60) == {"rack-1": 7800.0}
+    assert store.active(NOW_S + 60) == {"rack-1": 6800.0}
     assert store.active(NOW_S + 600) == {}
     assert len(store) == 0
 
@@ -92,3 +92,17 @@ def test_reload_drops_settings_for_nodes_that_are_gone(tree: PowerTree) -> None:
     dropped = store.replace_tree(PowerTree(parse_site(smaller)))
     assert [e.node for e in dropped] == ["rack-2"]
     assert store.active(NOW_S) == {"rack-1": 5000.0}
+
+
+def test_f8_envelope_in_force_never_exceeds_the_configured_one(tree: PowerTree) -> None:
+    """After a reload that lowers rack-1's envelope below an active override, the store
+    reports the configured value: what it says is in force is what the policy uses."""
+    from controller.config import parse_site
+    from tests.sites import tiny_site
+
+    store = EnvelopeOverrides(tree)
+    store.apply(override(tree, "rack-1", 6800, 600), NOW_S)
+    cfg = tiny_site()
+    cfg["rows"][0]["racks"][0]["envelope_w"] = 6500
+    store.replace_tree(PowerTree(parse_site(cfg)))
+    assert store.active(NOW_S) == {"rack-1": 6500.0}
