@@ -176,9 +176,17 @@ def feed_inputs(ctl: Controller, clock: Clock, rack_w: dict[str, float]) -> None
         for k, w in enumerate(rack_w.values(), start=1)
     ]
     ctl.accept_readings(readings)
+    # The agents obey: a GPU draws its demand up to the cap the policy set (an agent that
+    # reported more than it was leased would rightly be flagged as ignoring its caps).
+    target_w = None if ctl.policy_state is None else ctl.policy_state.target_w
     for info in ctl.agents.values():
         hot = info.node_id.startswith("rack-1")
         n = info.stop - info.first
+        limit = [
+            500.0 if target_w is None else float(min(500.0, target_w[k]))
+            for k in range(info.first, info.stop)
+        ]
+        power = [min(480.0 if hot else 100.0, cap) for cap in limit]
         q = [Quality.GOOD] * n
         if info.node_id == "rack-2-n2":
             q[0] = Quality.BAD
@@ -188,9 +196,9 @@ def feed_inputs(ctl: Controller, clock: Clock, rack_w: dict[str, float]) -> None
                 node_id=info.node_id,
                 ts=wall,
                 failsafe=False,
-                power_w=[480.0 if hot else 100.0] * n,
-                power_avg_w=[480.0 if hot else 100.0] * n,
-                limit_w=[500.0] * n,
+                power_w=power,
+                power_avg_w=power,
+                limit_w=limit,
                 min_w=[100.0] * n,
                 max_w=[500.0] * n,
                 q=q,
