@@ -63,9 +63,17 @@ def device_alarms(stale_devices: Iterable[str], now_s: float) -> list[Alarm]:
 
 
 def agent_alarms(
-    lost_agents: Iterable[str], failsafe: Mapping[str, str], now_s: float
+    lost_agents: Iterable[str],
+    failsafe: Mapping[str, str],
+    now_s: float,
+    node_of: Mapping[str, str] | None = None,
 ) -> list[Alarm]:
-    """Silent agents (their GPUs count at maximum) and agents sitting at their failsafe cap."""
+    """Silent agents (their GPUs count at maximum) and agents sitting at their failsafe cap.
+
+    ``node_of`` maps an agent to its GPU server, so the alarm names the server as its
+    ``node`` too: a BMS or an operator acts on a server, not on an agent id.
+    """
+    nodes = node_of or {}
     lost = set(lost_agents)
     out = [
         Alarm(
@@ -74,11 +82,18 @@ def agent_alarms(
             f"node agent {a} is silent: its GPUs count at their maximum",
             now_s,
             severity="critical",
+            node=nodes.get(a),
         )
         for a in sorted(lost)
     ]
     out += [
-        Alarm(AlarmKind.AGENT_LOST, a, f"node agent {a} is at its failsafe cap: {why}", now_s)
+        Alarm(
+            AlarmKind.AGENT_LOST,
+            a,
+            f"node agent {a} is at its failsafe cap: {why}",
+            now_s,
+            node=nodes.get(a),
+        )
         for a, why in sorted(failsafe.items())
         if a not in lost
     ]

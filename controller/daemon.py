@@ -726,7 +726,12 @@ class Controller:
         current.update(
             {
                 a.alarm_id: a
-                for a in agent_alarms(self.lost_agents(now_s), self._agent_failsafe, wall)
+                for a in agent_alarms(
+                    self.lost_agents(now_s),
+                    self._agent_failsafe,
+                    wall,
+                    {a: info.node_id for a, info in self.agents.items()},
+                )
             }
         )
         current.update({a.alarm_id: a for a in self._uncappable_alarms(wall)})
