@@ -493,3 +493,8 @@ async def test_bms_burst_of_2000_in_10s_leaves_cycle_p99_within_20_percent(
     assert abs((t1 - t0) - (t2 - t1)) < 0.5 and n_q >= 80 and n_b >= 80  # comparable windows
     assert WINDOW_S <= sent_s < WINDOW_S + 2  # the burst filled the burst window
     assert b_cpu <= 1.2 * q_cpu, (q_cpu, b_cpu)
+    # The p99 of 100 cycles is their second-slowest, which on a shared VM is host noise
+    # (steal time counts as the thread's CPU): 1 ms of work added to every burst cycle
+    # (+50 % at p50) moved it by 3 %. The median is not reached by that noise and shows
+    # a steady cost the flood would add to each cycle (that injected 1 ms: 1.51x).
+    assert b_med <= 1.2 * q_med, (q_med, b_med)
