@@ -43,7 +43,8 @@ async def system(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> AsyncIterator[tuple[Plant, ControllerProcess]]:
     ports = Ports.pick()
-    site_path = write_site(tmp_path / "site.yaml", site_dict(ports, mosquitto.url))
+    site = site_dict(ports, mosquitto.url, keys_dir=tmp_path / "agent-keys")
+    site_path = write_site(tmp_path / "site.yaml", site)
     async with running_plant(load_site(site_path), mosquitto.url) as plant:
         ctl = ControllerProcess(
             site_path,
