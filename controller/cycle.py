@@ -9,6 +9,11 @@ a cycle that raised, and a cycle that *started* more than a period after its dea
 The last is the event loop held by something else (audit F1: a 63 MB request body
 parsed for 3 s stopped the cycle, and the stall was invisible because only durations
 were compared).
+
+Each cycle's CPU time (this thread's, ``time.thread_time``) is kept beside its wall
+time: on a shared machine the wall time also counts every preemption by other
+processes, so only the CPU time says whether the cycle itself got more work (issue 11:
+a BMS flood must not slow the cycle).
 """
 
 from __future__ import annotations
@@ -39,12 +44,14 @@ class CycleStats:
     last_late_s: float = 0.0
     last_duration_s: float = 0.0
     max_duration_s: float = 0.0
+    last_cpu_s: float = 0.0  # the last cycle's CPU time on the loop's thread
     durations_s: list[float] = field(default_factory=list)
     keep: int = 1000
 
-    def record(self, duration_s: float) -> None:
+    def record(self, duration_s: float, cpu_s: float = 0.0) -> None:
         self.cycles += 1
         self.last_duration_s = duration_s
+        self.last_cpu_s = cpu_s
         self.max_duration_s = max(self.max_duration_s, duration_s)
         self.durations_s.append(duration_s)
         if len(self.durations_s) > self.keep:
@@ -82,12 +89,15 @@ async def run_cycle(
     clock: Callable[[], float] = time.monotonic,
     wait: Callable[[asyncio.Event, float], Awaitable[None]] = wait_or_stop,
     on_overrun: Callable[[OverrunKind], None] | None = None,
+    cpu_clock: Callable[[], float] = time.thread_time,
 ) -> None:
     """Call ``body(now_s)`` every ``period_s`` on a monotonic deadline until ``stop`` is set.
 
     An exception in one cycle is logged and counted as an overrun; the loop goes on,
     because a controller that stops cycling leaves the racks to the agents' failsafe.
     Each overrun is also handed to ``on_overrun`` (the service counts it in metrics).
+    ``cpu_clock`` measures the body's CPU time (the body runs on this thread: it awaits
+    nothing that runs elsewhere), recorded as ``stats.last_cpu_s``.
     """
 
     def overrun(kind: OverrunKind) -> None:
@@ -110,13 +120,14 @@ async def run_cycle(
                 late,
                 period_s,
             )
+        cpu_started = cpu_clock()
         try:
             await body(started)
         except Exception:
             log.exception("control cycle failed; continuing with the next one")
             overrun("failed")
         duration = clock() - started
-        stats.record(duration)
+        stats.record(duration, cpu_clock() - cpu_started)
         if duration > period_s:
             overrun("long")
             log.warning("cycle took %.3f s, longer than its period %.3f s", duration, period_s)

@@ -261,7 +261,8 @@ async def run_service(site: Site, options: ServiceOptions, stop: asyncio.Event) 
         controller.run_cycle(now_s)
         # Overruns (long, failed or late-started cycles) reach the metrics through
         # run_cycle's on_overrun, the one place that decides what an overrun is.
-        metrics.observe_cycle(controller.cycle_stats.last_duration_s)
+        stats = controller.cycle_stats  # the previous cycle's: this one is not over
+        metrics.observe_cycle(stats.last_duration_s, cpu_s=stats.last_cpu_s)
         for dev, st in group.stats().items():
             if st.last_poll_duration_s is not None:
                 metrics.observe_poll(dev, st.last_poll_duration_s, st.last_error)

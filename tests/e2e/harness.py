@@ -30,6 +30,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -44,7 +45,7 @@ import yaml
 
 from controller.agent import NodeAgent
 from controller.agent_config import parse_agent_config
-from controller.config import MqttConfig, Site
+from controller.config import Site
 from controller.demo_cmd import failsafe_shares_w
 from controller.link import MqttAgentLink
 from controller.mqtt import Backoff
@@ -304,6 +305,7 @@ class Plant:
     sim: SimRuntime
     agents: dict[str, NodeAgent]  # by node id
     failsafe_w: dict[str, float]  # by node id
+    links: dict[str, MqttAgentLink] = field(default_factory=dict)  # by node id
 
     @property
     def tree(self) -> PowerTree:
@@ -349,21 +351,31 @@ class Plant:
 
 
 @contextlib.asynccontextmanager
-async def running_plant(site: Site, mqtt_url: str) -> AsyncIterator[Plant]:
+async def running_plant(
+    site: Site,
+    mqtt_url: str,
+    *,
+    agent_mqtt: Callable[[str], Mapping[str, Any]] | None = None,
+    tls_context: ssl.SSLContext | None = None,
+) -> AsyncIterator[Plant]:
     """Simulator on the site's ports plus agents over MQTT; everything stopped on exit.
 
     Each agent signs with a key in the site's ``agent_auth.keys_dir`` (made here if
     absent, kept across a second plant on the same site); on one test host the agent's
     ``auth.key_file`` and the controller's copy can be the same file.
+
+    By default every agent connects anonymously to ``mqtt_url``. ``agent_mqtt(agent_id)``
+    gives an agent config's ``mqtt`` section instead (its own ``username`` and
+    ``password_file`` on a broker with per-client identities), and ``tls_context`` the
+    CA an ``mqtts://`` broker's certificate is checked against.
     """
     tree = PowerTree(site)
     auth = site.integrations.agent_auth
     keys_dir = auth.keys_dir if auth is not None else None
     if keys_dir is not None:
         keys_dir.mkdir(mode=0o700, exist_ok=True)
-    mqtt = MqttConfig(url=mqtt_url)
     tasks: list[asyncio.Task[None]] = []
-    links: list[MqttAgentLink] = []
+    links: dict[str, MqttAgentLink] = {}
     agents: dict[str, NodeAgent] = {}
     shares = failsafe_shares_w(tree)
     async with SimRuntime(site, workloads=steady_workloads(tree), seed=1) as sim:
@@ -389,27 +401,30 @@ async def running_plant(site: Site, mqtt_url: str) -> AsyncIterator[Plant]:
                             if key_file is None
                             else {"key_file": str(key_file)}
                         ),
-                        "mqtt": {"url": mqtt_url},
+                        "mqtt": (
+                            {"url": mqtt_url} if agent_mqtt is None else agent_mqtt(node.agent)
+                        ),
                     },
                     "<e2e agent>",
                 )
                 link = MqttAgentLink(
-                    mqtt,
+                    cfg.mqtt.as_site_mqtt(),
                     site.name,
                     node.agent,
+                    tls_context=tls_context,
                     backoff=Backoff(initial_s=0.1, max_s=1.0),
                     keys=None if key_file is None else KeyFile(key_file),
                 )
                 agent = NodeAgent(cfg, driver, link)
-                links.append(link)
+                links[node_id] = link
                 agents[node_id] = agent
                 tasks.append(asyncio.create_task(link.run(), name=f"link:{node_id}"))
                 tasks.append(asyncio.create_task(agent.run(), name=f"agent:{node_id}"))
-            yield Plant(sim, agents, shares)
+            yield Plant(sim, agents, shares, links)
         finally:
             for agent in agents.values():
                 agent.stop()
-            for link in links:
+            for link in links.values():
                 with contextlib.suppress(Exception):
                     await link.stop(timeout_s=3.0)
             for task in tasks:
@@ -588,11 +603,26 @@ class Bms:
 
 @contextlib.asynccontextmanager
 async def bms_client(
-    host: str, port: int, *subscriptions: str, site: str = SITE
+    host: str,
+    port: int,
+    *subscriptions: str,
+    site: str = SITE,
+    username: str | None = None,
+    password: str | None = None,
+    tls_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Bms]:
-    """A BMS client subscribed to ``rackpower/<site>/<subscription>`` for each one."""
+    """A BMS client subscribed to ``rackpower/<site>/<subscription>`` for each one
+    (anonymous unless given a ``username``/``password``; TLS with ``tls_context``)."""
     base = f"rackpower/{site}"
-    async with aiomqtt.Client(host, port, identifier=f"e2e-bms-{os.getpid()}") as client:
+    client = aiomqtt.Client(
+        host,
+        port,
+        identifier=f"e2e-bms-{os.getpid()}-{time.monotonic_ns() % 10**6}",
+        username=username,
+        password=password,
+        tls_context=tls_context,
+    )
+    async with client:
         bms = Bms(client, base)
         pump = asyncio.create_task(bms.pump())
         for sub in subscriptions:
