@@ -747,3 +747,4 @@ class Controller:
             if self.on_alarm_clear is not None:
                 self.on_alarm_clear(aid)
         self._alarms = current
+        self.metrics.set_alarms(current.values())

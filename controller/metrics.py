@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Protocol, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -37,7 +38,7 @@ from prometheus_client.registry import Collector
 
 from controller.config import Kind
 from controller.topology import PowerTree
-from controller.view import CapRow, Health, NodeOut, kinds_down_to
+from controller.view import CapRow, Health, HealthStatus, NodeOut, kinds_down_to
 
 CONTENT_TYPE = exposition.CONTENT_TYPE_LATEST
 
@@ -138,6 +139,37 @@ class Metrics:
         self.reservations_active = Gauge(
             "rackpower_reservations_active", "Reservations held.", registry=r
         )
+        # Health as series (issue 12, alert rules): the status as a state set, and the
+        # counts /v1/health gives reasons for, so a rule can say "2 agents lost" without
+        # parsing text. ``rackpower_up`` stays: 0 also while starting or stopping.
+        self.health_status = Gauge(
+            "rackpower_health_status",
+            "1 on the control loop's current status (starting, ok, degraded, stopping).",
+            ["status"],
+            registry=r,
+        )
+        self.cycle_period = Gauge(
+            "rackpower_cycle_period_seconds", "The configured control cycle period.", registry=r
+        )
+        self.devices = Gauge("rackpower_devices", "Polled devices (meters).", registry=r)
+        self.devices_stale = Gauge(
+            "rackpower_devices_stale",
+            "Devices without a fresh reading: the nodes they meter count at their rating.",
+            registry=r,
+        )
+        self.agents = Gauge("rackpower_agents", "Node agents configured.", registry=r)
+        self.agents_lost = Gauge(
+            "rackpower_agents_lost",
+            "Agents silent past their stale limit: their GPUs count at their maximum.",
+            registry=r,
+        )
+        self.agents_failsafe = Gauge(
+            "rackpower_agents_failsafe",
+            "Agents reporting, but on their failsafe cap (no lease reaches them).",
+            registry=r,
+        )
+        self._alarms = _AlarmCollector()
+        r.register(self._alarms)
         self.gpu_power: Gauge | None = None
         if per_gpu:
             self.gpu_power = Gauge(
@@ -189,6 +221,14 @@ class Metrics:
                 counter.inc(total - self._link_seen[name])
                 self._link_seen[name] = total
 
+    def set_alarms(self, alarms: Iterable[AlarmLike]) -> None:
+        """The alarms active after this cycle (all kinds: node, device, agent, scheduler).
+
+        Exported as one ``rackpower_alarm`` series per alarm while it holds, so an alert
+        names what it is about; a cleared alarm's series is gone at the next scrape.
+        """
+        self._alarms.rows = [(str(a.kind), a.subject, a.node or "", a.severity) for a in alarms]
+
     def set_gpu_power(self, tree: PowerTree, power_w: npt.NDArray[np.float64]) -> None:
         """Per-GPU power; a no-op unless the instance was made with ``per_gpu=True``."""
         if self.gpu_power is None:
@@ -214,6 +254,14 @@ class Metrics:
         self.info.clear()
         self.info.labels(self.site, health.mode).set(1)
         self.up.set(1 if health.status == "ok" else 0)
+        for status in get_args(HealthStatus):
+            self.health_status.labels(status).set(1 if health.status == status else 0)
+        self.cycle_period.set(health.cycle_s)
+        self.devices.set(health.devices_total)
+        self.devices_stale.set(health.devices_stale)
+        self.agents.set(health.agents_total)
+        self.agents_lost.set(health.agents_lost)
+        self.agents_failsafe.set(health.agents_failsafe)
         self._tree.rows = [row for row in rows if row.kind in self.kinds]
         self.caps_active.set(len(caps))
         self.capped_gpus.set(sum(c.gpu_count for c in caps))
@@ -275,6 +323,44 @@ class _TreeCollector(Collector):
             for row in rows:
                 family.add_metric((row.id, row.kind), value(row))
             yield family
+
+
+class AlarmLike(Protocol):
+    """What :meth:`Metrics.set_alarms` reads of an alarm (``controller.bms.Alarm`` has it;
+    a Protocol so the metrics need not import the BMS integration)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def subject(self) -> str: ...
+    @property
+    def node(self) -> str | None: ...
+    @property
+    def severity(self) -> str: ...
+
+
+class _AlarmCollector(Collector):
+    """``rackpower_alarm{kind, subject, node, alarm_severity} 1`` per active alarm."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str, str]] = []
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for row in self.rows:
+            family.add_metric(row, 1.0)
+        yield family
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "rackpower_alarm",
+            "1 per alarm active (kind, what it is about, its node, its severity).",
+            labels=("kind", "subject", "node", "alarm_severity"),
+        )
 
 
 # BMS link counter -> (metric name, help). Drops are the ones to alert on (F6, flood).
