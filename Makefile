@@ -10,6 +10,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SYSTEM_DEPS := mbpoll:mbpoll snmpget:snmp snmpd:snmpd collectd:collectd-core
 SYSTEM_DEPS += mosquitto:mosquitto victoria-metrics:victoria-metrics openssl:openssl chromium:chromium
+SYSTEM_DEPS += promtool:prometheus
 SYSTEM_DEPS += slurmctld:slurmctld slurmd:slurmd slurmrestd:slurmrestd munged:munge scontrol:slurm-client
 
 ifeq ($(shell id -u),0)
