@@ -647,7 +647,9 @@ class Controller:
                 ),
             )
         self._live = live
-        self._update_alarms(node_alarm_list, now_s, wall)
+        # Start-up is not a violation: before the meters and agents have reported, every
+        # node sits at its worst case, so neither alarms nor violation counts are raised.
+        settled = self._update_alarms(node_alarm_list, now_s, wall)
         self.telemetry_frames = [
             NodeTelemetry(
                 node=nid,
@@ -660,14 +662,23 @@ class Controller:
             for k, nid in enumerate(status.node_ids)
             if (lv := live[nid]) is not None
         ]
-        self.metrics.count_violations(
-            nid for k, nid in enumerate(status.node_ids) if status.load_w[k] > status.envelope_w[k]
-        )
+        if settled:
+            self.metrics.count_violations(
+                nid
+                for k, nid in enumerate(status.node_ids)
+                if status.load_w[k] > status.envelope_w[k]
+            )
         if self.on_points is not None:
-            self.on_points(self._cycle_points(snap, est, now_s, wall))
+            self.on_points(self._cycle_points(snap, est, now_s, wall, count_violations=settled))
 
     def _cycle_points(
-        self, snap: Snapshot, est: Mapping[str, float], now_s: float, wall: float
+        self,
+        snap: Snapshot,
+        est: Mapping[str, float],
+        now_s: float,
+        wall: float,
+        *,
+        count_violations: bool = True,
     ) -> list[Point]:
         """This cycle's TSDB points (``docs/tsdb-schema.md``: what, and at which rate)."""
         assert self.policy_state is not None
@@ -690,6 +701,7 @@ class Controller:
             devices=self.device_stats() if self.device_stats is not None else {},
             device_stale=stale,
             ts_ns=round(wall * 1e9),
+            count_violations=count_violations,
         )
 
     def _estimates(self, snap: Snapshot) -> dict[str, float]:
@@ -715,12 +727,13 @@ class Controller:
             return False
         return bool(stale_devices) or len(self._agent_seen_s) < len(self.agents)
 
-    def _update_alarms(self, node_list: Iterable[Alarm], now_s: float, wall: float) -> None:
+    def _update_alarms(self, node_list: Iterable[Alarm], now_s: float, wall: float) -> bool:
+        """Raise and clear this cycle's alarms; False (nothing raised) while settling."""
         stale: list[str] = []
         if self.device_health is not None:
             stale = [d for d, (is_stale, _) in self.device_health().items() if is_stale]
         if self._settling(now_s, stale):
-            return
+            return False
         current: dict[str, Alarm] = {a.alarm_id: a for a in node_list}
         current.update({a.alarm_id: a for a in device_alarms(stale, wall)})
         current.update(
@@ -748,3 +761,4 @@ class Controller:
                 self.on_alarm_clear(aid)
         self._alarms = current
         self.metrics.set_alarms(current.values())
+        return True

@@ -85,8 +85,13 @@ class CyclePoints:
         devices: Mapping[str, DeviceStats],
         device_stale: Mapping[str, bool],
         ts_ns: int,
+        count_violations: bool = True,
     ) -> list[Point]:
-        """The cycle's points: every constraint level, and the detail series due now."""
+        """The cycle's points: every constraint level, and the detail series due now.
+
+        ``count_violations`` is False during the controller's start-up grace, when every
+        node sits at its worst case (no readings yet): not a violation, as for alarms.
+        """
         name = site.name
         every = detail_every(site.policy.cycle_s, self.detail_period_s)
         phase = self.cycles % every
@@ -105,7 +110,7 @@ class CyclePoints:
             envelope = float(status.envelope_w[k])
             # As the envelope_exceeded alarm: the load the policy acted on, above the envelope.
             over = float(status.load_w[k]) > envelope
-            if over:
+            if over and count_violations:
                 self.violations[nid] = self.violations.get(nid, 0) + 1
             measured = snap.node_power_w.get(nid)
             points.append(

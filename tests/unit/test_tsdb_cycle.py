@@ -55,10 +55,12 @@ def test_each_gpu_once_per_period_and_never_all_in_one_cycle() -> None:
 
 
 def test_violations_are_counted_alike_in_the_tsdb_and_on_metrics() -> None:
-    """No readings yet: every rack counts at its worst case (8.8 kW on a 7 kW envelope),
-    so each cycle is a violation. ``rackpower_envelope_violations`` on /metrics was never
-    counted before; now it is, with the same number the TSDB's ``violations`` carries."""
+    """No readings after the start-up grace: every rack counts at its worst case (8.8 kW
+    on a 7 kW envelope), so each cycle is a violation. ``rackpower_envelope_violations``
+    on /metrics was never counted before; now it is, with the same number the TSDB's
+    ``violations`` carries."""
     ctl = Controller(parse_site(tiny_site()), controller_id="ctl")
+    ctl._startup_grace_s = 0.0  # silence is a fault from the first cycle
     written: list[Point] = []
     ctl.on_points = written.extend
     for k in range(5):
@@ -70,3 +72,24 @@ def test_violations_are_counted_alike_in_the_tsdb_and_on_metrics() -> None:
         "rackpower_envelope_violations_total", {"node": "rack-1"}
     )
     assert on_metrics == 5.0
+
+
+def test_start_up_is_not_counted_as_a_violation() -> None:
+    """Within the start-up grace nothing has reported yet: every node sits at its worst
+    case, which is not a violation (no alarm either), in the TSDB or on /metrics."""
+    site = parse_site(tiny_site())
+    ctl = Controller(site, controller_id="ctl")
+    assert ctl._startup_grace_s > 2.0
+    # As the poll group reports it before any meter has answered: every device stale.
+    ctl.device_health = lambda: {d.id: (True, None) for d in site.devices}
+    written: list[Point] = []
+    ctl.on_points = written.extend
+    for k in range(4):
+        ctl.run_cycle(1000.0 + k * 0.5)
+    rack1 = [p for p in written if p.measurement == "rackpower_node" and p.tags["node"] == "rack-1"]
+    assert [p.fields["over_envelope"] for p in rack1] == [1.0] * 4  # the worst case shows
+    assert [p.fields["violations"] for p in rack1] == [0.0] * 4  # but is not counted
+    on_metrics = ctl.metrics.registry.get_sample_value(
+        "rackpower_envelope_violations_total", {"node": "rack-1"}
+    )
+    assert on_metrics in (None, 0.0)
