@@ -36,8 +36,18 @@ def package_path(package: str, *parts: str) -> Path:
 
 
 def config_path(*parts: str) -> Path:
-    """A path inside the shipped ``configs`` package, e.g. ``config_path("sites", "demo.yaml")``."""
-    return package_path(CONFIG_PACKAGE, *parts)
+    """A path inside the shipped ``configs`` package, e.g. ``config_path("sites", "demo.yaml")``.
+
+    ``configs`` is a plain top-level name, so another distribution in the same venv could
+    shadow it; a package without ``devices/`` is not ours, and saying so beats "no device
+    map named ..." for every device of the site (pipx gives rackpower a venv of its own)."""
+    root = package_path(CONFIG_PACKAGE)
+    if not (root / "devices").is_dir():
+        raise ShippedFileError(
+            f"the package {CONFIG_PACKAGE!r} at {root} is not rackpower's (it has no devices/);"
+            " another installed distribution shadows it: install rackpower in a venv of its own"
+        )
+    return root.joinpath(*parts)
 
 
 def device_maps_dir() -> Path:

@@ -138,3 +138,11 @@ def test_no_module_locates_shipped_files_relative_to_its_source() -> None:
         if "__file__" in p.read_text(encoding="utf-8")
     ]
     assert offenders == []
+
+
+def test_a_configs_package_that_is_not_ours_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Another distribution's top-level ``configs`` would shadow ours; stand in with ``sim``
+    # (a real package without devices/).
+    monkeypatch.setattr("drivers.shipped.CONFIG_PACKAGE", "sim")
+    with pytest.raises(ShippedFileError, match=r"'sim' .* is not rackpower's"):
+        config_path("sites", "demo.yaml")
