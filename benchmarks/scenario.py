@@ -20,10 +20,11 @@ from rich.table import Table
 
 from controller.policy import POLICIES
 from controller.scenario_cmd import COLUMNS, row_values
+from drivers.shipped import config_path
 from sim.scenario import run_policy
 from sim.scenario_spec import load_scenario
 
-SCENARIOS = Path(__file__).resolve().parent.parent / "configs" / "scenarios"
+SCENARIOS = config_path("scenarios")
 
 
 def checks(results: dict[str, dict[str, Any]]) -> list[str]:

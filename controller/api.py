@@ -43,7 +43,6 @@ import socket
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import uvicorn
@@ -82,10 +81,11 @@ from controller.view import (
     free_w,
     kinds_down_to,
 )
+from drivers.shipped import package_path
 
 log = logging.getLogger("rackpower.api")
 
-STATIC_DIR = Path(__file__).parent / "static"
+STATIC_DIR = package_path("controller", "static")  # drivers/shipped.py: the one lookup
 DownTo = Literal["feed", "sst", "bus", "row", "rack", "node"]
 Clock = Callable[[], float]
 

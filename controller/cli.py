@@ -18,6 +18,7 @@ from controller import (
     mqtt_cmd,
     run_cmd,
     scenario_cmd,
+    shipped_cmd,
     sim_cmd,
     status_cmd,
 )
@@ -90,6 +91,7 @@ _COMMANDS: list[Register] = [
     scenario_cmd.register,
     headroom_cmd.register,
     mqtt_cmd.register,
+    shipped_cmd.register,
 ]
 
 
@@ -116,7 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
             " suspicious settings) go to stderr with exit 0."
         ),
     )
-    p.add_argument("config", help="site YAML file, e.g. configs/sites/demo.yaml")
+    p.add_argument(
+        "config",
+        help="site YAML file, e.g. configs/sites/demo.yaml ($(rackpower shipped sites/demo.yaml))",
+    )
     p.add_argument("--top", type=int, default=5, help="how many oversubscribed nodes to list")
     p.set_defaults(handler=cmd_validate)
 

@@ -30,8 +30,10 @@ from controller.cmdutil import load_site_or_report, setup_logging
 from controller.config import InfluxConfig, MqttConfig, Site
 from controller.mqtt import quiet_aiomqtt_close_race
 from controller.topology import CONSTRAINT_KINDS, PowerTree
+from drivers.shipped import config_path
 
-DEMO_SITE = Path(__file__).resolve().parents[1] / "configs" / "sites" / "demo.yaml"
+# The shipped demo site (package data), so `rackpower demo` works from any directory.
+DEMO_SITE = config_path("sites", "demo.yaml")
 
 
 def _efficiency_at_envelope(tree: PowerTree, node_id: str) -> float:

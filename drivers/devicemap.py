@@ -6,8 +6,10 @@ and the simulator serves them through the same file, so one edit keeps both in s
 data types themselves live in :mod:`drivers.codec` (one table for decode, validate, encode).
 
 Maps are loaded by name (the file stem) from the directories in ``RACKPOWER_DEVICE_MAPS``
-(``os.pathsep``-separated) and then the repository's ``configs/devices``. Errors name the
-file, the path inside it and what was expected, like the site config's.
+(``os.pathsep``-separated: a site's own maps, so it needs no change to the package) and
+then the shipped ``configs/devices`` (found through :mod:`drivers.shipped`, the same in a
+checkout and an installed wheel). Errors name the file, the path inside it and what was
+expected, like the site config's; a map that is found nowhere lists every place looked.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from drivers.codec import BIT_TABLES, MODBUS_TYPES, register_count
+from drivers.shipped import device_maps_dir
 
 OID_RE = r"^\.?[0-9]+(\.[0-9]+)+$"
 POINT_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-DEFAULT_MAP_DIR = Path(__file__).resolve().parent.parent / "configs" / "devices"
+DEFAULT_MAP_DIR = device_maps_dir()
+MAPS_ENV = "RACKPOWER_DEVICE_MAPS"
 
 Table = Literal["holding", "input", "coil", "discrete"]
 WordOrder = Literal["ABCD", "DCBA", "BADC", "CDAB"]
@@ -293,9 +297,30 @@ def parse_map(data: object, source: str = "<map>") -> ModbusMap | SnmpMap:
         raise DeviceMapError(source, lines) from None
 
 
+def site_map_dirs() -> list[Path]:
+    """The site's own map directories from ``RACKPOWER_DEVICE_MAPS``, in order.
+
+    Read on every lookup (not at import) so a reload sees the daemon's environment as it
+    is; relative entries are made absolute against the working directory, so an error
+    says exactly which directory was meant."""
+    extra = os.environ.get(MAPS_ENV, "")
+    return [Path(p).absolute() for p in extra.split(os.pathsep) if p]
+
+
 def map_dirs() -> list[Path]:
-    extra = os.environ.get("RACKPOWER_DEVICE_MAPS", "")
-    return [Path(p) for p in extra.split(os.pathsep) if p] + [DEFAULT_MAP_DIR]
+    """Where maps are looked up, first match wins: the site's own, then the shipped ones."""
+    return [*site_map_dirs(), DEFAULT_MAP_DIR]
+
+
+def _looked_in() -> str:
+    where = []
+    for d in site_map_dirs():
+        missing = "" if d.is_dir() else ", no such directory"
+        where.append(f"{d} ({MAPS_ENV}{missing})")
+    where.append(f"{DEFAULT_MAP_DIR} (shipped)")
+    if not site_map_dirs():
+        where.append(f"{MAPS_ENV} is not set")
+    return "; ".join(where)
 
 
 def map_path(name: str) -> Path:
@@ -307,7 +332,9 @@ def map_path(name: str) -> Path:
             p = d / f"{name}{suffix}"
             if p.is_file():
                 return p
-    raise DeviceMapError(name, [f"no device map named {name!r} in {[str(d) for d in map_dirs()]}"])
+    raise DeviceMapError(
+        name, [f"no device map named {name!r} (.yaml or .yml); looked in: {_looked_in()}"]
+    )
 
 
 def load_map_file(path: Path) -> ModbusMap | SnmpMap:

@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from drivers.shipped import package_path
+
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
-AZURE_TRACE = Path(__file__).parent / "data" / "AzureLLMInferenceTrace_conv.csv"
+AZURE_TRACE = package_path("sim", "data", "AzureLLMInferenceTrace_conv.csv")
 
 
 @dataclass(frozen=True)
