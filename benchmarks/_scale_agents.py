@@ -23,12 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-from controller.agent import NodeAgent
-from controller.agent_config import parse_agent_config
-from controller.config import MqttConfig, load_site
-from controller.demo_cmd import failsafe_w
-from controller.link import MqttAgentLink
-from controller.topology import PowerTree
+from controller.agent.agent_config import parse_agent_config
+from controller.agent.node_agent import NodeAgent
+from controller.agentlink.transport import MqttAgentLink
+from controller.cli.demo_cmd import failsafe_w
+from controller.model.config import MqttConfig, load_site
+from controller.model.topology import PowerTree
 from drivers.nvml import NvmlDriver
 from sim.fake_nvml import FakeGpuSpec, FakeNvml
 

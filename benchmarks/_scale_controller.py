@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._harness import peak_rss_bytes, percentile, proc_sample, write_json
-from controller.config import Site, load_site
-from controller.daemon import Controller
+from controller.core.controller import Controller
+from controller.model.config import Site, load_site
 from controller.service import ServiceOptions, run_service
 
 

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from controller.config import parse_site
+from controller.model.config import parse_site
+from controller.model.topology import PowerTree
 from controller.policy import POLICIES, Job, PolicyState, Snapshot
-from controller.topology import PowerTree
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "sites" / "demo.yaml"
 

@@ -61,16 +61,21 @@ from typing import Any
 import numpy as np
 
 from benchmarks._harness import percentile, private_mosquitto, write_json
-from controller.agent import NodeAgent
-from controller.agent_config import parse_agent_config
-from controller.config import MqttConfig, Site, load_site
-from controller.daemon import Controller
-from controller.demo_cmd import DEMO_SITE, failsafe_w
-from controller.lease import Telemetry
-from controller.link import ControllerLink, InProcessLink, MqttAgentLink, MqttControllerLink
+from controller.agent.agent_config import parse_agent_config
+from controller.agent.node_agent import NodeAgent
+from controller.agentlink.lease import Telemetry
+from controller.agentlink.transport import (
+    ControllerLink,
+    InProcessLink,
+    MqttAgentLink,
+    MqttControllerLink,
+)
+from controller.cli.demo_cmd import DEMO_SITE, failsafe_w
+from controller.core.controller import Controller
+from controller.model.config import MqttConfig, Site, load_site
+from controller.model.topology import PowerTree
 from controller.policy import Snapshot
 from controller.service import ServiceOptions, run_service
-from controller.topology import PowerTree
 from drivers.nvml import NvmlDriver
 from sim.fake_nvml import FakeNvml
 from sim.runtime import SimRuntime

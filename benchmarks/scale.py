@@ -232,7 +232,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             control = work / "control.json"
             print("  starting rackpower sim (160 meters on ephemeral ports)...", flush=True)
             procs.start("sim", [
-                py, "-m", "controller.sim_cmd", "--config", str(site_path),
+                py, "-m", "controller.cli.sim_cmd", "--config", str(site_path),
                 "--ephemeral-ports", "--endpoints-json", str(endpoints),
                 "--control-file", str(control), "--seed", "1",
             ])  # fmt: skip

@@ -18,8 +18,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from controller.cli.scenario_cmd import COLUMNS, row_values
 from controller.policy import POLICIES
-from controller.scenario_cmd import COLUMNS, row_values
 from drivers.shipped import config_path
 from sim.scenario import run_policy
 from sim.scenario_spec import load_scenario

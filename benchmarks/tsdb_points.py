@@ -17,11 +17,11 @@ import time
 import numpy as np
 
 from benchmarks.decide import scaled_demo_site
-from controller.config import parse_site
-from controller.daemon import Controller
+from controller.core.controller import Controller
+from controller.core.cycle_points import CyclePoints, detail_every
+from controller.integrations.tsdb.writer import Point
+from controller.model.config import parse_site
 from controller.policy import Job, Snapshot
-from controller.tsdb import Point
-from controller.tsdb_cycle import CyclePoints, detail_every
 
 
 def main(argv: list[str] | None = None) -> int:

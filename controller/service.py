@@ -23,22 +23,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller.api import ApiServer, create_app
-from controller.audit import AuditLog
-from controller.bms import BmsLink
-from controller.commands import Ack, Command, ModeSwitch
-from controller.config import ConfigError, Site, agent_auth_problems, load_site
-from controller.cycle import run_cycle
-from controller.daemon import Controller, Mode
-from controller.devices import polled_device_params
-from controller.link import ControllerLink, MqttControllerLink
-from controller.metrics import Metrics
-from controller.mqtt import quiet_aiomqtt_close_race
-from controller.msgauth import KeyStore
-from controller.scheduler.factory import build_adapter
-from controller.scheduling import attach_scheduler
-from controller.sdnotify import Notifier
-from controller.tsdb import TsdbWriter, tsdb_point
+from controller.agentlink.msgauth import KeyStore
+from controller.agentlink.transport import ControllerLink, MqttControllerLink
+from controller.core.audit import AuditLog
+from controller.core.controller import Controller, Mode
+from controller.core.cycle import run_cycle
+from controller.core.metrics import Metrics
+from controller.core.setpoints import Ack, Command, ModeSwitch
+from controller.integrations.api.app import ApiServer, create_app
+from controller.integrations.bms.bridge import BmsLink
+from controller.integrations.scheduler.attach import attach_scheduler
+from controller.integrations.scheduler.factory import build_adapter
+from controller.integrations.tsdb.writer import TsdbWriter, tsdb_point
+from controller.model.config import ConfigError, Site, agent_auth_problems, load_site
+from controller.model.devices import polled_device_params
+from controller.support.mqtt import quiet_aiomqtt_close_race
+from controller.support.sdnotify import Notifier
 from drivers.base import DeviceStats, PollGroup, PollSettings, build_pollables
 
 log = logging.getLogger(__name__)

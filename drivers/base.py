@@ -108,7 +108,7 @@ class PowerLimiter(Protocol):
 
 
 # ---------------------------------------------------------------------------
-# Parameters: the driver-side twin of controller.config.DeviceSpec.
+# Parameters: the driver-side twin of controller.model.config.DeviceSpec.
 
 
 @dataclass(frozen=True)

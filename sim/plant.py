@@ -1,7 +1,7 @@
 """The electrical plant: a vectorised discrete-time model of a site's power tree.
 
 ``Plant.step(state, setpoints, dt_s) -> state`` advances every GPU, converter and breaker
-of a :class:`~controller.topology.PowerTree` by one time step with a handful of NumPy
+of a :class:`~controller.model.topology.PowerTree` by one time step with a handful of NumPy
 operations per tree level, so an hour of a 1,024-GPU site at 100 ms steps runs in
 seconds. The state is an immutable snapshot: ``step`` never mutates its input, which is
 what lets a scenario runner keep the previous state for ramp and overshoot figures.
@@ -35,8 +35,8 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from controller.config import TripCurve
-from controller.topology import PowerTree
+from controller.model.config import TripCurve
+from controller.model.topology import PowerTree
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from controller.config import Site
+from controller.model.config import Site
 from drivers.devicemap import ModbusMap, ModbusPoint, SnmpMap, SnmpPoint, load_map
 from sim.plant import Plant, PlantState
 

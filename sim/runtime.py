@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from controller.config import Site
-from controller.topology import PowerTree
+from controller.model.config import Site
+from controller.model.topology import PowerTree
 from drivers.devicemap import load_snmp_map
 from sim.fake_nvml import FakeGpuSpec, FakeNvml
 from sim.faults import Fault, FaultTable

@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from controller.model.topology import PowerTree
 from controller.policy import Migrate, PolicyState, Requeue, Snapshot, get_policy
 from controller.policy.index import TreeIndex, tree_index
 from controller.policy.jobs import build_job_index
 from controller.policy.loads import effective_envelopes
-from controller.topology import PowerTree
 from sim.plant import Plant, PlantConfig, PlantState, Setpoints
 from sim.scenario_metrics import RunMetrics
 from sim.scenario_oracle import WorkOracle, chain_efficiency

@@ -51,8 +51,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from controller.model.topology import PowerTree
 from controller.policy.index import TreeIndex
-from controller.topology import PowerTree
 from sim.workloads import ThroughputCurve
 
 FloatArray = npt.NDArray[np.float64]

@@ -4,7 +4,7 @@ A scenario is data (``configs/scenarios/*.yaml``), not code, so that an operator
 describe the day they fear (a feed lost at peak, a demand response during a telemetry
 outage) and run every policy against it. It is checked the same way as a site: pydantic
 with ``extra="forbid"``, and every problem reported as ``FILE: path.inside: message``
-through :class:`controller.config.ConfigError`. The site is either a path (relative to
+through :class:`controller.model.config.ConfigError`. The site is either a path (relative to
 the scenario file) or written inline; its own errors keep their own file and path.
 """
 
@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from controller.config import ConfigError, Problem, Site, format_loc, load_site, parse_site
+from controller.model.config import ConfigError, Problem, Site, format_loc, load_site, parse_site
 
 PosS = Annotated[float, Field(gt=0)]
 NonNegS = Annotated[float, Field(ge=0)]

@@ -23,8 +23,8 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from controller.model.topology import PowerTree
 from controller.policy.types import Job
-from controller.topology import PowerTree
 from sim.workloads import (
     IDLE_FRAC,
     InferenceLoad,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from controller.config import Bands
+from controller.model.config import Bands
 
 from .index import TreeIndex
 from .types import FloatArray

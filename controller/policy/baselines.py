@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from controller.topology import PowerTree
+from controller.model.topology import PowerTree
 
 from .actions import cap_actions
 from .index import TreeIndex, tree_index

@@ -54,7 +54,7 @@ from types import MappingProxyType
 import numpy as np
 import numpy.typing as npt
 
-from controller.topology import PowerTree
+from controller.model.topology import PowerTree
 
 from .index import tree_index
 from .types import FloatArray

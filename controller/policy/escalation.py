@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from controller.config import Escalation, TripCurve
+from controller.model.config import Escalation, TripCurve
 
 from .index import TreeIndex
 from .jobs import JobIndex

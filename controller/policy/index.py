@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from controller.config import TripCurve
-from controller.topology import CONSTRAINT_KINDS, PowerTree
+from controller.model.config import TripCurve
+from controller.model.topology import CONSTRAINT_KINDS, PowerTree
 
 from .types import FloatArray
 

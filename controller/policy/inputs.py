@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from controller.topology import PowerTree
+from controller.model.topology import PowerTree
 from drivers.reading import Reading
 
 from .types import FloatArray

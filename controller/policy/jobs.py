@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from controller.config import PolicyConfig
+from controller.model.config import PolicyConfig
 
 from .index import IntArray, TreeIndex
 from .types import FloatArray, Job

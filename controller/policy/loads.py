@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from controller.topology import PowerTree
+from controller.model.topology import PowerTree
 
 from .index import TreeIndex, tree_index
 from .types import FloatArray, Snapshot

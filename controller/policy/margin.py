@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from controller.config import Margin
+from controller.model.config import Margin
 
 from .types import FloatArray
 from .window import WindowMax

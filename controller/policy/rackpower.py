@@ -23,8 +23,8 @@ from types import MappingProxyType
 
 import numpy as np
 
-from controller.config import TripCurve
-from controller.topology import PowerTree
+from controller.model.config import TripCurve
+from controller.model.topology import PowerTree
 
 from .actions import cap_actions
 from .bands import NodeBands, covered, move_caps, node_bands

@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 if TYPE_CHECKING:
-    from controller.topology import PowerTree
+    from controller.model.topology import PowerTree
 
 FloatArray = npt.NDArray[np.float64]
 

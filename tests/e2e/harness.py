@@ -3,7 +3,7 @@
 - the plant: :class:`~sim.runtime.SimRuntime` in the test's event loop, serving the e2e
   site's meters over real Modbus/TCP (an SST meter, a row's rectifier shelf) and real
   SNMP (one PDU per rack) on loopback ports written into the site file;
-- the node agents: the real :class:`~controller.agent.NodeAgent` on the real NVML driver
+- the node agents: the real :class:`~controller.agent.node_agent.NodeAgent` on the real NVML driver
   and the real MQTT agent link, one per GPU server, in the test's event loop. No GPU
   here, so each agent's NVML is the simulator's fake (``SimRuntime.fake_nvml``), which
   feeds the limits it enforces back into the plant;
@@ -43,14 +43,14 @@ import aiomqtt
 import httpx
 import yaml
 
-from controller.agent import NodeAgent
-from controller.agent_config import parse_agent_config
-from controller.config import Site
-from controller.demo_cmd import failsafe_shares_w
-from controller.link import MqttAgentLink
-from controller.mqtt import Backoff
-from controller.msgauth import KeyFile, new_key_line, write_key_file
-from controller.topology import PowerTree
+from controller.agent.agent_config import parse_agent_config
+from controller.agent.node_agent import NodeAgent
+from controller.agentlink.msgauth import KeyFile, new_key_line, write_key_file
+from controller.agentlink.transport import MqttAgentLink
+from controller.cli.demo_cmd import failsafe_shares_w
+from controller.model.config import Site
+from controller.model.topology import PowerTree
+from controller.support.mqtt import Backoff
 from drivers.nvml import NvmlDriver
 from sim.runtime import SimRuntime
 from sim.workloads import TrainingJobSpec, TrainingProfile

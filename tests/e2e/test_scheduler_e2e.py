@@ -31,8 +31,8 @@ from typing import Any
 
 import pytest
 
-from controller.bms import topic_level
-from controller.config import load_site
+from controller.integrations.bms.bridge import topic_level
+from controller.model.config import load_site
 from tests.e2e.harness import (
     ControllerProcess,
     Plant,

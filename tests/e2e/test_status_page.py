@@ -25,10 +25,10 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from controller.api import ApiServer, History, create_app
-from controller.config import ApiConfig, parse_site
-from controller.topology import CONSTRAINT_KINDS, PowerTree
-from controller.view import Alarm, Health, MemoryView, NodeLive, build_rows
+from controller.core.view import Alarm, Health, MemoryView, NodeLive, build_rows
+from controller.integrations.api.app import ApiServer, History, create_app
+from controller.model.config import ApiConfig, parse_site
+from controller.model.topology import CONSTRAINT_KINDS, PowerTree
 from tests.sites import tiny_site
 
 pytestmark = pytest.mark.e2e

@@ -29,14 +29,14 @@ from typing import Any
 import httpx
 import pytest
 
-from controller.agent import NodeAgent
-from controller.agent_config import parse_agent_config
-from controller.config import MqttConfig, parse_site
-from controller.daemon import Controller
-from controller.link import MqttAgentLink, MqttControllerLink
-from controller.mqtt import Backoff
-from controller.msgauth import KeyFile, new_key_line, write_key_file
+from controller.agent.agent_config import parse_agent_config
+from controller.agent.node_agent import NodeAgent
+from controller.agentlink.msgauth import KeyFile, new_key_line, write_key_file
+from controller.agentlink.transport import MqttAgentLink, MqttControllerLink
+from controller.core.controller import Controller
+from controller.model.config import MqttConfig, parse_site
 from controller.service import ServiceOptions, run_service
+from controller.support.mqtt import Backoff
 from drivers.nvml import NvmlDriver
 from sim.fake_nvml import FakeNvml
 from tests.fixtures.mosquitto import Mosquitto

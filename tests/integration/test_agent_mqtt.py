@@ -1,6 +1,6 @@
 """The controller-agent link over a real Mosquitto on loopback.
 
-The controller side is controller.link.MqttControllerLink; the agent is the real
+The controller side is controller.agentlink.transport.MqttControllerLink; the agent is the real
 NodeAgent on the real MqttAgentLink and NvmlDriver, with sim.fake_nvml.FakeNvml standing
 in for libnvidia-ml (no GPU here). Caps are checked by the limit the fake ENFORCES;
 messages on the wire by a plain MQTT subscriber. Covered: a lease sent by the controller
@@ -26,12 +26,12 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from controller.agent import NodeAgent
-from controller.agent_config import AgentConfig, parse_agent_config
-from controller.config import MqttConfig
-from controller.lease import Lease, LeaseSequence, Telemetry
-from controller.link import AgentTopics, MqttAgentLink, MqttControllerLink
-from controller.mqtt import Backoff
+from controller.agent.agent_config import AgentConfig, parse_agent_config
+from controller.agent.node_agent import NodeAgent
+from controller.agentlink.lease import Lease, LeaseSequence, Telemetry
+from controller.agentlink.transport import AgentTopics, MqttAgentLink, MqttControllerLink
+from controller.model.config import MqttConfig
+from controller.support.mqtt import Backoff
 from drivers.nvml import NvmlDriver
 from sim.fake_nvml import FakeNvml
 from tests.fixtures.mosquitto import Mosquitto
@@ -253,10 +253,10 @@ async def test_agent_reconnects_after_a_broker_restart(mosquitto: Mosquitto) -> 
 
 AGENT_SCRIPT = """
 import asyncio, sys
-from controller.agent import NodeAgent
-from controller.agent_config import parse_agent_config
-from controller.config import MqttConfig
-from controller.link import MqttAgentLink
+from controller.agent.node_agent import NodeAgent
+from controller.agent.agent_config import parse_agent_config
+from controller.model.config import MqttConfig
+from controller.agentlink.transport import MqttAgentLink
 from drivers.nvml import NvmlDriver
 from sim.fake_nvml import FakeNvml
 

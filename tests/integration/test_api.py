@@ -20,11 +20,11 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from controller import status_cmd
-from controller.api import ApiServer, History, create_app, resolve_api_token
-from controller.config import ApiConfig, parse_site
-from controller.topology import PowerTree
-from controller.view import Alarm, CapRow, Health, MemoryView, NodeLive
+from controller.cli import status_cmd
+from controller.core.view import Alarm, CapRow, Health, MemoryView, NodeLive
+from controller.integrations.api.app import ApiServer, History, create_app, resolve_api_token
+from controller.model.config import ApiConfig, parse_site
+from controller.model.topology import PowerTree
 from tests.sites import tiny_site
 
 pytestmark = pytest.mark.integration

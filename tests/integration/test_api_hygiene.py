@@ -19,10 +19,10 @@ from typing import Any
 import httpx
 import pytest
 
-from controller.api import MAX_BODY_BYTES, ApiServer, create_app
-from controller.config import ApiConfig, parse_site
-from controller.topology import PowerTree
-from controller.view import MemoryView
+from controller.core.view import MemoryView
+from controller.integrations.api.app import MAX_BODY_BYTES, ApiServer, create_app
+from controller.model.config import ApiConfig, parse_site
+from controller.model.topology import PowerTree
 from tests.integration.test_api import LIVE
 from tests.sites import tiny_site
 
@@ -326,8 +326,8 @@ async def test_a_client_that_sends_its_head_in_time_is_not_cut_off() -> None:
 def test_the_api_binds_to_loopback_unless_told_otherwise() -> None:
     from pathlib import Path
 
-    from controller.api import binding_note, is_loopback
-    from controller.config import load_site
+    from controller.integrations.api.app import binding_note, is_loopback
+    from controller.model.config import load_site
 
     assert ApiConfig().host == "127.0.0.1"
     demo = Path(__file__).resolve().parents[2] / "configs" / "sites" / "demo.yaml"

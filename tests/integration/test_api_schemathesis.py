@@ -27,10 +27,10 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from controller.api import ApiServer, create_app
-from controller.config import ApiConfig, parse_site
-from controller.topology import PowerTree
-from controller.view import MemoryView
+from controller.core.view import MemoryView
+from controller.integrations.api.app import ApiServer, create_app
+from controller.model.config import ApiConfig, parse_site
+from controller.model.topology import PowerTree
 from tests.integration.test_api import LIVE
 from tests.sites import tiny_site
 

@@ -24,12 +24,12 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from controller.bms import Alarm, AlarmKind, BmsLink, NodeTelemetry, alarm_id
-from controller.commands import Command, DemandResponse, format_ts
-from controller.config import MqttConfig, parse_site
-from controller.mqtt import Backoff
-from controller.overrides import EnvelopeOverrides
-from controller.topology import PowerTree
+from controller.core.overrides import EnvelopeOverrides
+from controller.core.setpoints import Command, DemandResponse, format_ts
+from controller.integrations.bms.bridge import Alarm, AlarmKind, BmsLink, NodeTelemetry, alarm_id
+from controller.model.config import MqttConfig, parse_site
+from controller.model.topology import PowerTree
+from controller.support.mqtt import Backoff
 from drivers.reading import Quality
 from tests.fixtures.mosquitto import Mosquitto, MosquittoFactory, make_tls_files
 from tests.sites import tiny_site
@@ -171,9 +171,9 @@ async def test_cancelled_link_still_says_offline(mosquitto: Mosquitto, tree: Pow
 
 CHILD = """
 import asyncio, sys
-from controller.bms import BmsLink
-from controller.config import MqttConfig, parse_site
-from controller.topology import PowerTree
+from controller.integrations.bms.bridge import BmsLink
+from controller.model.config import MqttConfig, parse_site
+from controller.model.topology import PowerTree
 from tests.sites import tiny_site
 
 async def main() -> None:

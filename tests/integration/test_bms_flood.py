@@ -22,13 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from controller.audit import AuditLog
-from controller.bms import BmsLink
-from controller.commands import Command, ModeSwitch
-from controller.config import MqttConfig, parse_site
-from controller.cycle import CycleStats, run_cycle, wait_or_stop
-from controller.daemon import Controller
-from controller.mqtt import Backoff
+from controller.core.audit import AuditLog
+from controller.core.controller import Controller
+from controller.core.cycle import CycleStats, run_cycle, wait_or_stop
+from controller.core.setpoints import Command, ModeSwitch
+from controller.integrations.bms.bridge import BmsLink
+from controller.model.config import MqttConfig, parse_site
+from controller.support.mqtt import Backoff
 from tests.fixtures.mosquitto import Mosquitto
 from tests.integration.test_bms import BASE, eventually, running
 from tests.sites import tiny_site

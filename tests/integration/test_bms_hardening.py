@@ -19,10 +19,10 @@ import aiomqtt
 import paho.mqtt.client as mqtt
 import pytest
 
-from controller.commands import format_ts
-from controller.config import MqttConfig, parse_site
-from controller.overrides import EnvelopeOverrides
-from controller.topology import PowerTree
+from controller.core.overrides import EnvelopeOverrides
+from controller.core.setpoints import format_ts
+from controller.model.config import MqttConfig, parse_site
+from controller.model.topology import PowerTree
 from tests.fixtures.mosquitto import Mosquitto
 from tests.integration.test_bms import (
     BASE,

@@ -25,13 +25,13 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from controller.agent import NodeAgent
-from controller.agent_config import parse_agent_config
-from controller.config import MqttConfig
-from controller.lease import LeaseSequence, Telemetry
-from controller.link import AgentTopics, MqttAgentLink, MqttControllerLink
-from controller.mqtt import Backoff
-from controller.msgauth import KeyFile, KeyStore, new_key_line, write_key_file
+from controller.agent.agent_config import parse_agent_config
+from controller.agent.node_agent import NodeAgent
+from controller.agentlink.lease import LeaseSequence, Telemetry
+from controller.agentlink.msgauth import KeyFile, KeyStore, new_key_line, write_key_file
+from controller.agentlink.transport import AgentTopics, MqttAgentLink, MqttControllerLink
+from controller.model.config import MqttConfig
+from controller.support.mqtt import Backoff
 from drivers.nvml import NvmlDriver
 from drivers.reading import Quality
 from sim.fake_nvml import FakeNvml
@@ -96,7 +96,7 @@ class Rig:
         return [self.fake.enforced_limit_w(i) for i in range(2)]
 
     def send(self, cap_w: float) -> int:
-        from controller.lease import Lease
+        from controller.agentlink.lease import Lease
 
         seq = self.seqs.next()
         self.ctl.send_lease(AGENT, Lease.issue(CTL, seq, {0: cap_w, 1: cap_w}, 30, agent_id=AGENT))

@@ -15,17 +15,21 @@ from pathlib import Path
 
 import pytest
 
-from controller.config import PolicyConfig, parse_site
-from controller.scheduler.base import (
+from controller.integrations.scheduler.base import (
     ActionRefused,
     JobNotFound,
     SchedJob,
     SchedulerAdapter,
     SchedulerUnavailable,
 )
-from controller.scheduler.kubernetes import DRAIN_ANNOTATION, KubeConnection, KubernetesScheduler
-from controller.scheduler.mapping import HostMap, map_jobs
-from controller.topology import PowerTree
+from controller.integrations.scheduler.kubernetes import (
+    DRAIN_ANNOTATION,
+    KubeConnection,
+    KubernetesScheduler,
+)
+from controller.integrations.scheduler.mapping import HostMap, map_jobs
+from controller.model.config import PolicyConfig, parse_site
+from controller.model.topology import PowerTree
 from tests.fixtures.fake_kube import FakeKube, make_pod, serve_fake_kube
 from tests.sites import tiny_site
 

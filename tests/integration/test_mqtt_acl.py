@@ -9,8 +9,9 @@ or dropped it by then), then an allowed client publishes a control message on th
 topic; the subscriber must get the control message and nothing before it. If the ACL
 let the forgery through, it would arrive first and the test would fail.
 
-The links are the real ones (controller.link, controller.bms); the agent's GPUs are
-sim.fake_nvml.FakeNvml, the only fake, because there is no GPU here.
+The links are the real ones (controller.agentlink.transport,
+controller.integrations.bms.bridge); the agent's GPUs are sim.fake_nvml.FakeNvml, the only
+fake, because there is no GPU here.
 """
 
 from __future__ import annotations
@@ -31,18 +32,25 @@ import aiomqtt
 import pytest
 import yaml
 
-from controller.agent import NodeAgent
-from controller.agent_config import parse_agent_config
-from controller.bms import BmsLink, BmsTopics
-from controller.broker_acl import usernames_in_template
-from controller.cli import main
-from controller.commands import Command
-from controller.config import MqttConfig, parse_site
-from controller.lease import Lease, LeaseSequence, Telemetry
-from controller.link import AgentTopics, MqttAgentLink, MqttControllerLink
-from controller.mqtt import Backoff
-from controller.msgauth import KeyFile, KeyStore, new_key_line, parse_keys, seal, write_key_file
-from controller.topology import PowerTree
+from controller.agent.agent_config import parse_agent_config
+from controller.agent.node_agent import NodeAgent
+from controller.agentlink.lease import Lease, LeaseSequence, Telemetry
+from controller.agentlink.msgauth import (
+    KeyFile,
+    KeyStore,
+    new_key_line,
+    parse_keys,
+    seal,
+    write_key_file,
+)
+from controller.agentlink.transport import AgentTopics, MqttAgentLink, MqttControllerLink
+from controller.cli.main import main
+from controller.core.setpoints import Command
+from controller.integrations.bms.bridge import BmsLink, BmsTopics
+from controller.integrations.broker_acl import usernames_in_template
+from controller.model.config import MqttConfig, parse_site
+from controller.model.topology import PowerTree
+from controller.support.mqtt import Backoff
 from drivers.nvml import NvmlDriver
 from sim.fake_nvml import FakeNvml
 from tests.fixtures.mosquitto import (

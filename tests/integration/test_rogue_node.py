@@ -19,14 +19,14 @@ from typing import Any
 
 import pytest
 
-from controller.agent import NodeAgent
-from controller.agent_config import parse_agent_config
-from controller.config import SchedulerConfig, parse_site
-from controller.daemon import Controller
-from controller.link import InProcessLink
-from controller.scheduler.link import SchedulerLink
-from controller.scheduler.simulated import SimulatedScheduler
-from controller.scheduling import attach_scheduler
+from controller.agent.agent_config import parse_agent_config
+from controller.agent.node_agent import NodeAgent
+from controller.agentlink.transport import InProcessLink
+from controller.core.controller import Controller
+from controller.integrations.scheduler.attach import attach_scheduler
+from controller.integrations.scheduler.runner import SchedulerLink
+from controller.integrations.scheduler.simulated import SimulatedScheduler
+from controller.model.config import SchedulerConfig, parse_site
 from drivers.nvml import NvmlDriver
 from drivers.reading import Reading
 from sim.runtime import SimRuntime

@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 
-from controller.config import load_site, parse_site
-from controller.devices import polled_device_params
+from controller.model.config import load_site, parse_site
+from controller.model.devices import polled_device_params
 from drivers.devicemap import load_modbus_map
 from drivers.modbus import build_modbus_devices
 from drivers.reading import Quality
@@ -54,12 +54,12 @@ def require_tool(name: str) -> str:
 def sim_command() -> list[str]:
     """``rackpower sim`` through the CLI once it registers the command; until then the
     same command through its own module entry point."""
-    from controller.cli import build_parser
+    from controller.cli.main import build_parser
 
     subs = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     if subs and "sim" in subs[0].choices:
-        return [sys.executable, "-m", "controller.cli", "sim"]
-    return [sys.executable, "-m", "controller.sim_cmd"]
+        return [sys.executable, "-m", "controller.cli.main", "sim"]
+    return [sys.executable, "-m", "controller.cli.sim_cmd"]
 
 
 @dataclass

@@ -15,17 +15,17 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from controller.config import SchedulerConfig, parse_site
-from controller.policy import Migrate, Requeue, Snapshot, decide
-from controller.scheduler import (
+from controller.integrations.scheduler import (
     ActionRefused,
     HostMap,
     JobNotFound,
     SchedulerUnavailable,
 )
-from controller.scheduler.link import ActionResult, SchedulerLink
-from controller.scheduler.slurm import SlurmAdapter
-from controller.topology import PowerTree
+from controller.integrations.scheduler.runner import ActionResult, SchedulerLink
+from controller.integrations.scheduler.slurm import SlurmAdapter
+from controller.model.config import SchedulerConfig, parse_site
+from controller.model.topology import PowerTree
+from controller.policy import Migrate, Requeue, Snapshot, decide
 from tests.fixtures.slurm import NODE, SlurmCluster, free_port, submit_priority_mix
 from tests.sites import tiny_site
 

@@ -19,9 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.config import InfluxConfig
-from controller.secrets import redact_url
-from controller.tsdb import (
+from controller.integrations.tsdb.writer import (
     Point,
     TsdbWriter,
     actions_point,
@@ -33,6 +31,8 @@ from controller.tsdb import (
     resolve_token,
     tsdb_point,
 )
+from controller.model.config import InfluxConfig
+from controller.model.secrets import redact_url
 from tests.fixtures.victoriametrics import VictoriaMetrics, free_port, samples
 
 pytest_plugins = ["tests.fixtures.victoriametrics"]

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import pytest
 
-from controller.config import InfluxConfig, parse_site
-from controller.daemon import Controller
-from controller.lease import Telemetry
+from controller.agentlink.lease import Telemetry
+from controller.core.controller import Controller
+from controller.integrations.tsdb.writer import Point, TsdbWriter, tsdb_point
+from controller.model.config import InfluxConfig, parse_site
 from controller.policy import Job
-from controller.tsdb import Point, TsdbWriter, tsdb_point
 from drivers.base import DeviceStats
 from drivers.reading import Quality, Reading
 from tests.fixtures.victoriametrics import VictoriaMetrics

@@ -19,13 +19,13 @@ from typing import Any
 
 import pytest
 
-from controller.agent import NodeAgent
-from controller.agent_cmd import cmd_agent, register
-from controller.agent_config import AgentConfig, load_agent_config, parse_agent_config
-from controller.config import ConfigError
-from controller.lease import Lease, Telemetry, decode_telemetry
-from controller.link import BadMessage, InProcessLink
-from controller.msgauth import new_key_line, write_key_file
+from controller.agent.agent_config import AgentConfig, load_agent_config, parse_agent_config
+from controller.agent.node_agent import NodeAgent
+from controller.agentlink.lease import Lease, Telemetry, decode_telemetry
+from controller.agentlink.msgauth import new_key_line, write_key_file
+from controller.agentlink.transport import BadMessage, InProcessLink
+from controller.cli.agent_cmd import cmd_agent, register
+from controller.model.config import ConfigError
 from drivers.nvml import NvmlDriver
 from drivers.reading import Quality
 from sim.fake_nvml import FakeNvml
@@ -159,7 +159,7 @@ async def test_refused_lease_while_in_failsafe_leaves_the_failsafe_cap(rig: Rig)
 async def test_lease_from_another_controller_is_ignored(
     rig: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, "controller.agent"):
+    with caplog.at_level(logging.WARNING, "controller.agent.node_agent"):
         out = await rig.agent.handle(lease(5, {0: 650}, controller_id="rogue"))
         await rig.agent.handle(lease(6, {0: 650}, controller_id="rogue"))
     assert out.status == "ignored"
@@ -205,7 +205,7 @@ async def test_expired_lease_falls_back_to_the_failsafe_cap_and_says_so(
     assert not t.failsafe and t.lease_left_s == pytest.approx(0.01)
 
     rig.clock.now_s += 0.02
-    with caplog.at_level(logging.WARNING, "controller.agent"):
+    with caplog.at_level(logging.WARNING, "controller.agent.node_agent"):
         assert await rig.agent.check_expiry()
 
     assert rig.enforced() == [FAILSAFE_W] * 4

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from controller.alarms import agent_alarms
-from controller.bms import AlarmKind
+from controller.core.alarms import agent_alarms
+from controller.integrations.bms.bridge import AlarmKind
 
 
 def test_lost_and_failsafe_agents_name_their_server() -> None:

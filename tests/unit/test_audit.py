@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from controller.audit import AuditLog, action_kind
-from controller.config import parse_site
+from controller.core.audit import AuditLog, action_kind
+from controller.model.config import parse_site
+from controller.model.topology import PowerTree
 from controller.policy.types import Migrate, Requeue, SetCap
-from controller.topology import PowerTree
 from tests.sites import tiny_site
 
 NOW_S = 1_750_000_000.0

@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 import yaml
 
-from controller.agent_cmd import cmd_agent
-from controller.agent_config import auth_problem, parse_agent_config
-from controller.cli import main
-from controller.config import ConfigError, parse_site
-from controller.msgauth import KeyFileError, KeyStore
+from controller.agent.agent_config import auth_problem, parse_agent_config
+from controller.agentlink.msgauth import KeyFileError, KeyStore
+from controller.cli.agent_cmd import cmd_agent
+from controller.cli.main import main
+from controller.model.config import ConfigError, parse_site
 from tests.sites import agent_site, tiny_site
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,7 +91,7 @@ def run_process(config: Path) -> subprocess.CompletedProcess[str]:
     """`rackpower run` as a process: a check that failed to refuse would hang, not pass."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, "-c", "import sys; from controller.cli import main; sys.exit(main())",
+        [sys.executable, "-c", "import sys; from controller.cli.main import main; sys.exit(main())",
          "run", "--config", str(config), "--no-api", "--log-level", "error"],
         capture_output=True, text=True, timeout=60, env=env, cwd=REPO,
     )  # fmt: skip

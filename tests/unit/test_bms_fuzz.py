@@ -17,11 +17,11 @@ from typing import Any
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from controller.bms import BmsLink
-from controller.commands import Command
-from controller.config import MqttConfig, parse_site
-from controller.overrides import EnvelopeOverrides
-from controller.topology import PowerTree
+from controller.core.overrides import EnvelopeOverrides
+from controller.core.setpoints import Command
+from controller.integrations.bms.bridge import BmsLink
+from controller.model.config import MqttConfig, parse_site
+from controller.model.topology import PowerTree
 from tests.sites import tiny_site
 
 EXAMPLES = int(os.environ.get("RACKPOWER_FUZZ_EXAMPLES", "300"))

@@ -11,11 +11,11 @@ import json
 
 from prometheus_client import generate_latest
 
-from controller.commands import CommandLimits, CommandProcessor, ModeSwitch
-from controller.config import parse_site
-from controller.daemon import Controller
-from controller.metrics import Metrics
-from controller.topology import PowerTree
+from controller.core.controller import Controller
+from controller.core.metrics import Metrics
+from controller.core.setpoints import CommandLimits, CommandProcessor, ModeSwitch
+from controller.model.config import parse_site
+from controller.model.topology import PowerTree
 from tests.sites import tiny_site
 
 NOW_S = 1_750_000_000.0
@@ -109,9 +109,9 @@ def test_f6_bms_drop_counters_are_exported_on_metrics() -> None:
 def test_rejections_reach_the_audit_hook_within_the_log_budget() -> None:
     """A refused command is audited (why it was refused), but a flood of junk is not
     audited line by line: the same 50-per-10-s budget as the log."""
-    from controller.bms import BmsLink
-    from controller.commands import Ack
-    from controller.config import MqttConfig
+    from controller.core.setpoints import Ack
+    from controller.integrations.bms.bridge import BmsLink
+    from controller.model.config import MqttConfig
 
     rejected: list[Ack] = []
     tree = PowerTree(parse_site(tiny_site()))

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from controller.commands import (
+from controller.core.setpoints import (
     DEFAULT_LIMITS,
     Ack,
     Command,
@@ -25,8 +25,8 @@ from controller.commands import (
     ModeSwitch,
     format_ts,
 )
-from controller.config import parse_site
-from controller.topology import PowerTree
+from controller.model.config import parse_site
+from controller.model.topology import PowerTree
 from tests.sites import tiny_site
 
 NOW_S = 1_750_000_000.0  # 2025-06-15T15:06:40Z
@@ -411,7 +411,7 @@ def test_f5_invalid_id_is_neither_echoed_nor_remembered(
 
 
 def test_f5_oversized_payload_is_refused_before_parsing(tree: PowerTree) -> None:
-    from controller.commands import MAX_PAYLOAD_B
+    from controller.core.setpoints import MAX_PAYLOAD_B
 
     big = json.dumps(dr(command_id="ok-id", pad="x" * MAX_PAYLOAD_B))
     ack, _ = handle(tree, big)

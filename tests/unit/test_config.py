@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from controller.cli import main
-from controller.config import ConfigError, load_site, parse_site
+from controller.cli.main import main
+from controller.model.config import ConfigError, load_site, parse_site
 from tests.sites import ab_site, tiny_site
 
 Mutation = Callable[[dict[str, Any]], None]
@@ -345,7 +345,7 @@ def test_shipped_sites_validate(name: str, capsys: pytest.CaptureFixture[str]) -
 
 def test_demo_site_shape() -> None:
     """The demo the issue asked for: 2 rows x 4 racks x 4 nodes x 8 GPUs, racks ~1.3x."""
-    from controller.topology import PowerTree
+    from controller.model.topology import PowerTree
 
     tree = PowerTree(load_site(Path(__file__).parents[2] / "configs/sites/demo.yaml"))
     counts = tree.counts()
@@ -356,7 +356,7 @@ def test_demo_site_shape() -> None:
 
 
 def test_hall_site_shape() -> None:
-    from controller.topology import PowerTree
+    from controller.model.topology import PowerTree
 
     tree = PowerTree(load_site(Path(__file__).parents[2] / "configs/sites/hall.yaml"))
     assert tree.counts()["rack"] >= 1000

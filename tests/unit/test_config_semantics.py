@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
-from controller.agent_config import parse_agent_config
-from controller.cli import main
-from controller.config import ConfigError
+from controller.agent.agent_config import parse_agent_config
+from controller.cli.main import main
+from controller.model.config import ConfigError
 from tests.sites import ab_site, tiny_site
 from tests.unit.test_config import Mutation, _append, _set
 
@@ -617,12 +617,12 @@ def test_agent_config_refuses_urls_that_cannot_work(url: str, reason: str) -> No
 
 
 def test_run_logs_the_warnings_at_start(caplog: pytest.LogCaptureFixture) -> None:
-    from controller.cmdutil import log_site_warnings
-    from controller.config import parse_site
+    from controller.cli.cmdutil import log_site_warnings
+    from controller.model.config import parse_site
 
     cfg = tiny_site()
     cfg["rows"][0]["racks"][0]["nodes"][0]["envelope_w"] = 1000
-    caplog.set_level("WARNING", logger="controller.config")
+    caplog.set_level("WARNING", logger="controller.model.config")
     log_site_warnings(parse_site(cfg, "site.yaml"))
     assert "site.yaml: rows[0].racks[0].nodes[0][id=*]" not in caplog.text  # real ids kept
     assert "warning: oversubscribed 2.20x" in caplog.text

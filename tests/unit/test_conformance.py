@@ -8,8 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from controller.daemon import Controller
-from controller.lease import Telemetry
+from controller.agentlink.lease import Telemetry
+from controller.core.controller import Controller
+from controller.model.topology import PowerTree
 from controller.policy import Snapshot, decide
 from controller.policy.conformance import (
     ConformanceLimits,
@@ -17,7 +18,6 @@ from controller.policy.conformance import (
     Verdict,
     judge,
 )
-from controller.topology import PowerTree
 from drivers.reading import Quality, Reading
 from tests.unit.test_daemon import site_with_agents
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from controller.cycle import CycleStats, next_deadline, run_cycle
+from controller.core.cycle import CycleStats, next_deadline, run_cycle
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from controller.cycle import CycleStats, run_cycle
+from controller.core.cycle import CycleStats, run_cycle
 
 
 async def test_f1_a_tick_started_periods_late_is_an_overrun() -> None:

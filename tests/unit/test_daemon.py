@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from controller.agent import NodeAgent
-from controller.agent_config import parse_agent_config
-from controller.config import parse_site
-from controller.daemon import Controller
-from controller.link import InProcessLink
+from controller.agent.agent_config import parse_agent_config
+from controller.agent.node_agent import NodeAgent
+from controller.agentlink.transport import InProcessLink
+from controller.core.controller import Controller
+from controller.model.config import parse_site
 from drivers.nvml import NvmlDriver
 from drivers.reading import Reading
 from sim.fake_nvml import FakeNvml
@@ -211,9 +211,9 @@ def test_failsafe_share_keeps_every_envelope_with_conversion_losses() -> None:
     envelope. The share used to ignore losses: demo racks then drew 4 % over theirs.
     (The demo site configures every converter's curve; where a config has none, neither
     the share nor the policy can know the loss the plant then models by default.)"""
-    from controller.config import load_site
-    from controller.demo_cmd import failsafe_shares_w
-    from controller.topology import PowerTree
+    from controller.cli.demo_cmd import failsafe_shares_w
+    from controller.model.config import load_site
+    from controller.model.topology import PowerTree
     from sim.plant import Plant, Setpoints
 
     tree = PowerTree(load_site(REPO / "configs" / "sites" / "demo.yaml"))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from controller.config import DeviceSpec
-from controller.devices import DeviceSetupError, device_params, polled_device_params
+from controller.model.config import DeviceSpec
+from controller.model.devices import DeviceSetupError, device_params, polled_device_params
 
 
 def test_modbus_params() -> None:

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controller.agent_config import load_agent_config
-from controller.cli import main
-from controller.config import ConfigError, InfluxConfig, MqttConfig
-from controller.mqtt import MqttSetupError, parse_broker_url
-from controller.secrets import redact_url
-from controller.tsdb import Point, TsdbWriter
+from controller.agent.agent_config import load_agent_config
+from controller.cli.main import main
+from controller.integrations.tsdb.writer import Point, TsdbWriter
+from controller.model.config import ConfigError, InfluxConfig, MqttConfig
+from controller.model.secrets import redact_url
+from controller.support.mqtt import MqttSetupError, parse_broker_url
 from tests.fixtures.victoriametrics import free_port
 from tests.sites import tiny_site
 
@@ -119,7 +119,7 @@ async def test_f10_influx_url_with_credentials_is_logged_redacted(
         backoff_initial_s=0.01,
         backoff_max_s=0.05,
     )
-    caplog.set_level(logging.INFO, logger="controller.tsdb")
+    caplog.set_level(logging.INFO, logger="controller.integrations.tsdb.writer")
     async with w:
         w.submit([Point("rackpower_test", {"x": "1"}, {"v": 1.0}, time.time_ns())])
         for _ in range(1000):  # bounds a hang at 10 s

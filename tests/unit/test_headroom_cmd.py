@@ -1,9 +1,9 @@
 """``rackpower headroom`` and ``rackpower reserve`` against the real API.
 
-The API is :func:`controller.api.create_app` on a real uvicorn (:class:`ApiServer`) on an
-ephemeral loopback port, over a :class:`MemoryView` holding fixed numbers (the daemon is
-not needed to answer headroom questions). The commands run in a worker thread, as they
-would in a shell, and every test reads back what the API stored.
+The API is :func:`controller.integrations.api.app.create_app` on a real uvicorn
+(:class:`ApiServer`) on an ephemeral loopback port, over a :class:`MemoryView` holding fixed
+numbers (the daemon is not needed to answer headroom questions). The commands run in a
+worker thread, as they would in a shell, and every test reads back what the API stored.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from typing import Any
 import httpx
 import pytest
 
-from controller import headroom_cmd
-from controller.api import ApiServer, create_app
-from controller.config import ApiConfig, parse_site
-from controller.topology import PowerTree
-from controller.view import MemoryView, NodeLive
+from controller.cli import headroom_cmd
+from controller.core.view import MemoryView, NodeLive
+from controller.integrations.api.app import ApiServer, create_app
+from controller.model.config import ApiConfig, parse_site
+from controller.model.topology import PowerTree
 from tests.sites import tiny_site
 
 NOW_S = 1_750_000_000.0
@@ -257,7 +257,7 @@ def _hook_env(server: ApiServer, tmp_path: Path, **extra: str) -> dict[str, str]
         "PATH": f"{bindir}:{os.environ['PATH']}",
         "RACKPOWER_URL": server.url,
         "RACKPOWER_TOKEN": TOKEN,
-        "RACKPOWER_CLI": f"{sys.executable} -m controller.headroom_cmd",
+        "RACKPOWER_CLI": f"{sys.executable} -m controller.cli.headroom_cmd",
         "RACKPOWER_STATE_DIR": str(tmp_path / "state"),
         "PYTHONPATH": str(REPO),
         "SLURM_JOB_ID": "4242",

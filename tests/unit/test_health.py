@@ -8,8 +8,8 @@ value (tests/integration/test_api.py).
 
 from __future__ import annotations
 
-from controller.daemon import Controller
-from controller.lease import Telemetry
+from controller.agentlink.lease import Telemetry
+from controller.core.controller import Controller
 from drivers.reading import Quality
 from tests.unit.test_daemon import site_with_agents
 

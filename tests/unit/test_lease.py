@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from controller.lease import (
+from controller.agentlink.lease import (
     Lease,
     LeaseRefused,
     LeaseSequence,
@@ -22,7 +22,7 @@ from controller.lease import (
     resolve_caps,
     round_w,
 )
-from controller.link import AgentTopics, BadMessage, InProcessLink
+from controller.agentlink.transport import AgentTopics, BadMessage, InProcessLink
 from drivers.reading import Quality
 
 

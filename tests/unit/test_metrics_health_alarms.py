@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from controller.bms import Alarm, AlarmKind
-from controller.metrics import Metrics
-from controller.view import Health
+from controller.core.metrics import Metrics
+from controller.core.view import Health
+from controller.integrations.bms.bridge import Alarm, AlarmKind
 
 
 def samples(m: Metrics, name: str) -> list[tuple[dict[str, str], float]]:

@@ -15,15 +15,15 @@ import paho.mqtt.client as paho
 import pytest
 import yaml
 
-from controller.broker_acl import (
+from controller.cli.main import main
+from controller.integrations.broker_acl import (
     Rule,
     allowed,
     plan_for_site,
     render_acl,
     usernames_in_template,
 )
-from controller.cli import main
-from controller.config import parse_site
+from controller.model.config import parse_site
 from tests.sites import agent_site
 
 CTL = "rackpower-tiny"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.config import MqttConfig
-from controller.mqtt import (
+from controller.model.config import MqttConfig
+from controller.support.mqtt import (
     Backoff,
     MqttSetupError,
     broker_settings,

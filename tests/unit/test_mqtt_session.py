@@ -13,7 +13,7 @@ import time
 import aiomqtt
 import pytest
 
-from controller.mqtt import SessionTaskEnded, inbox_type, run_until_any_ends
+from controller.support.mqtt import SessionTaskEnded, inbox_type, run_until_any_ends
 
 
 async def test_f4_session_ends_although_a_task_swallows_its_cancellation() -> None:

@@ -1,4 +1,6 @@
-"""Sealing and opening agent-link messages, key files and their rotation (controller.msgauth).
+"""Sealing and opening agent-link messages, key files and their rotation.
+
+Code: controller.agentlink.msgauth.
 
 Pure functions and real files in tmp_path; nothing to fake. The agent-side refusals over
 a real broker are in tests/integration/test_f2_lease_auth.py.
@@ -13,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.agent_cmd import cmd_agent
-from controller.lease import Lease, decode_lease
-from controller.msgauth import (
+from controller.agentlink.lease import Lease, decode_lease
+from controller.agentlink.msgauth import (
     AuthError,
     Key,
     KeyFile,
@@ -27,6 +28,7 @@ from controller.msgauth import (
     seal,
     write_key_file,
 )
+from controller.cli.agent_cmd import cmd_agent
 
 REPO = Path(__file__).resolve().parents[2]
 A, B = "agent-a", "agent-b"

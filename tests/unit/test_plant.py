@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.config import parse_site
-from controller.topology import PowerTree
+from controller.model.config import parse_site
+from controller.model.topology import PowerTree
 from sim.plant import DEFAULT_EFFICIENCY, Plant, PlantConfig, PlantState, Setpoints
 from tests.sites import ab_site, tiny_site
 

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from controller.config import Site, load_site, parse_site
-from controller.topology import PowerTree
+from controller.model.config import Site, load_site, parse_site
+from controller.model.topology import PowerTree
 from drivers import codec
 from drivers.devicemap import ModbusMap, ModbusPoint, SnmpMap, SnmpPoint, load_map
 from sim.fake_nvml import FakeNvml

@@ -12,7 +12,8 @@ import math
 import numpy as np
 import pytest
 
-from controller.config import parse_site
+from controller.model.config import parse_site
+from controller.model.topology import PowerTree
 from controller.policy import (
     Job,
     Migrate,
@@ -24,7 +25,6 @@ from controller.policy import (
     headroom_w,
 )
 from controller.policy.startup import STARTUP_RESERVE_S
-from controller.topology import PowerTree
 from tests.sites import ab_site
 from tests.unit.test_policy_support import Run, meter_readings, tree_for
 

@@ -13,9 +13,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from controller.model.topology import PowerTree
 from controller.policy import Job, PolicyState, SetCap, Snapshot, decide
 from controller.policy.rackpower import BOUND_FRACTION, BOUND_W
-from controller.topology import PowerTree
 from tests.unit.test_policy_support import meter_readings, tree_for
 
 N = 16

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from controller.config import Bands, parse_site
+from controller.model.config import Bands, parse_site
+from controller.model.topology import PowerTree
 from controller.policy import Job, Migrate, Requeue
 from controller.policy.bands import node_bands
 from controller.policy.baselines import static_policy
-from controller.topology import PowerTree
 from tests.unit.test_policy_support import Run, site_dict, tree_for
 
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from controller.config import parse_site
+from controller.model.config import parse_site
+from controller.model.topology import PowerTree
 from controller.policy import Action, Job, Policy, PolicyState, SetCap, Snapshot, decide
-from controller.topology import PowerTree
 from tests.sites import tiny_site
 
 FloatArray = np.ndarray

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from controller.config import parse_site
-from controller.readings import ReadingsStore
-from controller.topology import PowerTree
+from controller.core.readings import ReadingsStore
+from controller.model.config import parse_site
+from controller.model.topology import PowerTree
 from drivers.reading import Quality, Reading
 from tests.sites import ab_site, tiny_site
 

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.config import parse_site
-from controller.reservations import Refusal, Reservation, ReservationStore
-from controller.topology import PowerTree
+from controller.core.reservations import Refusal, Reservation, ReservationStore
+from controller.model.config import parse_site
+from controller.model.topology import PowerTree
 from tests.sites import tiny_site
 
 NOW_S = 1_750_000_000.0

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import yaml
 
-from controller import scenario_cmd
-from controller.config import ConfigError, parse_site
+from controller.cli import scenario_cmd
+from controller.model.config import ConfigError, parse_site
+from controller.model.topology import PowerTree
 from controller.policy.index import tree_index
-from controller.topology import PowerTree
 from sim.plant import Plant
 from sim.scenario import RESULT_KEYS, Telemetry, TelemetryReading, run_policy
 from sim.scenario_oracle import WorkOracle, chain_efficiency, concave_hull

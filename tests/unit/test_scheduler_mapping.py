@@ -7,11 +7,11 @@ import logging
 import numpy as np
 import pytest
 
-from controller.config import parse_site
+from controller.integrations.scheduler import HostMap, SchedJob, fallback_jobs, map_class, map_jobs
+from controller.model.config import parse_site
+from controller.model.topology import PowerTree
 from controller.policy.index import tree_index
 from controller.policy.jobs import build_job_index
-from controller.scheduler import HostMap, SchedJob, fallback_jobs, map_class, map_jobs
-from controller.topology import PowerTree
 from tests.sites import tiny_site
 
 CLASS_MAP = {"high": "training", "low": "batch", "prod": "inference"}
@@ -69,7 +69,7 @@ def test_unknown_hosts_are_ignored_with_a_log_line(
         SchedJob("x", ("rack-1-n1", "login-7")),
         SchedJob("y", ("cpu-1", "cpu-2")),
     ]
-    with caplog.at_level(logging.WARNING, logger="controller.scheduler.mapping"):
+    with caplog.at_level(logging.WARNING, logger="controller.integrations.scheduler.mapping"):
         out = map_jobs(jobs, tree, HostMap(tree), {}, tree.site.policy)
     assert [(j.id, j.gpus) for j in out.jobs] == [("x", (0, 1, 2, 3))]
     assert out.unknown_hosts == ("cpu-1", "cpu-2", "login-7")

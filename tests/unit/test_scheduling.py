@@ -1,6 +1,6 @@
 """The daemon's escalation path: policy -> scheduler link -> adapter, audited and alarmed.
 
-The adapter here is a small in-memory stand-in speaking controller.scheduler.base's
+The adapter here is a small in-memory stand-in speaking controller.integrations.scheduler.base's
 interface (the real Slurm and Kubernetes adapters are tested against a real Slurm and a
 fake API server in tests/integration); what this checks is the daemon's wiring.
 """
@@ -11,15 +11,15 @@ import asyncio
 import time
 from collections.abc import Sequence
 
-from controller.bms import Alarm, AlarmKind
-from controller.config import SchedulerConfig, Site, parse_site
-from controller.daemon import Controller
-from controller.lease import Telemetry
+from controller.agentlink.lease import Telemetry
+from controller.core.controller import Controller
+from controller.integrations.bms.bridge import Alarm, AlarmKind
+from controller.integrations.scheduler.attach import attach_scheduler
+from controller.integrations.scheduler.base import SchedJob, SchedulerUnavailable
+from controller.integrations.scheduler.runner import ActionResult, SchedulerLink
+from controller.model.config import SchedulerConfig, Site, parse_site
+from controller.model.topology import PowerTree
 from controller.policy import Requeue
-from controller.scheduler.base import SchedJob, SchedulerUnavailable
-from controller.scheduler.link import ActionResult, SchedulerLink
-from controller.scheduling import attach_scheduler
-from controller.topology import PowerTree
 from drivers.reading import Quality, Reading
 from tests.sites import tiny_site
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.cli import main
+from controller.cli.main import main
 from drivers.devicemap import (
     DEFAULT_MAP_DIR,
     DeviceMapError,

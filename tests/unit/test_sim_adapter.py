@@ -13,11 +13,16 @@ import sys
 
 import pytest
 
-from controller.config import PolicyConfig, parse_site
-from controller.scheduler.base import ActionRefused, JobNotFound, SchedJob, SchedulerAdapter
-from controller.scheduler.mapping import HostMap, map_jobs
-from controller.scheduler.simulated import SimNote, SimulatedScheduler
-from controller.topology import PowerTree
+from controller.integrations.scheduler.base import (
+    ActionRefused,
+    JobNotFound,
+    SchedJob,
+    SchedulerAdapter,
+)
+from controller.integrations.scheduler.mapping import HostMap, map_jobs
+from controller.integrations.scheduler.simulated import SimNote, SimulatedScheduler
+from controller.model.config import PolicyConfig, parse_site
+from controller.model.topology import PowerTree
 from sim.scheduler import SchedulerConfig, SimScheduler
 from sim.workloads import InferenceServiceSpec, TrainingJobSpec, TrainingProfile
 from tests.sites import tiny_site
@@ -156,7 +161,7 @@ async def test_note_is_kept(adapter: SimulatedScheduler, clock: Clock) -> None:
 
 def test_adapter_module_does_not_import_the_simulator() -> None:
     code = (
-        "import sys, controller.scheduler.simulated;"
+        "import sys, controller.integrations.scheduler.simulated;"
         "print(sorted(m for m in sys.modules if m == 'sim' or m.startswith('sim.')))"
     )
     out = subprocess.run(

@@ -11,8 +11,13 @@ from typing import Any
 
 import pytest
 
-from controller.scheduler.base import SchedulerUnavailable
-from controller.scheduler.slurm import _gres_indices, expand_hostlist, parse_job, token_source
+from controller.integrations.scheduler.base import SchedulerUnavailable
+from controller.integrations.scheduler.slurm import (
+    _gres_indices,
+    expand_hostlist,
+    parse_job,
+    token_source,
+)
 
 
 @pytest.mark.parametrize(

@@ -11,10 +11,10 @@ import collections
 import math
 import time
 
-from controller.config import parse_site
-from controller.daemon import Controller
-from controller.tsdb import Point
-from controller.tsdb_cycle import detail_every, phase_of
+from controller.core.controller import Controller
+from controller.core.cycle_points import detail_every, phase_of
+from controller.integrations.tsdb.writer import Point
+from controller.model.config import parse_site
 from tests.sites import tiny_site
 
 

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.config import parse_site
-from controller.topology import PowerTree
+from controller.model.config import parse_site
+from controller.model.topology import PowerTree
 from sim.plant import Plant, Setpoints
 from sim.scheduler import SimScheduler
 from sim.trace import RequestTrace, load_azure_trace

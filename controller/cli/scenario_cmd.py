@@ -1,0 +1,162 @@
+"""``rackpower scenario run FILE [--policy NAME]... [--json OUT]``: policies on one seeded plant.
+
+The one place (with ``demo``) where the controller reaches into the simulator: ``sim`` is
+imported inside the handler, so the daemon never loads it. Exit codes: 0 ran, 2 bad
+scenario or arguments (every problem on stderr with file and path), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from controller.model.config import ConfigError
+from controller.policy import POLICIES
+
+if TYPE_CHECKING:
+    SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+
+METRICS_HELP = """\
+figures (per policy, measured on the plant's true state):
+  trips                     breakers that tripped (a failure: everything below goes dark)
+  max_overshoot_pct         highest input/effective-envelope - 1 of any feed..rack, any step
+  seconds_over_envelope     time with at least one node above its effective envelope
+  worst_i2t_pct             highest breaker trip-integrator fill (100 = trip)
+  work_delivered            GPU-seconds of progress kept, total and per priority class
+  work_demanded             GPU-seconds the jobs would have used uncapped
+  oracle_work               upper bound on work any policy could deliver inside the
+                            envelopes along this run (per-step Lagrangian bound of the
+                            water-filling optimum; see sim/scenario_oracle.py)
+  priority_inversions       seconds with a higher class capped below demand while a lower
+                            class under every node holding it back runs above its floor
+  cap_changes_per_gpu_min   changed GPU limits per GPU per minute (oscillation shows here)
+  migrations                jobs moved or requeued by the policy
+  peak_ramp_w_per_s         largest change of the feed input over 1 s
+"""
+
+
+def register(sub: SubParsers) -> None:
+    p = sub.add_parser(
+        "scenario",
+        help="run policies against a simulated scenario and compare them",
+        description="Accelerated-time control-quality benchmark of policies on the plant model.",
+    )
+    ssub = p.add_subparsers(dest="scenario_command", metavar="ACTION", required=True)
+    r = ssub.add_parser(
+        "run",
+        help="run a scenario file",
+        description=(
+            "Run each named policy on the same seeded plant, workloads and events, in"
+            " accelerated time, and print a table of figures."
+        ),
+        epilog=METRICS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    r.add_argument("file", type=Path, help="scenario YAML, e.g. configs/scenarios/sync-step.yaml")
+    r.add_argument(
+        "--policy",
+        action="append",
+        choices=sorted(POLICIES),
+        metavar="NAME",
+        help=f"policy to run (repeatable; default: all of {', '.join(POLICIES)})",
+    )
+    r.add_argument("--json", type=Path, metavar="OUT", help="write the figures as JSON here")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(handler=cmd_scenario_run)
+
+
+def cmd_scenario_run(args: argparse.Namespace) -> int:
+    from sim.scenario import run_policy
+    from sim.scenario_spec import load_scenario
+
+    try:
+        scenario = load_scenario(args.file)
+    except ConfigError as exc:
+        n = len(exc.problems)
+        print(f"{exc.source}: {n} problem{'s' if n != 1 else ''}:", file=sys.stderr)
+        for prob in exc.problems:
+            print(f"  {prob.render(exc.source)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    policies: list[str] = args.policy or list(POLICIES)
+    console = Console(stderr=True)
+    results: dict[str, dict[str, Any]] = {}
+    with Progress(
+        TextColumn("{task.description:>12}"),
+        BarColumn(),
+        TextColumn("{task.fields[sim]:>8} sim"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=args.quiet,
+    ) as bar:
+        tasks = {
+            name: bar.add_task(name, total=scenario.spec.duration_s, sim="0 s") for name in policies
+        }
+
+        def progress(name: str, done_s: float, total_s: float) -> None:
+            bar.update(tasks[name], completed=done_s, total=total_s, sim=f"{done_s:.0f} s")
+
+        for name in policies:
+            results[name] = run_policy(scenario, name, progress)
+    out = {"scenario": scenario.name, "description": scenario.spec.description, "results": results}
+    out_console = Console()
+    if not out_console.is_terminal:
+        out_console = Console(width=160)  # a pipe or file gets the whole table, unwrapped
+    out_console.print(render_table(scenario.name, results))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    return EXIT_OK
+
+
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("trips", "trips"),
+    ("overshoot %", "max_overshoot_pct"),
+    ("s over", "seconds_over_envelope"),
+    ("i2t %", "worst_i2t_pct"),
+    ("work GPU-h", "work"),
+    ("% of oracle", "vs_oracle"),
+    ("inversions", "priority_inversions"),
+    ("caps/GPU/min", "cap_changes_per_gpu_min"),
+    ("moves", "migrations"),
+    ("ramp kW/s", "ramp"),
+    ("x real time", "speed"),
+)
+
+
+def row_values(r: dict[str, Any]) -> dict[str, str]:
+    """The table's cells for one policy's figures (also used by the benchmark printout)."""
+    work = r["work_delivered"]["total"]
+    oracle = r["oracle_work"]
+    return {
+        "trips": str(r["trips"]),
+        "max_overshoot_pct": f"{r['max_overshoot_pct']:.1f}",
+        "seconds_over_envelope": f"{r['seconds_over_envelope']:.1f}",
+        "worst_i2t_pct": f"{r['worst_i2t_pct']:.1f}",
+        "work": f"{work / 3600:.1f}",
+        "vs_oracle": f"{100 * work / oracle:.1f}" if oracle > 0 else "-",
+        "priority_inversions": str(r["priority_inversions"]),
+        "cap_changes_per_gpu_min": f"{r['cap_changes_per_gpu_min']:.2f}",
+        "migrations": str(r["migrations"]),
+        "ramp": f"{r['peak_ramp_w_per_s'] / 1e3:.1f}",
+        "speed": f"{r['sim_s'] / r['wall_s']:.0f}" if r["wall_s"] > 0 else "-",
+    }
+
+
+def render_table(name: str, results: dict[str, dict[str, Any]]) -> Table:
+    table = Table(title=f"scenario {name}", header_style="bold")
+    table.add_column("policy")
+    for title, _ in COLUMNS:
+        table.add_column(title, justify="right")
+    for policy, r in results.items():
+        cells = row_values(r)
+        table.add_row(policy, *(cells[key] for _, key in COLUMNS))
+    return table
