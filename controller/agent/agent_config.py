@@ -13,7 +13,6 @@ from typing import Annotated, Any
 import yaml
 from pydantic import Field, StringConstraints, ValidationError, field_validator, model_validator
 
-from controller.agentlink.lease import ID_PATTERN, MAX_LEASE_S
 from controller.model.config import (
     MQTT_SCHEMES,
     ConfigError,
@@ -23,6 +22,7 @@ from controller.model.config import (
     check_url,
     pydantic_problems,
 )
+from controller.model.wire_limits import ID_PATTERN, MAX_LEASE_S
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=ID_PATTERN)]
 

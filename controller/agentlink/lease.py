@@ -37,16 +37,14 @@ from pydantic import (
 )
 
 from controller.model.config import format_loc
+from controller.model.wire_limits import ID_PATTERN, MAX_LEASE_S
 from drivers.reading import Quality
 
-# Ids travel as MQTT topic levels: no '/', '+', '#', spaces.
-ID_PATTERN = r"^[A-Za-z0-9_.:-]+$"
 Id = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=ID_PATTERN)]
 # A GPU key: its index on the node ("3") or its site id ("r1-node-2-g3").
 GPU_KEY_RE = re.compile(r"^(?:(?P<index>\d{1,3})|(?P<node>[A-Za-z0-9_.:-]+)-g(?P<k>\d{1,3}))$")
 GpuKey = Annotated[str, StringConstraints(pattern=GPU_KEY_RE.pattern)]
 CapW = Annotated[float, Field(gt=0, le=100_000)]
-MAX_LEASE_S = 3600.0
 MAX_GPUS = 256
 # Telemetry values are rounded to this (W): finer than NVML's useful precision, and it
 # keeps payloads short.

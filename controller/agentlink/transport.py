@@ -45,7 +45,6 @@ from typing import Generic, Protocol, TypeVar
 import aiomqtt
 
 from controller.agentlink.lease import (
-    ID_PATTERN,
     Lease,
     MessageError,
     Telemetry,
@@ -63,6 +62,7 @@ from controller.agentlink.msgauth import (
     unwrap,
 )
 from controller.model.config import MqttConfig
+from controller.model.wire_limits import ID_PATTERN
 from controller.support.mqtt import Backoff, broker_settings, make_client, run_with_reconnect
 
 log = logging.getLogger(__name__)

@@ -8,9 +8,9 @@ import re
 import sys
 from pathlib import Path
 
-from controller.agentlink.lease import ID_PATTERN
 from controller.cli.cmdutil import load_site_or_report, log_site_warnings, setup_logging
 from controller.model.devices import DeviceSetupError
+from controller.model.wire_limits import ID_PATTERN
 
 
 def _controller_id(text: str) -> str:

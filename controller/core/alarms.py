@@ -8,11 +8,73 @@ published once, not every cycle.
 
 from __future__ import annotations
 
+import enum
+import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-from controller.integrations.bms.bridge import Alarm, AlarmKind
+from controller.core.setpoints import format_ts
 from controller.policy import NodeStatus
 from controller.policy.conformance import Evidence
+
+# The one alarm type: the BMS publishes it, the audit records it, the API shows it per node.
+
+
+class AlarmKind(enum.StrEnum):
+    ENVELOPE_EXCEEDED = "envelope_exceeded"
+    TRIP_RISK = "trip_risk"
+    DEVICE_STALE = "device_stale"
+    AGENT_LOST = "agent_lost"
+    ESCALATION = "escalation"
+    NODE_UNCAPPABLE = "node_uncappable"  # a GPU server ignores its caps (policy/conformance.py)
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """A condition the BMS should see until it is cleared.
+
+    ``subject`` is what the alarm is about (a node, device or agent id); the pair
+    (kind, subject) is the alarm's identity, so raising the same condition every cycle
+    publishes it once.
+    """
+
+    kind: AlarmKind
+    subject: str
+    message: str
+    raised_at_s: float
+    severity: Literal["warning", "critical"] = "warning"
+    node: str | None = None
+    details: Mapping[str, float | str] = field(default_factory=dict)
+
+    @property
+    def alarm_id(self) -> str:
+        return alarm_id(self.kind, self.subject)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "alarm_id": self.alarm_id,
+            "kind": str(self.kind),
+            "severity": self.severity,
+            "subject": self.subject,
+            "node": self.node,
+            "message": self.message,
+            "raised_at": format_ts(self.raised_at_s),
+            "details": {k: _finite(v) for k, v in self.details.items()},
+        }
+
+
+def alarm_id(kind: AlarmKind, subject: str) -> str:
+    """``envelope_exceeded:rack-1``: what :meth:`BmsLink.clear_alarm` takes."""
+    return f"{kind}:{subject}"
+
+
+def _finite(value: float | str | None) -> float | str | None:
+    """JSON has no NaN: a non-finite number is published as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
 
 TRIP_RISK_FRACTION = 0.5  # half of a breaker's thermal allowance used
 

@@ -32,6 +32,7 @@ import numpy as np
 from controller.agentlink.lease import Lease, LeaseSequence, Telemetry
 from controller.agentlink.transport import ControllerLink
 from controller.core.alarms import (
+    Alarm,
     agent_alarms,
     device_alarms,
     node_alarms,
@@ -43,13 +44,11 @@ from controller.core.cycle import CycleStats
 from controller.core.cycle_points import CyclePoints, counter_values
 from controller.core.metrics import Metrics
 from controller.core.overrides import EnvelopeOverrides, ModeHold
+from controller.core.points import Point
 from controller.core.readings import ReadingsStore
 from controller.core.reservations import ReservationStore
 from controller.core.setpoints import ModeSwitch
-from controller.core.view import Alarm as ViewAlarm
-from controller.core.view import CapRow, Health, NodeLive
-from controller.integrations.bms.bridge import Alarm, NodeTelemetry
-from controller.integrations.tsdb.writer import Point
+from controller.core.view import CapRow, Health, NodeLive, NodeTelemetry
 from controller.model.config import Site
 from controller.model.topology import PowerTree
 from controller.policy import Action, Job, PolicyState, SetCap, Snapshot, get_policy
@@ -610,10 +609,10 @@ class Controller:
         est = self._estimates(snap)
         live: dict[str, NodeLive] = {}
         node_alarm_list = node_alarms(status, wall)
-        by_node: dict[str, list[ViewAlarm]] = {}
+        by_node: dict[str, list[Alarm]] = {}
         for a in node_alarm_list:
             if a.node:
-                by_node.setdefault(a.node, []).append(ViewAlarm(str(a.kind), a.message, wall))
+                by_node.setdefault(a.node, []).append(a)  # raised_at_s is ``wall``
         for k, nid in enumerate(status.node_ids):
             first, stop = self._tree.gpu_range(nid)
             sub = target[first:stop]

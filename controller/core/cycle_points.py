@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from controller.core.cycle import CycleStats
-from controller.integrations.tsdb.writer import (
+from controller.core.points import (
     Point,
     actions_point,
     cycle_point,

@@ -20,8 +20,10 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from controller.core.alarms import Alarm
 from controller.model.config import LEVELS, Kind
 from controller.model.topology import PowerTree
+from drivers.reading import Quality
 
 HealthStatus = Literal["starting", "ok", "degraded", "stopping"]
 Mode = Literal["enforce", "advisory"]
@@ -31,13 +33,15 @@ Mode = Literal["enforce", "advisory"]
 
 
 @dataclass(frozen=True, slots=True)
-class Alarm:
-    """A condition a facility engineer must see (``envelope_exceeded``, ``trip_risk``,
-    ``device_stale``, ``agent_lost``, ``escalation``), on one node, since when."""
+class NodeTelemetry:
+    """One tree node at one moment, as the BMS sees it. ``ts_s`` is ``time.time()``."""
 
-    kind: str
-    message: str
-    since_s: float
+    node: str
+    power_w: float
+    envelope_w: float
+    headroom_w: float
+    ts_s: float
+    quality: Quality = Quality.GOOD
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,7 +375,8 @@ def build_rows(
                 alarms=[]
                 if row is None
                 else [
-                    AlarmOut(kind=a.kind, message=a.message, since_s=a.since_s) for a in row.alarms
+                    AlarmOut(kind=str(a.kind), message=a.message, since_s=a.raised_at_s)
+                    for a in row.alarms
                 ],
             )
         )

@@ -26,10 +26,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from controller.agentlink.lease import ID_PATTERN
 from controller.agentlink.transport import AgentTopics
 from controller.integrations.bms.bridge import BmsTopics
 from controller.model.config import MqttConfig, Problem, Site
+from controller.model.wire_limits import ID_PATTERN
 
 Access = Literal["read", "write"]
 Role = Literal["controller", "bms", "agent"]

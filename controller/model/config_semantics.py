@@ -23,9 +23,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from controller.agentlink.lease import MAX_LEASE_S
 from controller.model.config import DeviceSpec, NodeDef, Problem, SiteSpec, floor_draw_w
 from controller.model.devices import DEFAULT_PORTS
+from controller.model.wire_limits import MAX_LEASE_S
 
 # No GPU's NVML power limit is near this; a value above it is a unit slip (mW, or a rack).
 MAX_GPU_W = 5000.0

@@ -25,7 +25,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from controller.core.view import Alarm, Health, MemoryView, NodeLive, build_rows
+from controller.core.alarms import Alarm, AlarmKind
+from controller.core.view import Health, MemoryView, NodeLive, build_rows
 from controller.integrations.api.app import ApiServer, History, create_app
 from controller.model.config import ApiConfig, parse_site
 from controller.model.topology import CONSTRAINT_KINDS, PowerTree
@@ -34,6 +35,11 @@ from tests.sites import tiny_site
 pytestmark = pytest.mark.e2e
 
 NOW_S = 1_750_000_000.0
+
+
+def _alarm(kind: AlarmKind, node: str, message: str, since_s: float) -> Alarm:
+    """A node alarm as the daemon raises it (subject and node are the node)."""
+    return Alarm(kind, node, message, since_s, node=node)
 
 # Colours from status.css.
 GREEN = (46, 158, 91)  # --ok: below 90 % of the envelope
@@ -54,13 +60,15 @@ LIVE = {
         capped_gpus=4,
         cap_limit_w=320,
         mode="cap",
-        alarms=(Alarm("trip_risk", "93 % of the envelope for 40 s", NOW_S - 40),),
+        alarms=(
+            _alarm(AlarmKind.TRIP_RISK, "rack-1", "93 % of the envelope for 40 s", NOW_S - 40),
+        ),
     ),
     "rack-2": NodeLive(
         "rack-2",
         envelope_w=7000,
         power_w=7350,
-        alarms=(Alarm("envelope_exceeded", "105 % of 7 kW", NOW_S - 3),),
+        alarms=(_alarm(AlarmKind.ENVELOPE_EXCEEDED, "rack-2", "105 % of 7 kW", NOW_S - 3),),
     ),
     "rack-1-n1": NodeLive("rack-1-n1", envelope_w=2200, estimated_w=1100),
     "rack-1-n2": NodeLive("rack-1-n2", envelope_w=2200, estimated_w=2000),

@@ -21,7 +21,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller.cli import status_cmd
-from controller.core.view import Alarm, CapRow, Health, MemoryView, NodeLive
+from controller.core.alarms import Alarm, AlarmKind
+from controller.core.view import CapRow, Health, MemoryView, NodeLive
 from controller.integrations.api.app import ApiServer, History, create_app, resolve_api_token
 from controller.model.config import ApiConfig, parse_site
 from controller.model.topology import PowerTree
@@ -30,6 +31,11 @@ from tests.sites import tiny_site
 pytestmark = pytest.mark.integration
 
 NOW_S = 1_750_000_000.0
+
+
+def _alarm(kind: AlarmKind, node: str, message: str, since_s: float) -> Alarm:
+    """A node alarm as the daemon raises it (subject and node are the node)."""
+    return Alarm(kind, node, message, since_s, node=node)
 TOKEN = "t0k3n-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -49,7 +55,7 @@ LIVE = {
         cap_limit_w=350,
         mode="cap",
         trip_used=0.25,
-        alarms=(Alarm("trip_risk", "rack-1 at 93 % for 40 s", NOW_S - 40),),
+        alarms=(_alarm(AlarmKind.TRIP_RISK, "rack-1", "rack-1 at 93 % for 40 s", NOW_S - 40),),
     ),
     "rack-2": NodeLive("rack-2", envelope_w=7000, power_w=5000, estimated_w=5400),
     "rack-1-n1": NodeLive("rack-1-n1", envelope_w=2200, estimated_w=2100),

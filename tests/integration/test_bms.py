@@ -24,9 +24,11 @@ from typing import Any
 import aiomqtt
 import pytest
 
+from controller.core.alarms import Alarm, AlarmKind, alarm_id
 from controller.core.overrides import EnvelopeOverrides
 from controller.core.setpoints import Command, DemandResponse, format_ts
-from controller.integrations.bms.bridge import Alarm, AlarmKind, BmsLink, NodeTelemetry, alarm_id
+from controller.core.view import NodeTelemetry
+from controller.integrations.bms.bridge import BmsLink
 from controller.model.config import MqttConfig, parse_site
 from controller.model.topology import PowerTree
 from controller.support.mqtt import Backoff

@@ -19,18 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from controller.integrations.tsdb.writer import (
+from controller.core.points import (
     Point,
-    TsdbWriter,
     actions_point,
     cycle_point,
     device_point,
     gpu_point,
     job_point,
     node_point,
-    resolve_token,
-    tsdb_point,
 )
+from controller.integrations.tsdb.writer import TsdbWriter, resolve_token, tsdb_point
 from controller.model.config import InfluxConfig
 from controller.model.secrets import redact_url
 from tests.fixtures.victoriametrics import VictoriaMetrics, free_port, samples

@@ -28,7 +28,8 @@ import pytest
 
 from controller.agentlink.lease import Telemetry
 from controller.core.controller import Controller
-from controller.integrations.tsdb.writer import Point, TsdbWriter, tsdb_point
+from controller.core.points import Point
+from controller.integrations.tsdb.writer import TsdbWriter, tsdb_point
 from controller.model.config import InfluxConfig, parse_site
 from controller.policy import Job
 from drivers.base import DeviceStats

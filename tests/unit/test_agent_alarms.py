@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from controller.core.alarms import agent_alarms
-from controller.integrations.bms.bridge import AlarmKind
+from controller.core.alarms import AlarmKind, agent_alarms
 
 
 def test_lost_and_failsafe_agents_name_their_server() -> None:

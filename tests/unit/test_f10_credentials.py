@@ -16,7 +16,8 @@ import yaml
 
 from controller.agent.agent_config import load_agent_config
 from controller.cli.main import main
-from controller.integrations.tsdb.writer import Point, TsdbWriter
+from controller.core.points import Point
+from controller.integrations.tsdb.writer import TsdbWriter
 from controller.model.config import ConfigError, InfluxConfig, MqttConfig
 from controller.model.secrets import redact_url
 from controller.support.mqtt import MqttSetupError, parse_broker_url

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from controller.core.alarms import Alarm, AlarmKind
 from controller.core.metrics import Metrics
 from controller.core.view import Health
-from controller.integrations.bms.bridge import Alarm, AlarmKind
 
 
 def samples(m: Metrics, name: str) -> list[tuple[dict[str, str], float]]:

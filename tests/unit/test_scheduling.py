@@ -12,8 +12,8 @@ import time
 from collections.abc import Sequence
 
 from controller.agentlink.lease import Telemetry
+from controller.core.alarms import Alarm, AlarmKind
 from controller.core.controller import Controller
-from controller.integrations.bms.bridge import Alarm, AlarmKind
 from controller.integrations.scheduler.attach import attach_scheduler
 from controller.integrations.scheduler.base import SchedJob, SchedulerUnavailable
 from controller.integrations.scheduler.runner import ActionResult, SchedulerLink

@@ -13,7 +13,7 @@ import time
 
 from controller.core.controller import Controller
 from controller.core.cycle_points import detail_every, phase_of
-from controller.integrations.tsdb.writer import Point
+from controller.core.points import Point
 from controller.model.config import parse_site
 from tests.sites import tiny_site
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import json
 import logging
 import math
@@ -30,11 +29,11 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, replace
 
 import aiomqtt
 
+from controller.core.alarms import Alarm
 from controller.core.overrides import EnvelopeOverrides
 from controller.core.setpoints import (
     DEFAULT_LIMITS,
@@ -47,6 +46,7 @@ from controller.core.setpoints import (
     EnvelopeOverride,
     format_ts,
 )
+from controller.core.view import NodeTelemetry
 from controller.model.config import MqttConfig
 from controller.model.topology import PowerTree
 from controller.support.mqtt import (
@@ -58,73 +58,8 @@ from controller.support.mqtt import (
     run_until_any_ends,
     run_with_reconnect,
 )
-from drivers.reading import Quality
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------
-# What the daemon hands over
-
-
-@dataclass(frozen=True, slots=True)
-class NodeTelemetry:
-    """One tree node at one moment, as the BMS sees it. ``ts_s`` is ``time.time()``."""
-
-    node: str
-    power_w: float
-    envelope_w: float
-    headroom_w: float
-    ts_s: float
-    quality: Quality = Quality.GOOD
-
-
-class AlarmKind(enum.StrEnum):
-    ENVELOPE_EXCEEDED = "envelope_exceeded"
-    TRIP_RISK = "trip_risk"
-    DEVICE_STALE = "device_stale"
-    AGENT_LOST = "agent_lost"
-    ESCALATION = "escalation"
-    NODE_UNCAPPABLE = "node_uncappable"  # a GPU server ignores its caps (policy/conformance.py)
-
-
-@dataclass(frozen=True)
-class Alarm:
-    """A condition the BMS should see until it is cleared.
-
-    ``subject`` is what the alarm is about (a node, device or agent id); the pair
-    (kind, subject) is the alarm's identity, so raising the same condition every cycle
-    publishes it once.
-    """
-
-    kind: AlarmKind
-    subject: str
-    message: str
-    raised_at_s: float
-    severity: Literal["warning", "critical"] = "warning"
-    node: str | None = None
-    details: Mapping[str, float | str] = field(default_factory=dict)
-
-    @property
-    def alarm_id(self) -> str:
-        return alarm_id(self.kind, self.subject)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "alarm_id": self.alarm_id,
-            "kind": str(self.kind),
-            "severity": self.severity,
-            "subject": self.subject,
-            "node": self.node,
-            "message": self.message,
-            "raised_at": format_ts(self.raised_at_s),
-            "details": {k: _finite(v) for k, v in self.details.items()},
-        }
-
-
-def alarm_id(kind: AlarmKind, subject: str) -> str:
-    """``envelope_exceeded:rack-1``: what :meth:`BmsLink.clear_alarm` takes."""
-    return f"{kind}:{subject}"
 
 
 # ---------------------------------------------------------------------------

@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 import time
 
+from controller.core.alarms import Alarm, AlarmKind
 from controller.core.audit import CAP, action_kind
 from controller.core.controller import Controller
-from controller.integrations.bms.bridge import Alarm, AlarmKind
 from controller.integrations.scheduler.base import SchedulerAdapter
 from controller.integrations.scheduler.factory import host_map
 from controller.integrations.scheduler.mapping import FALLBACK_PREFIX
