@@ -49,8 +49,10 @@ slurm-deps:
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends slurm-wlm-jwt-plugin; }
 
+# lint-imports: the layer contracts in pyproject.toml ([tool.importlinter]).
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 typecheck: venv
 	$(BIN)/mypy

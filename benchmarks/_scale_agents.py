@@ -27,7 +27,8 @@ from controller.agent.agent_config import parse_agent_config
 from controller.agent.node_agent import NodeAgent
 from controller.agentlink.transport import MqttAgentLink
 from controller.cli.demo_cmd import failsafe_w
-from controller.model.config import MqttConfig, load_site
+from controller.model.config import MqttConfig
+from controller.model.loader import load_site
 from controller.model.topology import PowerTree
 from drivers.nvml import NvmlDriver
 from sim.fake_nvml import FakeGpuSpec, FakeNvml

@@ -29,7 +29,8 @@ from typing import Any
 
 from benchmarks._harness import peak_rss_bytes, percentile, proc_sample, write_json
 from controller.core.controller import Controller
-from controller.model.config import Site, load_site
+from controller.model.config import Site
+from controller.model.loader import load_site
 from controller.service import ServiceOptions, run_service
 
 

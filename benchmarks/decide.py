@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from controller.model.config import parse_site
+from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from controller.policy import POLICIES, Job, PolicyState, Snapshot
 

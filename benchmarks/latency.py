@@ -72,7 +72,8 @@ from controller.agentlink.transport import (
 )
 from controller.cli.demo_cmd import DEMO_SITE, failsafe_w
 from controller.core.controller import Controller
-from controller.model.config import MqttConfig, Site, load_site
+from controller.model.config import MqttConfig, Site
+from controller.model.loader import load_site
 from controller.model.topology import PowerTree
 from controller.policy import Snapshot
 from controller.service import ServiceOptions, run_service

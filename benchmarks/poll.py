@@ -39,9 +39,10 @@ from typing import Any
 
 from benchmarks import poll_collectd as cd
 from benchmarks.poll_fleet import MODBUS_MAP, SNMP_MAP, FleetSize, run_server
-from drivers.base import DeviceParams, PollGroup, PollSettings, build_pollables
+from drivers.base import DeviceParams, PollGroup, PollSettings
 from drivers.devicemap import load_modbus_map, load_snmp_map
 from drivers.reading import Quality, Reading
+from drivers.registry import build_pollables
 
 PERIOD_S = 1.0
 TIMEOUT_S = 0.5

@@ -20,7 +20,7 @@ from benchmarks.decide import scaled_demo_site
 from controller.core.controller import Controller
 from controller.core.cycle_points import CyclePoints, detail_every
 from controller.core.points import Point
-from controller.model.config import parse_site
+from controller.model.loader import parse_site
 from controller.policy import Job, Snapshot
 
 

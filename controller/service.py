@@ -35,11 +35,13 @@ from controller.integrations.bms.bridge import BmsLink
 from controller.integrations.scheduler.attach import attach_scheduler
 from controller.integrations.scheduler.factory import build_adapter
 from controller.integrations.tsdb.writer import TsdbWriter, tsdb_point
-from controller.model.config import ConfigError, Site, agent_auth_problems, load_site
+from controller.model.config import ConfigError, Site, agent_auth_problems
 from controller.model.devices import polled_device_params
+from controller.model.loader import load_site
 from controller.support.mqtt import quiet_aiomqtt_close_race
 from controller.support.sdnotify import Notifier
-from drivers.base import DeviceStats, PollGroup, PollSettings, build_pollables
+from drivers.base import DeviceStats, PollGroup, PollSettings
+from drivers.registry import build_pollables
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Turning register words and SNMP values into engineering values, and back.
 
-One data-type table (:data:`MODBUS_TYPES`, :data:`SNMP_TYPES`) drives all three jobs that
-must agree: the driver's decoding, the validation that flags garbage, and the simulator's
-encoding. A map change therefore moves both ends of the wire together.
+One data-type table (:mod:`drivers.datatypes`: ``MODBUS_TYPES``, ``SNMP_TYPES``) drives
+all three jobs that must agree: the driver's decoding, the validation that flags garbage,
+and the simulator's encoding. A map change therefore moves both ends of the wire together.
 
 Conventions:
 
@@ -21,59 +21,19 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
 
-if TYPE_CHECKING:
-    from drivers.devicemap import ModbusPoint, SnmpPoint
-
-Kind = Literal["int", "float", "string", "bits", "fixed", "bit"]
-
-
-@dataclass(frozen=True)
-class ModbusType:
-    """How one Modbus data type sits in registers.
-
-    ``registers`` is None when the width comes from the point (``length``): strings,
-    bitfields (16 or 32 bits) and fixed-point values (one, two or four registers).
-    """
-
-    name: str
-    kind: Kind
-    registers: int | None
-    signed: bool = False
-    struct_code: str = ""
-
-
-MODBUS_TYPES: dict[str, ModbusType] = {
-    t.name: t
-    for t in (
-        ModbusType("int16", "int", 1, True, "h"),
-        ModbusType("uint16", "int", 1, False, "H"),
-        ModbusType("int32", "int", 2, True, "i"),
-        ModbusType("uint32", "int", 2, False, "I"),
-        ModbusType("int64", "int", 4, True, "q"),
-        ModbusType("uint64", "int", 4, False, "Q"),
-        ModbusType("float32", "float", 2, True, "f"),
-        ModbusType("float64", "float", 4, True, "d"),
-        ModbusType("string", "string", None),
-        ModbusType("bitfield", "bits", None),
-        ModbusType("fixed", "fixed", None),
-        ModbusType("bit", "bit", 1),
-    )
-}
-
-BIT_TABLES = frozenset({"coil", "discrete"})
-REGISTER_TABLES = frozenset({"holding", "input"})
-WORD_ORDERS = ("ABCD", "DCBA", "BADC", "CDAB")
+from drivers.datatypes import (
+    ENTITY_SCALE_UNITS,
+    MODBUS_TYPES,
+    SNMP_TYPES,
+    registers_of,
+)
+from drivers.devicemap import ModbusPoint, SnmpPoint
 
 
 def register_count(point: ModbusPoint) -> int:
     """Registers (or bits, for coil/discrete tables) one point occupies."""
-    t = MODBUS_TYPES[point.type]
-    if t.registers is not None:
-        return t.registers
-    return point.length
+    return registers_of(point.type, point.length)
 
 
 def _int_bounds(nbytes: int, signed: bool) -> tuple[int, int]:
@@ -229,29 +189,6 @@ def active_bits(point: ModbusPoint, value: float) -> list[str]:
 # SNMP
 
 
-@dataclass(frozen=True)
-class SnmpType:
-    """An SNMP syntax as a map names it; bounds are those of the ASN.1 type."""
-
-    name: str
-    lo: int | None
-    hi: int | None
-    text: bool = False
-
-
-SNMP_TYPES: dict[str, SnmpType] = {
-    t.name: t
-    for t in (
-        SnmpType("integer", -(1 << 31), (1 << 31) - 1),
-        SnmpType("gauge32", 0, (1 << 32) - 1),
-        SnmpType("counter32", 0, (1 << 32) - 1),
-        SnmpType("counter64", 0, (1 << 64) - 1),
-        SnmpType("octetstring", None, None, text=True),
-    )
-}
-
-# ENTITY-SENSOR-MIB EntitySensorDataScale: yocto(1) .. units(9) .. yotta(17), steps of 10**3.
-ENTITY_SCALE_UNITS = 9
 
 
 def snmp_factor(point: SnmpPoint, digits: int = 0, si_scale: int = ENTITY_SCALE_UNITS) -> float:

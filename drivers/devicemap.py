@@ -3,7 +3,7 @@
 ``configs/devices/<vendor>-<model>.yaml`` lists a model's points: Modbus registers or SNMP
 OIDs with their type, order, scale and unit. The generic driver of the protocol polls them
 and the simulator serves them through the same file, so one edit keeps both in step. The
-data types themselves live in :mod:`drivers.codec` (one table for decode, validate, encode).
+data types themselves live in :mod:`drivers.datatypes` (one table for decode, validate, encode).
 
 Maps are loaded by name (the file stem) from the directories in ``RACKPOWER_DEVICE_MAPS``
 (``os.pathsep``-separated: a site's own maps, so it needs no change to the package) and
@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from drivers.codec import BIT_TABLES, MODBUS_TYPES, register_count
+from drivers.datatypes import BIT_TABLES, MODBUS_TYPES, registers_of
 from drivers.shipped import device_maps_dir
 
 OID_RE = r"^\.?[0-9]+(\.[0-9]+)+$"
@@ -105,13 +105,13 @@ class ModbusPoint(_PointBase):
             raise ValueError(f"bit numbers are 0-{16 * self.length - 1}")
         if self.writable and self.table not in ("holding", "coil"):
             raise ValueError(f"the {self.table} table is read-only; writable needs holding/coil")
-        if self.address + register_count(self) > 65536:
+        if self.address + registers_of(self.type, self.length) > 65536:
             raise ValueError("the point runs past address 65535")
         return self
 
     @property
     def registers(self) -> int:
-        return register_count(self)
+        return registers_of(self.type, self.length)
 
     @property
     def numeric(self) -> bool:

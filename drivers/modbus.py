@@ -36,6 +36,7 @@ from drivers.base import (
     failed_readings,
     now_pair,
 )
+from drivers.datatypes import BIT_TABLES
 from drivers.devicemap import ModbusMap, ModbusPoint, load_modbus_map
 from drivers.reading import Quality, Reading
 
@@ -93,7 +94,7 @@ def plan_blocks(
     for name, p in points.items():
         by_table.setdefault(p.table, []).append((p.address, p.address + p.registers, name))
     for table, spans in sorted(by_table.items()):
-        limit = max_bits if table in codec.BIT_TABLES else max_registers
+        limit = max_bits if table in BIT_TABLES else max_registers
         spans.sort()
         start, end, names = spans[0][0], spans[0][1], [spans[0][2]]
         for a, b, name in spans[1:]:
@@ -202,7 +203,7 @@ class ModbusConnection:
         if rr.isError():
             raise ModbusExceptionResponse(int(rr.exception_code), what)
         retries = int(getattr(rr, "retries", 0) or 0)
-        if table in codec.BIT_TABLES:
+        if table in BIT_TABLES:
             return [1 if b else 0 for b in rr.bits[:count]], retries
         regs = list(rr.registers)
         if len(regs) != count:

@@ -45,7 +45,8 @@ from typing import Any, Literal, Protocol, cast
 
 from drivers import snmpwire as w
 from drivers.base import DeviceParams, DeviceTimeout, DriverError, PointKey, now_pair
-from drivers.codec import ENTITY_SCALE_UNITS, problem, snmp_decode
+from drivers.codec import problem, snmp_decode
+from drivers.datatypes import ENTITY_SCALE_UNITS
 from drivers.devicemap import SnmpMap, SnmpPoint, load_snmp_map
 from drivers.reading import Quality, Reading
 

@@ -34,6 +34,7 @@ from pymodbus.server import ModbusTcpServer, ModbusTlsServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from drivers import codec
+from drivers.datatypes import BIT_TABLES
 from drivers.devicemap import ModbusMap, ModbusPoint, load_modbus_map
 from sim.faults import FaultKind, FaultTable
 from sim.values import PointSource
@@ -109,7 +110,7 @@ class _Served:
         out: list[list[SimData]] = []
         for table in TABLE_ORDER:
             pts = [p for _, p in self.by_table[table]]
-            if table in codec.BIT_TABLES:
+            if table in BIT_TABLES:
                 # pymodbus stores 16 bits per register; coil a lives in register a // 16.
                 hi = max((p.address for p in pts), default=0) // 16 + 1
                 out.append([SimData(0, count=hi, values=0, datatype=DataType.BITS)])
@@ -168,7 +169,7 @@ class _Served:
             return self._write(table, address, [int(v) for v in set_values], regs, start)
         end = address + count
         for name, p in self.by_table[table]:
-            if table in codec.BIT_TABLES:
+            if table in BIT_TABLES:
                 if address <= p.address < end:
                     bit = self.encoded(name, p, garbage)[0]
                     i, b = p.address // 16 - start, p.address % 16
@@ -185,7 +186,7 @@ class _Served:
         end = address + len(values)
         touched = False
         for name, p in self.by_table[table]:
-            if table in codec.BIT_TABLES:
+            if table in BIT_TABLES:
                 inside = address <= p.address < end
                 words = [values[p.address - address]] if inside else []
             else:

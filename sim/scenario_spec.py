@@ -18,7 +18,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from controller.model.config import ConfigError, Problem, Site, format_loc, load_site, parse_site
+from controller.model.config import ConfigError, Problem, Site, format_loc
+from controller.model.loader import load_site, parse_site
 
 PosS = Annotated[float, Field(gt=0)]
 NonNegS = Annotated[float, Field(ge=0)]

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from typing import cast
 
 from drivers import snmpwire as w
-from drivers.codec import ENTITY_SCALE_UNITS, SNMP_TYPES, snmp_encode
+from drivers.codec import snmp_encode
+from drivers.datatypes import ENTITY_SCALE_UNITS, SNMP_TYPES
 from drivers.devicemap import SnmpMap, SnmpPoint
 from sim.faults import FaultKind, FaultTable
 from sim.values import PointSource

@@ -20,8 +20,8 @@ from controller.model.config import (
     Problem,
     Strict,
     check_url,
-    pydantic_problems,
 )
+from controller.model.loader import pydantic_problems
 from controller.model.wire_limits import ID_PATTERN, MAX_LEASE_S
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=ID_PATTERN)]

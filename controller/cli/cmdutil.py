@@ -10,7 +10,8 @@ import logging
 import sys
 
 from controller.cli.config_warnings import render_warnings
-from controller.model.config import ConfigError, Site, load_site
+from controller.model.config import ConfigError, Site
+from controller.model.loader import load_site
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 log = logging.getLogger("controller.model.config")

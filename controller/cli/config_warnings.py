@@ -18,15 +18,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from controller.model.config import (
-    DeviceSpec,
-    NodeDef,
-    Problem,
-    Site,
-    TripCurve,
-    collapse_instances,
-)
+from controller.model.config import DeviceSpec, NodeDef, Problem, Site, TripCurve
 from controller.model.config_semantics import level_sums
+from controller.model.loader import collapse_instances
 from controller.policy.escalation import allowed_s
 
 OVERSUBSCRIPTION_WARN = 2.0

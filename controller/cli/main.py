@@ -23,7 +23,8 @@ from controller.cli import (
     status_cmd,
 )
 from controller.cli.config_warnings import render_warnings
-from controller.model.config import ConfigError, load_site
+from controller.model.config import ConfigError
+from controller.model.loader import load_site
 from controller.model.topology import PowerTree
 
 EXIT_OK = 0

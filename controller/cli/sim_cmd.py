@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from controller.cli.cmdutil import setup_logging
-from controller.model.config import ConfigError, Site, load_site
+from controller.model.config import ConfigError, Site
+from controller.model.loader import load_site
 
 if TYPE_CHECKING:
     from sim.runtime import SimRuntime

@@ -40,7 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from controller.agentlink.lease import Lease
 from controller.agentlink.msgauth import Key, parse_keys, seal
 from controller.agentlink.transport import AgentTopics
-from controller.model.config import load_site
+from controller.model.loader import load_site
 from tests.e2e.harness import (
     CONTROLLER_ID,
     GPU_MAX_W,

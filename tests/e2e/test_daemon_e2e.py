@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
-from controller.model.config import load_site
+from controller.model.loader import load_site
 from tests.e2e.harness import (
     CONTROLLER_ID,
     GPU_MAX_W,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.model.config import load_site
+from controller.model.loader import load_site
 from tests.e2e.harness import (
     GPU_MAX_W,
     RACKS,

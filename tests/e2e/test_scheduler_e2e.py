@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 from controller.integrations.bms.bridge import topic_level
-from controller.model.config import load_site
+from controller.model.loader import load_site
 from tests.e2e.harness import (
     ControllerProcess,
     Plant,

@@ -28,7 +28,8 @@ import pytest
 from controller.core.alarms import Alarm, AlarmKind
 from controller.core.view import Health, MemoryView, NodeLive, build_rows
 from controller.integrations.api.app import ApiServer, History, create_app
-from controller.model.config import ApiConfig, parse_site
+from controller.model.config import ApiConfig
+from controller.model.loader import parse_site
 from controller.model.topology import CONSTRAINT_KINDS, PowerTree
 from tests.sites import tiny_site
 

@@ -34,7 +34,8 @@ from controller.agent.node_agent import NodeAgent
 from controller.agentlink.msgauth import KeyFile, new_key_line, write_key_file
 from controller.agentlink.transport import MqttAgentLink, MqttControllerLink
 from controller.core.controller import Controller
-from controller.model.config import MqttConfig, parse_site
+from controller.model.config import MqttConfig
+from controller.model.loader import parse_site
 from controller.service import ServiceOptions, run_service
 from controller.support.mqtt import Backoff
 from drivers.nvml import NvmlDriver

@@ -24,7 +24,8 @@ from controller.cli import status_cmd
 from controller.core.alarms import Alarm, AlarmKind
 from controller.core.view import CapRow, Health, MemoryView, NodeLive
 from controller.integrations.api.app import ApiServer, History, create_app, resolve_api_token
-from controller.model.config import ApiConfig, parse_site
+from controller.model.config import ApiConfig
+from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from tests.sites import tiny_site
 

@@ -21,7 +21,8 @@ import pytest
 
 from controller.core.view import MemoryView
 from controller.integrations.api.app import MAX_BODY_BYTES, ApiServer, create_app
-from controller.model.config import ApiConfig, parse_site
+from controller.model.config import ApiConfig
+from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from tests.integration.test_api import LIVE
 from tests.sites import tiny_site
@@ -327,7 +328,7 @@ def test_the_api_binds_to_loopback_unless_told_otherwise() -> None:
     from pathlib import Path
 
     from controller.integrations.api.app import binding_note, is_loopback
-    from controller.model.config import load_site
+    from controller.model.loader import load_site
 
     assert ApiConfig().host == "127.0.0.1"
     demo = Path(__file__).resolve().parents[2] / "configs" / "sites" / "demo.yaml"

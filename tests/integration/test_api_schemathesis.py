@@ -29,7 +29,8 @@ import pytest
 
 from controller.core.view import MemoryView
 from controller.integrations.api.app import ApiServer, create_app
-from controller.model.config import ApiConfig, parse_site
+from controller.model.config import ApiConfig
+from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from tests.integration.test_api import LIVE
 from tests.sites import tiny_site

@@ -29,7 +29,8 @@ from controller.core.overrides import EnvelopeOverrides
 from controller.core.setpoints import Command, DemandResponse, format_ts
 from controller.core.view import NodeTelemetry
 from controller.integrations.bms.bridge import BmsLink
-from controller.model.config import MqttConfig, parse_site
+from controller.model.config import MqttConfig
+from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from controller.support.mqtt import Backoff
 from drivers.reading import Quality

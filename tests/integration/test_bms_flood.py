@@ -27,7 +27,8 @@ from controller.core.controller import Controller
 from controller.core.cycle import CycleStats, run_cycle, wait_or_stop
 from controller.core.setpoints import Command, ModeSwitch
 from controller.integrations.bms.bridge import BmsLink
-from controller.model.config import MqttConfig, parse_site
+from controller.model.config import MqttConfig
+from controller.model.loader import parse_site
 from controller.support.mqtt import Backoff
 from tests.fixtures.mosquitto import Mosquitto
 from tests.integration.test_bms import BASE, eventually, running

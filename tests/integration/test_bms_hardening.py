@@ -21,7 +21,8 @@ import pytest
 
 from controller.core.overrides import EnvelopeOverrides
 from controller.core.setpoints import format_ts
-from controller.model.config import MqttConfig, parse_site
+from controller.model.config import MqttConfig
+from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from tests.fixtures.mosquitto import Mosquitto
 from tests.integration.test_bms import (

@@ -28,7 +28,8 @@ from controller.integrations.scheduler.kubernetes import (
     KubernetesScheduler,
 )
 from controller.integrations.scheduler.mapping import HostMap, map_jobs
-from controller.model.config import PolicyConfig, parse_site
+from controller.model.config import PolicyConfig
+from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from tests.fixtures.fake_kube import FakeKube, make_pod, serve_fake_kube
 from tests.sites import tiny_site

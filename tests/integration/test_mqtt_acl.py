@@ -48,7 +48,8 @@ from controller.cli.main import main
 from controller.core.setpoints import Command
 from controller.integrations.bms.bridge import BmsLink, BmsTopics
 from controller.integrations.broker_acl import usernames_in_template
-from controller.model.config import MqttConfig, parse_site
+from controller.model.config import MqttConfig
+from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from controller.support.mqtt import Backoff
 from drivers.nvml import NvmlDriver

@@ -26,7 +26,8 @@ from controller.core.controller import Controller
 from controller.integrations.scheduler.attach import attach_scheduler
 from controller.integrations.scheduler.runner import SchedulerLink
 from controller.integrations.scheduler.simulated import SimulatedScheduler
-from controller.model.config import SchedulerConfig, parse_site
+from controller.model.config import SchedulerConfig
+from controller.model.loader import parse_site
 from drivers.nvml import NvmlDriver
 from drivers.reading import Reading
 from sim.runtime import SimRuntime

@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 
-from controller.model.config import load_site, parse_site
 from controller.model.devices import polled_device_params
+from controller.model.loader import load_site, parse_site
 from drivers.devicemap import load_modbus_map
 from drivers.modbus import build_modbus_devices
 from drivers.reading import Quality

@@ -23,7 +23,8 @@ from controller.integrations.scheduler import (
 )
 from controller.integrations.scheduler.runner import ActionResult, SchedulerLink
 from controller.integrations.scheduler.slurm import SlurmAdapter
-from controller.model.config import SchedulerConfig, parse_site
+from controller.model.config import SchedulerConfig
+from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from controller.policy import Migrate, Requeue, Snapshot, decide
 from tests.fixtures.slurm import NODE, SlurmCluster, free_port, submit_priority_mix

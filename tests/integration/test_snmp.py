@@ -14,7 +14,8 @@ import pytest
 
 from drivers import snmpwire as w
 from drivers.base import DeviceParams, PollGroup, PollSettings
-from drivers.codec import ENTITY_SCALE_UNITS, snmp_decode, snmp_encode
+from drivers.codec import snmp_decode, snmp_encode
+from drivers.datatypes import ENTITY_SCALE_UNITS
 from drivers.devicemap import SnmpMap, available_maps, load_map, load_snmp_map
 from drivers.reading import Quality, Reading
 from drivers.snmp import (

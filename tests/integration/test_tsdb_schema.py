@@ -30,7 +30,8 @@ from controller.agentlink.lease import Telemetry
 from controller.core.controller import Controller
 from controller.core.points import Point
 from controller.integrations.tsdb.writer import TsdbWriter, tsdb_point
-from controller.model.config import InfluxConfig, parse_site
+from controller.model.config import InfluxConfig
+from controller.model.loader import parse_site
 from controller.policy import Job
 from drivers.base import DeviceStats
 from drivers.reading import Quality, Reading

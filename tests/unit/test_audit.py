@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from controller.core.audit import AuditLog, action_kind
-from controller.model.config import parse_site
+from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from controller.policy.types import Migrate, Requeue, SetCap
 from tests.sites import tiny_site

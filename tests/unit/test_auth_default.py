@@ -24,7 +24,8 @@ from controller.agent.agent_config import auth_problem, parse_agent_config
 from controller.agentlink.msgauth import KeyFileError, KeyStore
 from controller.cli.agent_cmd import cmd_agent
 from controller.cli.main import main
-from controller.model.config import ConfigError, parse_site
+from controller.model.config import ConfigError
+from controller.model.loader import parse_site
 from tests.sites import agent_site, tiny_site
 
 REPO = Path(__file__).resolve().parents[2]

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from controller.core.overrides import EnvelopeOverrides
 from controller.core.setpoints import Command
 from controller.integrations.bms.bridge import BmsLink
-from controller.model.config import MqttConfig, parse_site
+from controller.model.config import MqttConfig
+from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from tests.sites import tiny_site
 

@@ -14,7 +14,7 @@ from prometheus_client import generate_latest
 from controller.core.controller import Controller
 from controller.core.metrics import Metrics
 from controller.core.setpoints import CommandLimits, CommandProcessor, ModeSwitch
-from controller.model.config import parse_site
+from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from tests.sites import tiny_site
 

@@ -25,7 +25,7 @@ from controller.core.setpoints import (
     ModeSwitch,
     format_ts,
 )
-from controller.model.config import parse_site
+from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from tests.sites import tiny_site
 

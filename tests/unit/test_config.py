@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from controller.cli.main import main
-from controller.model.config import ConfigError, load_site, parse_site
+from controller.model.config import ConfigError
+from controller.model.loader import load_site, parse_site
 from tests.sites import ab_site, tiny_site
 
 Mutation = Callable[[dict[str, Any]], None]

@@ -618,7 +618,7 @@ def test_agent_config_refuses_urls_that_cannot_work(url: str, reason: str) -> No
 
 def test_run_logs_the_warnings_at_start(caplog: pytest.LogCaptureFixture) -> None:
     from controller.cli.cmdutil import log_site_warnings
-    from controller.model.config import parse_site
+    from controller.model.loader import parse_site
 
     cfg = tiny_site()
     cfg["rows"][0]["racks"][0]["nodes"][0]["envelope_w"] = 1000

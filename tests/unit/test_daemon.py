@@ -20,7 +20,7 @@ from controller.agent.agent_config import parse_agent_config
 from controller.agent.node_agent import NodeAgent
 from controller.agentlink.transport import InProcessLink
 from controller.core.controller import Controller
-from controller.model.config import parse_site
+from controller.model.loader import parse_site
 from drivers.nvml import NvmlDriver
 from drivers.reading import Reading
 from sim.fake_nvml import FakeNvml
@@ -212,7 +212,7 @@ def test_failsafe_share_keeps_every_envelope_with_conversion_losses() -> None:
     (The demo site configures every converter's curve; where a config has none, neither
     the share nor the policy can know the loss the plant then models by default.)"""
     from controller.cli.demo_cmd import failsafe_shares_w
-    from controller.model.config import load_site
+    from controller.model.loader import load_site
     from controller.model.topology import PowerTree
     from sim.plant import Plant, Setpoints
 

@@ -24,7 +24,8 @@ import pytest
 from controller.cli import headroom_cmd
 from controller.core.view import MemoryView, NodeLive
 from controller.integrations.api.app import ApiServer, create_app
-from controller.model.config import ApiConfig, parse_site
+from controller.model.config import ApiConfig
+from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from tests.sites import tiny_site
 

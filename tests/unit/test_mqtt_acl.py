@@ -23,7 +23,7 @@ from controller.integrations.broker_acl import (
     render_acl,
     usernames_in_template,
 )
-from controller.model.config import parse_site
+from controller.model.loader import parse_site
 from tests.sites import agent_site
 
 CTL = "rackpower-tiny"

@@ -10,7 +10,7 @@ import pytest
 
 from controller.core.overrides import EnvelopeOverrides
 from controller.core.setpoints import DemandResponse, EnvelopeOverride, check_command
-from controller.model.config import parse_site
+from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from tests.sites import tiny_site
 
@@ -97,7 +97,7 @@ def test_reload_drops_settings_for_nodes_that_are_gone(tree: PowerTree) -> None:
 def test_f8_envelope_in_force_never_exceeds_the_configured_one(tree: PowerTree) -> None:
     """After a reload that lowers rack-1's envelope below an active override, the store
     reports the configured value: what it says is in force is what the policy uses."""
-    from controller.model.config import parse_site
+    from controller.model.loader import parse_site
     from tests.sites import tiny_site
 
     store = EnvelopeOverrides(tree)

@@ -13,9 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from controller.model.config import Site, load_site, parse_site
+from controller.model.config import Site
+from controller.model.loader import load_site, parse_site
 from controller.model.topology import PowerTree
 from drivers import codec
+from drivers.datatypes import ENTITY_SCALE_UNITS
 from drivers.devicemap import ModbusMap, ModbusPoint, SnmpMap, SnmpPoint, load_map
 from sim.fake_nvml import FakeNvml
 from sim.faults import Fault, FaultKind
@@ -125,7 +127,7 @@ def through_map(dmap: ModbusMap | SnmpMap, name: str, value: float,
         return round(v if v is not None else dmap.points[ref].sim_value or default)
 
     digits = meta(point.divisor_oid, 0)
-    si = meta(point.si_scale_oid, codec.ENTITY_SCALE_UNITS)
+    si = meta(point.si_scale_oid, ENTITY_SCALE_UNITS)
     raw = codec.snmp_encode(point, value, digits, si)
     decoded_snmp = codec.snmp_decode(point, raw, digits, si)
     assert isinstance(decoded_snmp, float)

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from controller.model.config import parse_site
+from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from controller.policy import (
     Job,

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from controller.model.config import Bands, parse_site
+from controller.model.config import Bands
+from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from controller.policy import Job, Migrate, Requeue
 from controller.policy.bands import node_bands

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from controller.model.config import parse_site
+from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from controller.policy import Action, Job, Policy, PolicyState, SetCap, Snapshot, decide
 from tests.sites import tiny_site

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from controller.core.readings import ReadingsStore
-from controller.model.config import parse_site
+from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from drivers.reading import Quality, Reading
 from tests.sites import ab_site, tiny_site

@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from controller.cli import scenario_cmd
-from controller.model.config import ConfigError, parse_site
+from controller.model.config import ConfigError
+from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from controller.policy.index import tree_index
 from sim.plant import Plant

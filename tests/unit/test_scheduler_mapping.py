@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from controller.integrations.scheduler import HostMap, SchedJob, fallback_jobs, map_class, map_jobs
-from controller.model.config import parse_site
+from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from controller.policy.index import tree_index
 from controller.policy.jobs import build_job_index

@@ -17,7 +17,8 @@ from controller.core.controller import Controller
 from controller.integrations.scheduler.attach import attach_scheduler
 from controller.integrations.scheduler.base import SchedJob, SchedulerUnavailable
 from controller.integrations.scheduler.runner import ActionResult, SchedulerLink
-from controller.model.config import SchedulerConfig, Site, parse_site
+from controller.model.config import SchedulerConfig, Site
+from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from controller.policy import Requeue
 from drivers.reading import Quality, Reading

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.model.config import parse_site
+from controller.model.loader import parse_site
 from controller.service import ServiceOptions, run_service
 from tests.sites import tiny_site
 

@@ -21,7 +21,8 @@ from controller.integrations.scheduler.base import (
 )
 from controller.integrations.scheduler.mapping import HostMap, map_jobs
 from controller.integrations.scheduler.simulated import SimNote, SimulatedScheduler
-from controller.model.config import PolicyConfig, parse_site
+from controller.model.config import PolicyConfig
+from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from sim.scheduler import SchedulerConfig, SimScheduler
 from sim.workloads import InferenceServiceSpec, TrainingJobSpec, TrainingProfile

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.model.config import parse_site
+from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from sim.plant import Plant, PlantState, Setpoints
 from sim.scheduler import JobView, SchedulerConfig, SimScheduler

@@ -14,7 +14,7 @@ import time
 from controller.core.controller import Controller
 from controller.core.cycle_points import detail_every, phase_of
 from controller.core.points import Point
-from controller.model.config import parse_site
+from controller.model.loader import parse_site
 from tests.sites import tiny_site
 
 
