@@ -175,7 +175,8 @@ async def test_cancelled_link_still_says_offline(mosquitto: Mosquitto, tree: Pow
 CHILD = """
 import asyncio, sys
 from controller.integrations.bms.bridge import BmsLink
-from controller.model.config import MqttConfig, parse_site
+from controller.model.config import MqttConfig
+from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from tests.sites import tiny_site
 
