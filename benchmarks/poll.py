@@ -140,13 +140,14 @@ def device_params(protocol: str, endpoints: Sequence[dict[str, Any]]) -> list[De
     if protocol == "modbus":
         return [
             DeviceParams(e["device"], "modbus", host=e["host"], port=e["port"],
-                         map_name=MODBUS_MAP, unit_id=e["unit_id"], period_s=PERIOD_S,
-                         timeout_s=TIMEOUT_S)
+                         map_name=MODBUS_MAP, options={"unit_id": e["unit_id"]},
+                         period_s=PERIOD_S, timeout_s=TIMEOUT_S)
             for e in endpoints
         ]
     return [
         DeviceParams(e["device"], "snmp", host=e["host"], port=e["port"], map_name=SNMP_MAP,
-                     community=e["community"], period_s=PERIOD_S, timeout_s=TIMEOUT_S)
+                     options={"community": e["community"]}, period_s=PERIOD_S,
+                     timeout_s=TIMEOUT_S)
         for e in endpoints
     ]
 

@@ -115,8 +115,11 @@ class PowerLimiter(Protocol):
 class DeviceParams:
     """How to reach and poll one device. The controller fills it from its DeviceSpec.
 
-    ``options`` carries driver-specific knobs (Modbus: ``retries``, ``max_hole``,
-    ``tls_cafile``...) so adding one never changes this contract.
+    Only what every polled driver has: where, which map, how often. Everything
+    protocol-specific (Modbus ``unit_id``, ``tls``, ``retries``...; SNMP ``community``,
+    ``snmp_version``, the v3 user and keys...) is in ``options``, and each driver decodes
+    its own (``ModbusOptions``, ``SnmpOptions``), so a new protocol or knob never changes
+    this contract.
     """
 
     device_id: str
@@ -124,16 +127,9 @@ class DeviceParams:
     host: str = "127.0.0.1"
     port: int | None = None
     map_name: str | None = None
-    unit_id: int = 1
     period_s: float = 1.0
     timeout_s: float = 0.5
     stale_s: float = 3.0
-    tls: bool = False
-    community: str | None = None
-    snmp_version: str = "2c"
-    v3_user: str | None = None
-    v3_auth_key: str | None = None
-    v3_priv_key: str | None = None
     options: Mapping[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -142,6 +138,29 @@ class DeviceParams:
                 f"{self.device_id}: timeout_s {self.timeout_s:g} must be >0 and shorter "
                 f"than period_s {self.period_s:g}"
             )
+
+
+def int_option(params: DeviceParams, key: str, default: int) -> int:
+    """An integer option; a wrong type is a start-up error naming the device, not a guess."""
+    value = params.options.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{params.device_id}: option {key} must be an integer, got {value!r}")
+    return value
+
+
+def str_option(params: DeviceParams, key: str) -> str | None:
+    """A text option, or None when it is not given."""
+    value = params.options.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{params.device_id}: option {key} must be text, got {value!r}")
+    return value
+
+
+def bool_option(params: DeviceParams, key: str, default: bool) -> bool:
+    value = params.options.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{params.device_id}: option {key} must be true or false, got {value!r}")
+    return value
 
 
 # ---------------------------------------------------------------------------

@@ -33,7 +33,9 @@ from drivers.base import (
     DriverError,
     PointKey,
     WriteRejected,
+    bool_option,
     failed_readings,
+    int_option,
     now_pair,
 )
 from drivers.datatypes import BIT_TABLES
@@ -428,6 +430,31 @@ def _opt_int(options: Mapping[str, object], key: str, default: int) -> int:
     return int(v) if isinstance(v, int | float | str) else default
 
 
+@dataclass(frozen=True)
+class ModbusOptions:
+    """The Modbus knobs in :attr:`DeviceParams.options`: ``unit_id`` (1), ``tls`` (false),
+    ``retries`` (1), ``max_hole`` (8), ``power_point``; ``tls_cafile``, ``tls_certfile`` and
+    ``tls_keyfile`` are read by :func:`make_sslctx`."""
+
+    unit_id: int = 1
+    tls: bool = False
+    retries: int = 1
+    max_hole: int = 8
+    power_point: str | None = None
+
+    @classmethod
+    def of(cls, params: DeviceParams) -> ModbusOptions:
+        opts = params.options
+        power_point = opts.get("power_point")
+        return cls(
+            unit_id=int_option(params, "unit_id", 1),
+            tls=bool_option(params, "tls", False),
+            retries=_opt_int(opts, "retries", 1),
+            max_hole=_opt_int(opts, "max_hole", 8),
+            power_point=str(power_point) if power_point else None,
+        )
+
+
 def build_modbus_devices(
     devices: Sequence[DeviceParams], maps: Mapping[str, ModbusMap] | None = None
 ) -> list[ModbusDevice]:
@@ -438,20 +465,19 @@ def build_modbus_devices(
         if d.map_name is None:
             raise ValueError(f"{d.device_id}: a modbus device needs a map")
         dmap = (maps or {}).get(d.map_name) or load_modbus_map(d.map_name)
-        port = d.port or (DEFAULT_TLS_PORT if d.tls else DEFAULT_PORT)
-        key = (d.host, port, d.tls)
+        o = ModbusOptions.of(d)
+        port = d.port or (DEFAULT_TLS_PORT if o.tls else DEFAULT_PORT)
+        key = (d.host, port, o.tls)
         conn = conns.get(key)
         if conn is None:
             conn = ModbusConnection(
-                d.host, port, timeout_s=d.timeout_s, retries=_opt_int(d.options, "retries", 1),
-                sslctx=make_sslctx(d.options) if d.tls else None,
+                d.host, port, timeout_s=d.timeout_s, retries=o.retries,
+                sslctx=make_sslctx(d.options) if o.tls else None,
             )
             conns[key] = conn
         conn.timeout_s = min(conn.timeout_s, d.timeout_s)
-        power_point = d.options.get("power_point")
         out.append(ModbusDevice(
-            d.device_id, conn, dmap, d.unit_id, timeout_s=d.timeout_s,
-            max_hole=_opt_int(d.options, "max_hole", 8),
-            power_point=str(power_point) if power_point else None,
+            d.device_id, conn, dmap, o.unit_id, timeout_s=d.timeout_s,
+            max_hole=o.max_hole, power_point=o.power_point,
         ))
     return out

@@ -44,7 +44,14 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, cast
 
 from drivers import snmpwire as w
-from drivers.base import DeviceParams, DeviceTimeout, DriverError, PointKey, now_pair
+from drivers.base import (
+    DeviceParams,
+    DeviceTimeout,
+    DriverError,
+    PointKey,
+    now_pair,
+    str_option,
+)
 from drivers.codec import problem, snmp_decode
 from drivers.datatypes import ENTITY_SCALE_UNITS
 from drivers.devicemap import SnmpMap, SnmpPoint, load_snmp_map
@@ -664,15 +671,39 @@ def _number_option(options: Mapping[str, object], key: str, default: float) -> f
     return float(value)
 
 
+@dataclass(frozen=True)
+class SnmpOptions:
+    """Who the agent is told we are, from :attr:`DeviceParams.options`: ``snmp_version``
+    (2c), ``community`` (public), ``v3_user``, ``v3_auth_key``, ``v3_priv_key`` (the keys
+    resolved from the environment by the controller, never from the config file)."""
+
+    snmp_version: str = "2c"
+    community: str | None = None
+    v3_user: str | None = None
+    v3_auth_key: str | None = None
+    v3_priv_key: str | None = None
+
+    @classmethod
+    def of(cls, params: DeviceParams) -> SnmpOptions:
+        return cls(
+            snmp_version=str_option(params, "snmp_version") or "2c",
+            community=str_option(params, "community"),
+            v3_user=str_option(params, "v3_user"),
+            v3_auth_key=str_option(params, "v3_auth_key"),
+            v3_priv_key=str_option(params, "v3_priv_key"),
+        )
+
+
 def target_from_params(p: DeviceParams) -> SnmpTarget:
-    version = p.snmp_version.lower().removeprefix("v")
+    o = SnmpOptions.of(p)
+    version = o.snmp_version.lower().removeprefix("v")
     if version not in ("2c", "3"):
-        raise ValueError(f"{p.device_id}: snmp_version must be 2c or 3, not {p.snmp_version!r}")
+        raise ValueError(f"{p.device_id}: snmp_version must be 2c or 3, not {o.snmp_version!r}")
     opts = p.options
     return SnmpTarget(
         host=p.host, port=p.port or DEFAULT_PORT, version=cast(Literal["2c", "3"], version),
-        community=p.community or "public", v3_user=p.v3_user, v3_auth_key=p.v3_auth_key,
-        v3_priv_key=p.v3_priv_key,
+        community=o.community or "public", v3_user=o.v3_user, v3_auth_key=o.v3_auth_key,
+        v3_priv_key=o.v3_priv_key,
         v3_auth_protocol=str(opts.get("v3_auth_protocol", "SHA-256")),
         v3_priv_protocol=str(opts.get("v3_priv_protocol", "AES")),
     )

@@ -42,22 +42,31 @@ def device_params(device: DeviceSpec, environ: Mapping[str, str] | None = None) 
     community = device.community
     if device.community_env is not None:
         community = _secret(device, device.community_env, "the SNMP community", env)
+    v3_auth_key = _secret(device, device.v3_auth_key_env, "the SNMPv3 auth key", env)
+    v3_priv_key = _secret(device, device.v3_priv_key_env, "the SNMPv3 privacy key", env)
+    # Each driver decodes its own options (drivers.modbus.ModbusOptions, drivers.snmp.SnmpOptions).
+    options: dict[str, object] = {}
+    if device.driver == "modbus":
+        options = {"unit_id": device.modbus_unit_id, "tls": device.tls}
+    elif device.driver == "snmp":
+        snmp: dict[str, str | None] = {
+            "snmp_version": device.snmp_version,
+            "community": community,
+            "v3_user": device.v3_user,
+            "v3_auth_key": v3_auth_key,
+            "v3_priv_key": v3_priv_key,
+        }
+        options = {k: v for k, v in snmp.items() if v is not None}
     return DeviceParams(
         device_id=device.id,
         driver=device.driver,
         host=host,
         port=port,
         map_name=device.map,
-        unit_id=device.modbus_unit_id,
         period_s=device.period_s,
         timeout_s=device.timeout_s,
         stale_s=device.effective_stale_s,
-        tls=device.tls,
-        community=community,
-        snmp_version=device.snmp_version,
-        v3_user=device.v3_user,
-        v3_auth_key=_secret(device, device.v3_auth_key_env, "the SNMPv3 auth key", env),
-        v3_priv_key=_secret(device, device.v3_priv_key_env, "the SNMPv3 privacy key", env),
+        options=options,
     )
 
 

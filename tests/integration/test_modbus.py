@@ -71,9 +71,9 @@ def source_for(devices: Sequence[tuple[str, str]]) -> StaticSource:
 def params(fe: ModbusFrontend, device: str, map_name: str, **kw: object) -> DeviceParams:
     ep = fe.endpoint(device)
     return DeviceParams(
-        device, "modbus", host=ep.host, port=ep.port, map_name=map_name, unit_id=ep.unit_id,
+        device, "modbus", host=ep.host, port=ep.port, map_name=map_name,
         period_s=PERIOD_S, timeout_s=TIMEOUT_S, stale_s=3 * PERIOD_S,
-        options=dict(kw),
+        options={"unit_id": ep.unit_id, **kw},
     )
 
 
@@ -390,8 +390,8 @@ async def test_modbus_over_tls(tls_files: tuple[Path, Path]) -> None:
     async with ModbusFrontend([SimModbusDevice("shelf-1", RECT)], src, sslctx=sctx) as fe:
         ep = fe.endpoint("shelf-1")
         p = DeviceParams("shelf-1", "modbus", host=ep.host, port=ep.port, map_name=RECT,
-                         tls=True, period_s=1.0, timeout_s=0.5,
-                         options={"tls_cafile": str(cert)})
+                         period_s=1.0, timeout_s=0.5,
+                         options={"tls": True, "tls_cafile": str(cert)})
         [dev] = build_modbus_devices([p])
         await dev.connect()
         try:
@@ -401,7 +401,8 @@ async def test_modbus_over_tls(tls_files: tuple[Path, Path]) -> None:
             await dev.close()
         # Without the CA the handshake fails: the driver reports it, it does not hang.
         [untrusted] = build_modbus_devices([DeviceParams(
-            "shelf-1", "modbus", host=ep.host, port=ep.port, map_name=RECT, tls=True)])
+            "shelf-1", "modbus", host=ep.host, port=ep.port, map_name=RECT,
+            options={"tls": True})])
         with pytest.raises(Exception, match="connect"):
             await untrusted.connect()
         await untrusted.close()

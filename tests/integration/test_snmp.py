@@ -90,12 +90,12 @@ def params(
     device_id: str, map_name: str, port: int, *, transport: str = "auto", community: str = "",
     **kw: object,
 ) -> DeviceParams:
-    opts: dict[str, object] = {"transport": transport}
+    opts: dict[str, object] = {"transport": transport, "community": community or device_id}
     opts.update({k: v for k, v in kw.items() if k in ("tables", "retries", "max_varbinds")})
     other = {k: v for k, v in kw.items() if k not in opts}
     return DeviceParams(
         device_id, "snmp", host="127.0.0.1", port=port, map_name=map_name,
-        community=community or device_id, options=opts, **other,  # type: ignore[arg-type]
+        options=opts, **other,  # type: ignore[arg-type]
     )
 
 
@@ -260,9 +260,11 @@ async def test_driver_reads_real_snmpd_v3_authpriv_sha256_aes(
 
     def v3(device_id: str, map_name: str, priv_key: str) -> DeviceParams:
         return DeviceParams(
-            device_id, "snmp", port=server.port, map_name=map_name, snmp_version="3",
-            v3_user=V3_USER, v3_auth_key=V3_AUTH_KEY, v3_priv_key=priv_key,
-            options={"v3_auth_protocol": "SHA-256", "v3_priv_protocol": "AES"},
+            device_id, "snmp", port=server.port, map_name=map_name,
+            options={
+                "snmp_version": "3", "v3_user": V3_USER, "v3_auth_key": V3_AUTH_KEY,
+                "v3_priv_key": priv_key, "v3_auth_protocol": "SHA-256", "v3_priv_protocol": "AES",
+            },
             timeout_s=0.9, period_s=1.0,
         )
 
