@@ -20,7 +20,7 @@ on a large site ``down_to="rack"`` keeps even the servers out.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -32,7 +32,7 @@ from prometheus_client import (
     exposition,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from controller.config import Kind
@@ -106,6 +106,8 @@ class Metrics:
 
         self._tree = _TreeCollector()
         r.register(self._tree)
+        self._device_errors = _DeviceErrorsCollector()
+        r.register(self._device_errors)
         self.caps_active = Gauge("rackpower_caps_active", "Cap groups (jobs) in force.", registry=r)
         self.capped_gpus = Gauge("rackpower_capped_gpus", "GPUs under a cap.", registry=r)
         self.reservations_active = Gauge(
@@ -143,6 +145,11 @@ class Metrics:
         if total > self._tsdb_dropped_seen:
             self.tsdb_dropped.inc(total - self._tsdb_dropped_seen)
             self._tsdb_dropped_seen = total
+
+    def set_device_errors_source(self, source: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+        """Where ``rackpower_device_errors_total`` is read from at scrape time: the poll
+        group's ``{(device, kind): errors}`` (drivers.errorlog: kinds are a closed set)."""
+        self._device_errors.source = source
 
     def set_gpu_power(self, tree: PowerTree, power_w: npt.NDArray[np.float64]) -> None:
         """Per-GPU power; a no-op unless the instance was made with ``per_gpu=True``."""
@@ -230,3 +237,27 @@ class _TreeCollector(Collector):
             for row in rows:
                 family.add_metric((row.id, row.kind), value(row))
             yield family
+
+
+class _DeviceErrorsCollector(Collector):
+    """``rackpower_device_errors_total{device,kind}``, read from the pollers at scrape.
+
+    The pollers own the counts (they only grow); reading them at scrape time costs the
+    poll loop nothing and drops the series of a device removed by a reload.
+    """
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Mapping[tuple[str, str], int]] | None = None
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "rackpower_device_errors", "Device poll errors by kind.", labels=("device", "kind")
+        )
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "rackpower_device_errors", "Device poll errors by kind.", labels=("device", "kind")
+        )
+        for (device, kind), n in sorted((self.source() if self.source else {}).items()):
+            family.add_metric((device, kind), n)
+        yield family

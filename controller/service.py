@@ -128,6 +128,7 @@ async def run_service(site: Site, options: ServiceOptions, stop: asyncio.Event) 
     settings = {p.device_id: PollSettings.from_params(p) for p in params}
     stale = {p.device_id: p.stale_s for p in params}
     controller.device_health = _device_health(group, time.monotonic, stale)
+    metrics.set_device_errors_source(group.error_counts)
 
     writer: TsdbWriter | None = None
     if integrations.influx is not None:
@@ -219,7 +220,9 @@ async def run_service(site: Site, options: ServiceOptions, stop: asyncio.Event) 
         )
         for dev, st in group.stats().items():
             if st.last_poll_duration_s is not None:
-                metrics.observe_poll(dev, st.last_poll_duration_s, st.last_error)
+                # Errors are counted by kind in rackpower_device_errors_total; the last
+                # error's text is a device's own words, never a label.
+                metrics.observe_poll(dev, st.last_poll_duration_s)
 
     async def watchdog() -> None:
         interval = notifier.watchdog_interval_s() or 5.0
