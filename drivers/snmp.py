@@ -128,7 +128,8 @@ Addr = tuple[str, int]
 class _ClientProtocol(asyncio.DatagramProtocol):
     """Matches replies to pending requests; anything else is dropped and counted.
 
-    A dropped datagram from an address we are waiting on is also counted against that
+    A datagram that is not SNMP, or not a proper RESPONSE to a pending request, from an
+    address we are waiting on is also counted against that
     address (``bad_from``), so the request that then times out can say the device answers
     garbage (:class:`~drivers.base.MalformedResponse`) rather than nothing. Only addresses
     with a request in flight are tracked (``waiting``): a flood from elsewhere, or from
@@ -156,7 +157,9 @@ class _ClientProtocol(asyncio.DatagramProtocol):
             return
         p = self.pending.get(msg.request_id)
         if p is None or p.future.done():
-            self._drop(src, f"request id {msg.request_id} not pending (late or wrong)")
+            # Most often a late answer to a request that timed out: a slow device, not a
+            # garbling one, so it is not held against the address (the request times out).
+            self.dropped += 1
             return
         if msg.pdu_type != w.RESPONSE or src != p.addr or msg.community != p.community:
             self._drop(src, "not a RESPONSE from the agent asked, with its community")

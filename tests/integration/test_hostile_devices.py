@@ -164,20 +164,21 @@ async def test_hostile_devices_fail_cleanly_and_quietly_while_good_ones_keep_pol
         "mb-short_count",
         "snmp-garbage",
         "snmp-huge_oid",
-        "snmp-wrong_request_id",
         "snmp-truncated",
         "snmp-huge_length",
     ):
         assert "malformed" in tallies[name], (name, tallies[name])
     assert set(tallies["mb-silent"]) == {"timeout"}
     assert set(tallies["snmp-silent"]) == {"timeout"}
+    # Answers to another request id look like late answers of a slow device: timeouts.
+    assert set(tallies["snmp-wrong_request_id"]) == {"timeout"}
 
     # Quiet: one line per (device, kind) in RUN_S (summaries come every 60 s), nothing
     # from pymodbus or asyncio, no hex dump.
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
     pairs = sum(len(k) for k in tallies.values())
     total_errors = sum(sum(k.values()) for k in tallies.values())
-    assert total_errors > 5 * pairs  # many errors happened ...
+    assert total_errors > 3 * pairs  # many errors happened ...
     assert len(loud) <= pairs, [r.getMessage()[:120] for r in loud]  # ... few lines
     assert all(r.name == "drivers.errors" for r in loud), {r.name for r in loud}
     assert not any(">>>>>" in r.getMessage() or r.exc_info for r in caplog.records)

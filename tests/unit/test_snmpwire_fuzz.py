@@ -201,7 +201,7 @@ def test_client_matches_only_the_reply_it_waits_for(datagrams: list[bytes]) -> N
         matched = 1 if future.done() else 0
         assert proto.dropped == len(datagrams) - matched
         bad, why = proto.bad_from.get(AGENT, (0, ""))
-        assert bad == proto.dropped
+        assert bad <= proto.dropped  # late answers (unknown ids) are not held against it
         assert len(why) <= 200  # the reason kept is bounded, whatever the datagram
 
     asyncio.run(run())
