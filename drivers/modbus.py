@@ -74,6 +74,8 @@ EXCEPTION_NAMES = {
 class ModbusExceptionResponse(DriverError):
     """The device answered with a Modbus exception PDU."""
 
+    kind = "exception"
+
     def __init__(self, code: int, what: str) -> None:
         self.code = code
         name = EXCEPTION_NAMES.get(code, "unknown")
