@@ -129,11 +129,11 @@ class _ClientProtocol(asyncio.DatagramProtocol):
     """Matches replies to pending requests; anything else is dropped and counted.
 
     A datagram that is not SNMP, or not a proper RESPONSE to a pending request, from an
-    address we are waiting on is also counted against that
-    address (``bad_from``), so the request that then times out can say the device answers
-    garbage (:class:`~drivers.base.MalformedResponse`) rather than nothing. Only addresses
-    with a request in flight are tracked (``waiting``): a flood from elsewhere, or from
-    spoofed sources, grows no table.
+    address we are waiting on is also counted against that address (``bad_from``), so
+    the request that then times out can say the device answers garbage
+    (:class:`~drivers.base.MalformedResponse`) rather than nothing. Only addresses with a
+    request in flight are tracked (``waiting``): a flood from elsewhere, or from spoofed
+    sources, grows no table.
     """
 
     def __init__(self, pending: dict[int, _Pending]) -> None:
@@ -573,7 +573,9 @@ class SnmpDevice:
         rsp = await self.transport.get(self._resolved, oids, self.timeout_s, self.retries)
         self._check(rsp, oids)
         if len(rsp.varbinds) != len(oids):
-            raise DriverError(f"agent answered {len(rsp.varbinds)} varbinds for {len(oids)}")
+            raise MalformedResponse(
+                f"agent answered {len(rsp.varbinds)} varbinds for {len(oids)}"
+            )
         # Trust positions, not echoed names: a GET reply names the requested OIDs.
         return {o: v for o, (_, v) in zip(oids, rsp.varbinds, strict=True)}
 
