@@ -124,6 +124,7 @@ def test_fuzzed_answers_give_readings_or_driver_errors(loud_logs: pytest.LogCapt
         loop.run_until_complete(device.close())
         loop.run_until_complete(server.__aexit__(None, None, None))
         loop.close()
+    print(f"\n{sum(outcomes.values())} fuzzed answers: {dict(sorted(outcomes.items()))}")
     assert "kind:malformed" in outcomes and "kind:timeout" in outcomes, outcomes
     noisy = [r for r in loud_logs.records if r.levelno >= logging.WARNING]
     assert not noisy, [r.getMessage()[:200] for r in noisy[:3]]
