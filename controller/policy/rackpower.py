@@ -255,7 +255,13 @@ def decide(
     leaf = index.server_owner[index.gpu_server]
     decider = np.where(alloc.binding >= 0, alloc.binding, leaf)
     explain = _Explainer(index, loads, envelope, margin, bands, target)
-    actions: list[Action] = list(cap_actions(index, jobs, new, reference, decider, explain.reason))
+
+    def note(g: int) -> str:
+        return ", idle, so planned at their maximum" if idle[g] else ""
+
+    actions: list[Action] = list(
+        cap_actions(index, jobs, new, reference, decider, explain.reason, note)
+    )
     actions.extend(escalations)
     new_memory = Memory(
         demand=demand_mem,

@@ -16,7 +16,7 @@ import numpy as np
 
 from controller.config import load_site
 from controller.demo_cmd import DEMO_SITE
-from controller.policy import Snapshot, decide
+from controller.policy import SetCap, Snapshot, decide
 from controller.topology import PowerTree
 from sim.plant import Plant, Setpoints
 from sim.runtime import default_workloads
@@ -39,6 +39,8 @@ def test_an_idle_rack_without_jobs_cannot_step_over_its_envelope() -> None:
     maximum while they idle with no job, the caps hold the step to the aim."""
     run = Run(tree_for())
     run.repeat(40, lambda _: np.full(16, IDLE_W))
+    reasons = [a.reason for acts in run.actions for a in acts if isinstance(a, SetCap)]
+    assert any("rack-1-n2 (no job), idle, so planned at their maximum" in r for r in reasons)
     run.repeat(6, lambda _: np.full(16, 480.0))
     worst = max(rack1(p) for p in run.powers)
     assert worst <= TGT + 1.0, f"rack-1 reached {worst:.0f} W on a {ENVELOPE_W:.0f} W envelope"
