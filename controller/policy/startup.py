@@ -39,6 +39,7 @@ BoolArray = npt.NDArray[np.bool_]
 
 STARTUP_RESERVE_S = 60.0  # longer than a typical load phase (10-40 s); then believe the draw
 RAMP_FRACTION = 0.5  # above idle, checkpoint and most communication phases
+IDLE_FRACTION = 0.3  # above idle (10-15 %) and a loading job (12-20 %); running work is more
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,12 +64,15 @@ def _keys(jobs: JobIndex, n_gpus: int) -> tuple[tuple[str, tuple[int, ...]] | No
 
 
 def unwarned_idle(jobs: JobIndex, demand_w: FloatArray, max_w: FloatArray) -> BoolArray:
-    """Per GPU: in no job we know of and planned below ``RAMP_FRACTION`` of its maximum,
-    so it may step to its maximum with no warning. ``demand_w`` is the planned demand
-    (held over its window, so a dip between bursts is not idle); a GPU held at its cap
-    is planned at its maximum, so once it steps it leaves this set and is planned as
-    any other."""
-    out: BoolArray = (jobs.gpu_job < 0) & (demand_w < RAMP_FRACTION * max_w)
+    """Per GPU: in no job we know of and planned below ``IDLE_FRACTION`` of its maximum
+    (idle, or a job loading), so it may step to its maximum with no warning.
+
+    ``demand_w`` is the planned demand (held over its window, so a dip between bursts is
+    not idle); a GPU held at its cap is planned at its maximum, so once it steps it
+    leaves this set and is planned as any other. A GPU in no job that already runs work
+    is planned on its draw and the learned margin, as before: only job information
+    covers its rise the rest of the way."""
+    out: BoolArray = (jobs.gpu_job < 0) & (demand_w < IDLE_FRACTION * max_w)
     return out
 
 
