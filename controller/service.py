@@ -162,6 +162,7 @@ async def run_service(site: Site, options: ServiceOptions, stop: asyncio.Event) 
     stale = {p.device_id: p.stale_s for p in params}
     controller.device_health = _device_health(group, time.monotonic, stale)
     controller.device_stats = group.stats
+    metrics.set_device_errors_source(group.error_counts)
 
     writer: TsdbWriter | None = None
     if integrations.influx is not None:
@@ -267,7 +268,9 @@ async def run_service(site: Site, options: ServiceOptions, stop: asyncio.Event) 
         metrics.observe_cycle(stats.last_duration_s, cpu_s=stats.last_cpu_s)
         for dev, st in group.stats().items():
             if st.last_poll_duration_s is not None:
-                metrics.observe_poll(dev, st.last_poll_duration_s, st.last_error)
+                # Errors are counted by kind in rackpower_device_errors_total; the last
+                # error's text is a device's own words, never a label.
+                metrics.observe_poll(dev, st.last_poll_duration_s)
         if isinstance(link, MqttControllerLink):  # the in-process link neither signs nor refuses
             ls = link.stats()
             metrics.set_agent_link(ls.auth_refused, ls.leases_no_key)

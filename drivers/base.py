@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
+from drivers.errorlog import ErrorTally, clip
 from drivers.reading import Quality, Reading
 
 log = logging.getLogger(__name__)
@@ -31,20 +32,44 @@ log = logging.getLogger(__name__)
 # Errors: the poll loop treats them differently, so their kind matters.
 
 
+# ``kind`` is what the per-device error counts and ``rackpower_device_errors_total`` are
+# keyed by: a short, closed set of names, never a device's own text (see drivers.errorlog).
+
+
 class DriverError(Exception):
     """The device as a whole could not be read this time (all its points go ERROR)."""
+
+    kind = "error"
 
 
 class DeviceTimeout(DriverError):
     """No answer within the timeout. Repeated timeouts back off, to spare shared links."""
 
+    kind = "timeout"
+
 
 class DeviceUnreachable(DriverError):
     """No connection (refused, lost, TLS failure). The loop reconnects with backoff."""
 
+    kind = "unreachable"
+
+
+class MalformedResponse(DriverError):
+    """The device answered, but not with a valid reply to what we asked: garbage, a
+    truncated or oversized frame, another request's id, the wrong function or count."""
+
+    kind = "malformed"
+
 
 class WriteRejected(DriverError):
     """A write refused before it reached the bus: unknown, read-only or out-of-range point."""
+
+    kind = "rejected"
+
+
+# Kinds the poll loop itself gives (besides the DriverError kinds above).
+KIND_BAD_VALUE = "bad_value"  # the device answered, but some points are garbage (BAD)
+KIND_DRIVER_BUG = "driver_bug"  # an exception no driver should raise: a bug, isolated
 
 
 # ---------------------------------------------------------------------------
@@ -257,6 +282,8 @@ class DevicePoller:
         self.stats = DeviceStats(device=target.name)
         self._backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s, rng=rng)
         self._connected = False
+        # Errors by kind, and the rate-limited log of them (one line per kind per minute).
+        self.errors = ErrorTally(target.name)
         # Python 3.11's wait_for (used inside pymodbus) can swallow a cancellation that
         # races with a reply, so stopping is also a flag the loop checks.
         self.stopping = False
@@ -267,7 +294,9 @@ class DevicePoller:
         except Exception:  # a broken sink must not stop polling
             log.exception("sink failed for %s", self.target.name)
 
-    def _fail(self, message: str, *, timeout: bool = False) -> None:
+    def _fail(self, message: str, kind: str, *, timeout: bool = False) -> None:
+        message = clip(message)
+        self.errors.note(kind, message)
         s = self.stats
         self.stats = replace(
             s, errors=s.errors + 1, timeouts=s.timeouts + (1 if timeout else 0),
@@ -282,7 +311,9 @@ class DevicePoller:
                 await self.target.connect()
         except (DriverError, OSError, TimeoutError) as e:
             self._connected = False
-            self._fail(f"connect failed: {_describe(e)}", timeout=isinstance(e, TimeoutError))
+            timeout = isinstance(e, TimeoutError)
+            self._fail(f"connect failed: {_describe(e)}", _kind(e, "unreachable"),
+                       timeout=timeout)
             return False
         self._connected = True
         self.stats = replace(self.stats, reconnects=self.stats.reconnects + 1, connected=True)
@@ -301,7 +332,7 @@ class DevicePoller:
         except (TimeoutError, DeviceTimeout) as e:
             self._record_duration(start)
             self._fail(f"timeout after {self.settings.timeout_s:g} s: {_describe(e)}",
-                       timeout=True)
+                       "timeout", timeout=True)
             if self.stats.consecutive_failures >= self.settings.timeouts_before_backoff:
                 return self._backoff.next_delay_s()
             return None
@@ -310,28 +341,32 @@ class DevicePoller:
             self._connected = False
             with contextlib.suppress(Exception):
                 await self.target.close()
-            self._fail(f"connection lost: {_describe(e)}")
+            self._fail(f"connection lost: {_describe(e)}", "unreachable")
             return self._backoff.next_delay_s()
         except DriverError as e:
             self._record_duration(start)
-            self._fail(_describe(e))
+            self._fail(_describe(e), e.kind)
             return None
         except Exception as e:  # a driver bug: isolate it to this device, keep the loop
             self._record_duration(start)
-            log.exception("driver bug while polling %s", self.target.name)
-            self._fail(f"driver error: {_describe(e)}")
+            if KIND_DRIVER_BUG not in self.errors.counts:  # the traceback once, then counts
+                log.exception("driver bug while polling %s", self.target.name)
+            self._fail(f"driver error: {_describe(e)}", KIND_DRIVER_BUG)
             return None
         self._record_duration(start)
         self._backoff.reset()
         good = any(r.quality is Quality.GOOD for r in readings)
         bad = sum(1 for r in readings if r.quality is not Quality.GOOD)
         first_problem = next((r.error for r in readings if r.error), None)
+        if bad:
+            self.errors.note(KIND_BAD_VALUE, first_problem or "a point came back BAD")
         s = self.stats
         self.stats = replace(
             s, errors=s.errors + bad,
             consecutive_failures=0 if good else s.consecutive_failures + 1,
             last_good_s=readings[0].ts_s if good and readings else s.last_good_s,
-            last_error=first_problem if bad else s.last_error, connected=True,
+            last_error=clip(first_problem) if bad and first_problem else s.last_error,
+            connected=True,
             retries=s.retries + int(getattr(self.target, "last_retries", 0) or 0),
         )
         self._emit(readings)
@@ -367,8 +402,14 @@ class DevicePoller:
 
 
 def _describe(e: BaseException) -> str:
-    text = str(e)
+    text = clip(str(e))
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _kind(e: BaseException, default: str) -> str:
+    if isinstance(e, DriverError) and type(e) is not DriverError:
+        return e.kind
+    return "timeout" if isinstance(e, TimeoutError) else default
 
 
 class PollGroup:
@@ -391,6 +432,14 @@ class PollGroup:
 
     def stats(self) -> dict[str, DeviceStats]:
         return {name: p.stats for name, p in self.pollers.items()}
+
+    def error_counts(self) -> dict[tuple[str, str], int]:
+        """``{(device, kind): errors since start}`` for ``rackpower_device_errors_total``."""
+        return {
+            (name, kind): n
+            for name, p in self.pollers.items()
+            for kind, n in p.errors.counts.items()
+        }
 
     async def remove(self, name: str) -> None:
         task = self._tasks.pop(name, None)

@@ -11,6 +11,13 @@ Why it looks like this:
   planned once per map: fewer round trips is most of a poll's cost.
 * An exception response fails only the points of that block, with the exception's name.
 * Writes go only to points the map marks writable, and only inside [min, max].
+* A device's answer is checked, not trusted: the function code must be the one asked
+  for and the count complete (a register answer to a coil read must not reach the
+  decoder), else :class:`~drivers.base.MalformedResponse`.
+* pymodbus logs every dropped frame at ERROR level with a hex dump of the last 20 frames,
+  so one garbage device floods the journal. Unless the process logs at DEBUG, its logger
+  is raised to CRITICAL (:func:`quiet_pymodbus_logs`): the driver raises its own errors,
+  which the poll loop counts per device and kind and logs rate-limited.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import math
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pymodbus.client import AsyncModbusTcpClient, AsyncModbusTlsClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
@@ -31,6 +39,7 @@ from drivers.base import (
     DeviceTimeout,
     DeviceUnreachable,
     DriverError,
+    MalformedResponse,
     PointKey,
     WriteRejected,
     bool_option,
@@ -49,6 +58,9 @@ MAX_BITS = 2000  # FC1/FC2 limit per request
 DEFAULT_PORT = 502
 DEFAULT_TLS_PORT = 802
 
+# The function code a read of each table is sent with (and must be answered with).
+READ_FUNCTIONS = {"coil": 1, "discrete": 2, "holding": 3, "input": 4}
+
 EXCEPTION_NAMES = {
     1: "illegal function",
     2: "illegal data address",
@@ -64,6 +76,8 @@ EXCEPTION_NAMES = {
 
 class ModbusExceptionResponse(DriverError):
     """The device answered with a Modbus exception PDU."""
+
+    kind = "exception"
 
     def __init__(self, code: int, what: str) -> None:
         self.code = code
@@ -118,6 +132,49 @@ def _is_timeout(e: ModbusException) -> bool:
     return isinstance(e, ModbusIOException) and "No response" in str(e)
 
 
+def _failure(e: ModbusException, what: str, endpoint: str) -> DriverError:
+    """Our error for what pymodbus raised: a timeout, a reply it could not use, or else."""
+    if _is_timeout(e):
+        return DeviceTimeout(f"no response from {what} at {endpoint}")
+    if isinstance(e, ModbusIOException):  # undecodable, wrong unit or transaction id
+        return MalformedResponse(f"{what} at {endpoint}: {e}")
+    return DriverError(f"{what}: {e}")
+
+
+def _fail_fast_on_undecodable(client: AsyncModbusTcpClient) -> None:
+    """Make a frame pymodbus cannot decode fail the request waiting for it.
+
+    pymodbus raises ``ModbusIOException("Unable to decode ...")`` out of its protocol's
+    ``data_received``: asyncio then logs a traceback at ERROR and drops the connection,
+    and the request waits out its timeout as if the device were silent. Caught here, the
+    bad bytes are discarded, the waiting request fails at once with the reason (ours as
+    MalformedResponse) and the connection stays up for the next one.
+    """
+    ctx: Any = client.ctx
+    original = ctx.callback_data
+
+    def callback_data(data: bytes, addr: tuple[str, int] | None = None) -> int:
+        try:
+            return int(original(data, addr))
+        except ModbusIOException as e:
+            future = getattr(ctx, "response_future", None)
+            if future is not None and not future.done():
+                future.set_exception(e)
+            return len(data)
+
+    ctx.callback_data = callback_data
+
+
+def quiet_pymodbus_logs() -> None:
+    """pymodbus's logger to CRITICAL unless the root logger is at DEBUG (see the module
+    docstring: its ERROR lines carry hex frame dumps, one per bad frame)."""
+    pymodbus_log = logging.getLogger("pymodbus")
+    if pymodbus_log.level == logging.NOTSET and not logging.getLogger().isEnabledFor(
+        logging.DEBUG
+    ):
+        pymodbus_log.setLevel(logging.CRITICAL)
+
+
 class ModbusConnection:
     """One pymodbus client for one endpoint, shared by all units behind it."""
 
@@ -164,6 +221,7 @@ class ModbusConnection:
                 )
             # A silent unit behind a gateway must not close the link the others share.
             client.set_max_no_responses(1_000_000)
+            _fail_fast_on_undecodable(client)
             if not await client.connect():
                 client.close()
                 raise DeviceUnreachable(f"cannot connect to {self.endpoint}")
@@ -199,17 +257,22 @@ class ModbusConnection:
             self._drop()
             raise DeviceUnreachable(f"{self.endpoint}: {e}") from e
         except ModbusException as e:
-            if _is_timeout(e):
-                raise DeviceTimeout(f"no response from {what} at {self.endpoint}") from e
-            raise DriverError(f"{what}: {e}") from e
+            raise _failure(e, what, self.endpoint) from e
         if rr.isError():
             raise ModbusExceptionResponse(int(rr.exception_code), what)
+        asked = READ_FUNCTIONS[table]
+        if rr.function_code != asked:
+            raise MalformedResponse(
+                f"{what}: answered with function {rr.function_code}, asked {asked}"
+            )
         retries = int(getattr(rr, "retries", 0) or 0)
         if table in BIT_TABLES:
+            if len(rr.bits) < count:
+                raise MalformedResponse(f"{what}: asked for {count} bits, got {len(rr.bits)}")
             return [1 if b else 0 for b in rr.bits[:count]], retries
         regs = list(rr.registers)
         if len(regs) != count:
-            raise DriverError(f"{what}: asked for {count} registers, got {len(regs)}")
+            raise MalformedResponse(f"{what}: asked for {count} registers, got {len(regs)}")
         return regs, retries
 
     async def write(self, table: str, address: int, values: list[int], unit: int) -> None:
@@ -226,9 +289,7 @@ class ModbusConnection:
             self._drop()
             raise DeviceUnreachable(f"{self.endpoint}: {e}") from e
         except ModbusException as e:
-            if _is_timeout(e):
-                raise DeviceTimeout(f"no response to {what} at {self.endpoint}") from e
-            raise DriverError(f"{what}: {e}") from e
+            raise _failure(e, what, self.endpoint) from e
         if rr.isError():
             raise ModbusExceptionResponse(int(rr.exception_code), what)
 
@@ -459,6 +520,7 @@ def build_modbus_devices(
     devices: Sequence[DeviceParams], maps: Mapping[str, ModbusMap] | None = None
 ) -> list[ModbusDevice]:
     """Devices sharing host:port(+TLS) share one connection (a gateway with unit ids)."""
+    quiet_pymodbus_logs()
     conns: dict[tuple[str, int, bool], ModbusConnection] = {}
     out: list[ModbusDevice] = []
     for d in devices:

@@ -48,6 +48,7 @@ from drivers.base import (
     DeviceParams,
     DeviceTimeout,
     DriverError,
+    MalformedResponse,
     PointKey,
     now_pair,
     str_option,
@@ -123,23 +124,47 @@ class _Pending:
         self.community = community
 
 
+Addr = tuple[str, int]
+
+
 class _ClientProtocol(asyncio.DatagramProtocol):
+    """Matches replies to pending requests; anything else is dropped and counted.
+
+    A datagram that is not SNMP, or not a proper RESPONSE to a pending request, from an
+    address we are waiting on is also counted against that address (``bad_from``), so
+    the request that then times out can say the device answers garbage
+    (:class:`~drivers.base.MalformedResponse`) rather than nothing. Only addresses with a
+    request in flight are tracked (``waiting``): a flood from elsewhere, or from spoofed
+    sources, grows no table.
+    """
+
     def __init__(self, pending: dict[int, _Pending]) -> None:
         self.pending = pending
         self.dropped = 0  # malformed, unexpected or late answers
+        self.waiting: dict[Addr, int] = {}  # address -> requests in flight to it
+        self.bad_from: dict[Addr, tuple[int, str]] = {}  # address -> (drops, last reason)
+
+    def _drop(self, addr: Addr, why: str) -> None:
+        self.dropped += 1
+        if addr in self.waiting:
+            n, _ = self.bad_from.get(addr, (0, ""))
+            self.bad_from[addr] = (n + 1, why)
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, ...]) -> None:
+        src = (str(addr[0]), int(addr[1]))
         try:
             msg = w.decode_message(data)
-        except w.SnmpWireError:
-            self.dropped += 1
+        except w.SnmpWireError as e:
+            self._drop(src, f"not SNMP ({len(data)} bytes: {str(e)[:80]})")
             return
         p = self.pending.get(msg.request_id)
-        if (
-            p is None or p.future.done() or msg.pdu_type != w.RESPONSE
-            or (addr[0], addr[1]) != p.addr or msg.community != p.community
-        ):
+        if p is None or p.future.done():
+            # Most often a late answer to a request that timed out: a slow device, not a
+            # garbling one, so it is not held against the address (the request times out).
             self.dropped += 1
+            return
+        if msg.pdu_type != w.RESPONSE or src != p.addr or msg.community != p.community:
+            self._drop(src, "not a RESPONSE from the agent asked, with its community")
             return
         p.future.set_result(msg)
 
@@ -164,7 +189,7 @@ class FastV2cTransport:
     def dropped(self) -> int:
         return sum(p.dropped for _, p in self._sockets.values())
 
-    async def _socket(self, family: int) -> asyncio.DatagramTransport:
+    async def _socket(self, family: int) -> tuple[asyncio.DatagramTransport, _ClientProtocol]:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # a new event loop (tests, restarts): start afresh
             self._sockets.clear()
@@ -178,7 +203,7 @@ class FastV2cTransport:
             )
             entry = (transport, protocol)
             self._sockets[family] = entry
-        return entry[0]
+        return entry
 
     def _next_id(self) -> int:
         while True:
@@ -191,13 +216,15 @@ class FastV2cTransport:
         timeout_s: float, retries: int,
     ) -> SnmpResponse:
         family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
-        sock = await self._socket(family)
+        sock, proto = await self._socket(family)
         rid = self._next_id()
         community = target.community.encode()
         packet = w.request(pdu_type, community, rid, list(oids), 0, max_repetitions)
         addr = (target.host, target.port)
         future: asyncio.Future[w.Message] = asyncio.get_running_loop().create_future()
         self._pending[rid] = _Pending(future, addr, community)
+        proto.waiting[addr] = proto.waiting.get(addr, 0) + 1
+        bad_before = proto.bad_from.get(addr, (0, ""))[0]
         attempt_s = timeout_s / (retries + 1)
         try:
             for attempt in range(retries + 1):
@@ -206,6 +233,12 @@ class FastV2cTransport:
                 if done:
                     msg = future.result()
                     return SnmpResponse(msg.varbinds, msg.error_status, msg.error_index, attempt)
+            bad, why = proto.bad_from.get(addr, (0, ""))
+            if bad > bad_before:
+                raise MalformedResponse(
+                    f"no valid SNMP answer from {target.host}:{target.port} in {timeout_s:g} s:"
+                    f" {bad - bad_before} datagrams from it were dropped (last: {why})"
+                )
             raise DeviceTimeout(
                 f"no SNMP answer from {target.host}:{target.port} in {timeout_s:g} s "
                 f"({retries + 1} tries; wrong community or device down?)"
@@ -213,6 +246,12 @@ class FastV2cTransport:
         finally:
             self._pending.pop(rid, None)
             future.cancel()
+            left = proto.waiting.get(addr, 1) - 1
+            if left > 0:
+                proto.waiting[addr] = left
+            else:
+                proto.waiting.pop(addr, None)
+                proto.bad_from.pop(addr, None)
 
     async def get(
         self, target: SnmpTarget, oids: Sequence[w.Oid], timeout_s: float, retries: int
@@ -536,7 +575,9 @@ class SnmpDevice:
         rsp = await self.transport.get(self._resolved, oids, self.timeout_s, self.retries)
         self._check(rsp, oids)
         if len(rsp.varbinds) != len(oids):
-            raise DriverError(f"agent answered {len(rsp.varbinds)} varbinds for {len(oids)}")
+            raise MalformedResponse(
+                f"agent answered {len(rsp.varbinds)} varbinds for {len(oids)}"
+            )
         # Trust positions, not echoed names: a GET reply names the requested OIDs.
         return {o: v for o, (_, v) in zip(oids, rsp.varbinds, strict=True)}
 

@@ -86,6 +86,14 @@ TYPE_TAGS: dict[str, int] = {
     "octetstring": OCTET_STRING,
 }
 
+# RFC 2578 3.5: at most 128 sub-identifiers, each at most 2**32 - 1. Bounding them here is
+# also what keeps decoding linear: a 60 KB sub-identifier would otherwise grow one Python
+# int by 7 bits per byte (0.4 s of CPU on the event loop for one datagram).
+MAX_OID_ARCS = 128
+MAX_ARC = (1 << 32) - 1
+_MAX_FIRST_ARC = MAX_ARC + 80  # the first two arcs share one sub-identifier (40 * x + y)
+
+
 Oid = tuple[int, ...]
 Payload = int | bytes | Oid | None
 Value = tuple[int, Payload]
@@ -140,8 +148,12 @@ def format_oid(oid: Oid) -> str:
 
 
 def _check_oid(oid: Oid) -> None:
-    if len(oid) < 2 or oid[0] > 2 or (oid[0] < 2 and oid[1] > 39) or min(oid) < 0:
-        raise SnmpWireError(f"not a valid OID: {format_oid(oid)}")
+    if (
+        not 2 <= len(oid) <= MAX_OID_ARCS or oid[0] > 2 or (oid[0] < 2 and oid[1] > 39)
+        or min(oid) < 0 or max(oid[1:]) > MAX_ARC
+    ):
+        text = format_oid(oid[:MAX_OID_ARCS]) if max(oid) <= MAX_ARC else "(huge arcs)"
+        raise SnmpWireError(f"not a valid OID: {text[:200]}")
 
 
 # ---------------------------------------------------------------------------
@@ -292,9 +304,13 @@ def _oid(buf: bytes, s: int, e: int) -> Oid:
     v = 0
     for c in buf[s:e]:
         v = (v << 7) | (c & 0x7F)
+        if v > _MAX_FIRST_ARC or (arcs and v > MAX_ARC):
+            raise SnmpWireError("OID sub-identifier above 2**32 - 1")
         if not c & 0x80:
             arcs.append(v)
             v = 0
+            if len(arcs) > MAX_OID_ARCS - 1:  # the first sub-identifier holds two arcs
+                raise SnmpWireError(f"OID longer than {MAX_OID_ARCS} arcs")
     first = min(arcs[0] // 40, 2)
     return (first, arcs[0] - 40 * first, *arcs[1:])
 

@@ -81,12 +81,6 @@ class Metrics:
             buckets=_POLL_BUCKETS_S,
             registry=r,
         )
-        self.poll_errors = Counter(
-            "rackpower_poll_errors",
-            "Failed polls by device and error kind.",
-            ["device", "error"],
-            registry=r,
-        )
         self.cycle_duration = Histogram(
             "rackpower_cycle_duration_seconds",
             "Time for one control cycle (read to act).",
@@ -134,6 +128,8 @@ class Metrics:
 
         self._tree = _TreeCollector()
         r.register(self._tree)
+        self._device_errors = _DeviceErrorsCollector()
+        r.register(self._device_errors)
         self.caps_active = Gauge("rackpower_caps_active", "Cap groups (jobs) in force.", registry=r)
         self.capped_gpus = Gauge("rackpower_capped_gpus", "GPUs under a cap.", registry=r)
         self.reservations_active = Gauge(
@@ -178,11 +174,9 @@ class Metrics:
 
     # -- events the daemon reports ---------------------------------------------------
 
-    def observe_poll(self, device: str, duration_s: float, error: str | None = None) -> None:
-        """One poll of a device; ``error`` is a short kind (``timeout``, ``exception``)."""
+    def observe_poll(self, device: str, duration_s: float) -> None:
+        """One poll of a device (its errors, by kind: ``rackpower_device_errors_total``)."""
         self.poll_duration.labels(device).observe(duration_s)
-        if error is not None:
-            self.poll_errors.labels(device, error).inc()
 
     def observe_cycle(
         self, duration_s: float, *, cpu_s: float | None = None, overrun: bool = False
@@ -228,6 +222,10 @@ class Metrics:
         names what it is about; a cleared alarm's series is gone at the next scrape.
         """
         self._alarms.rows = [(str(a.kind), a.subject, a.node or "", a.severity) for a in alarms]
+    def set_device_errors_source(self, source: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+        """Where ``rackpower_device_errors_total`` is read from at scrape time: the poll
+        group's ``{(device, kind): errors}`` (drivers.errorlog: kinds are a closed set)."""
+        self._device_errors.source = source
 
     def set_gpu_power(self, tree: PowerTree, power_w: npt.NDArray[np.float64]) -> None:
         """Per-GPU power; a no-op unless the instance was made with ``per_gpu=True``."""
@@ -405,3 +403,25 @@ class _BmsCollector(Collector):
         g = GaugeMetricFamily("rackpower_bms_connected", "1 while connected to the BMS broker.")
         g.add_metric([], float(bool(stats.get("connected", False))))
         yield g
+class _DeviceErrorsCollector(Collector):
+    """``rackpower_device_errors_total{device,kind}``, read from the pollers at scrape.
+
+    The pollers own the counts (they only grow); reading them at scrape time costs the
+    poll loop nothing and drops the series of a device removed by a reload.
+    """
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Mapping[tuple[str, str], int]] | None = None
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "rackpower_device_errors", "Device poll errors by kind.", labels=("device", "kind")
+        )
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "rackpower_device_errors", "Device poll errors by kind.", labels=("device", "kind")
+        )
+        for (device, kind), n in sorted((self.source() if self.source else {}).items()):
+            family.add_metric((device, kind), n)
+        yield family

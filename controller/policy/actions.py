@@ -30,11 +30,13 @@ def cap_actions(
     old_w: FloatArray,
     node_of_gpu: IntArray,
     explain: Callable[[int, str, float, float], str],
+    note_of_gpu: Callable[[int], str] | None = None,
 ) -> list[SetCap]:
     """SetCap per (group, new limit) where the limit changed.
 
     ``explain(node, label, old_w, new_w)`` writes the reason; ``node_of_gpu`` is the
-    constraint node that decided each GPU's cap.
+    constraint node that decided each GPU's cap; ``note_of_gpu`` (of a group's first GPU)
+    adds to the group's label why it was planned as it was.
     """
     changed = np.flatnonzero(changed_mask(new_w, old_w))
     if changed.size == 0:
@@ -48,6 +50,8 @@ def cap_actions(
     for run in np.split(np.arange(changed.size), cut):
         first = int(changed[run[0]])
         job_id, label = jobs.group_label(int(groups[run[0]]), index)
+        if note_of_gpu is not None:
+            label += note_of_gpu(first)
         node = int(node_of_gpu[first])
         old = float(old_w[first])
         limit = float(limits[run[0]])

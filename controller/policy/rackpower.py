@@ -5,7 +5,9 @@ One cycle:
 1. GPU demand: what each GPU would draw uncapped, held at its peak over a few seconds
    (a synchronous job swings between compute and communication within one iteration;
    the cap must fit the compute phase, not chase the swing). A GPU drawing at its
-   cap, or one we cannot see, is assumed to want its maximum.
+   cap, or one we cannot see, is assumed to want its maximum. So is a new synchronous
+   job that has not ramped yet, and an idle GPU in no job (startup.py), the latter in
+   a class below all others.
 2. Node loads (max of measured and children), loss ratios learned from data, the
    learned safety margin, the effective envelope (lost feeds, demand response).
 3. Bands decide per node whether to cap, hold or release (bands.py) and set budgets.
@@ -41,7 +43,7 @@ from .loads import (
     reservations,
 )
 from .margin import MarginMemory, update_margin
-from .startup import StartupMemory, startup_pending
+from .startup import StartupMemory, startup_pending, unwarned_idle
 from .types import Action, FloatArray, NodeStatus, PolicyState, Snapshot, frozen_array
 from .window import WindowMax
 
@@ -147,6 +149,12 @@ def decide(
     # A synchronous job that has not ramped yet is planned at its maximum (startup.py).
     starting, startup_mem = startup_pending(memory.startup, jobs, now, wanted, max_w)
     demand = np.where(starting, max_w, demand)
+    # An idle GPU in no job can step to its maximum unwarned (startup.py): planned at its
+    # maximum, one class below all others, so it gets only what the running GPUs leave.
+    idle = unwarned_idle(jobs, demand, max_w)
+    demand = np.where(idle, max_w, demand)
+    n_classes = len(jobs.class_names) + int(idle.any())
+    rank = np.where(idle, len(jobs.class_names), jobs.gpu_rank)
 
     # 2. loads, losses, envelopes, margin
     loads = estimate_loads(index, snapshot, power, stale_gpu)
@@ -187,13 +195,13 @@ def decide(
 
     # 4. allocation
     terms = GpuTerms(
-        shift=jobs.gpu_rank.astype(np.float64) * class_spacing(max_w),
+        shift=rank.astype(np.float64) * class_spacing(max_w),
         floor_w=floor,
         max_w=max_w,
         use_lo_w=np.minimum(floor, demand),
         use_hi_w=demand,
     )
-    alloc = _allocate_jobwide(index, jobs, terms, (a1, a2, a3), margin_gpu, len(jobs.class_names))
+    alloc = _allocate_jobwide(index, jobs, terms, (a1, a2, a3), margin_gpu, n_classes)
     target = job_min(alloc.caps(terms), jobs)
 
     # 5. move caps by the band rules, then make sure no node ends above its budget
@@ -247,7 +255,13 @@ def decide(
     leaf = index.server_owner[index.gpu_server]
     decider = np.where(alloc.binding >= 0, alloc.binding, leaf)
     explain = _Explainer(index, loads, envelope, margin, bands, target)
-    actions: list[Action] = list(cap_actions(index, jobs, new, reference, decider, explain.reason))
+
+    def note(g: int) -> str:
+        return ", idle, so planned at their maximum" if idle[g] else ""
+
+    actions: list[Action] = list(
+        cap_actions(index, jobs, new, reference, decider, explain.reason, note)
+    )
     actions.extend(escalations)
     new_memory = Memory(
         demand=demand_mem,

@@ -607,7 +607,8 @@ async def test_metrics_expose_tree_and_daemon_series(api: Any) -> None:
     mets.observe_cycle(0.04)
     mets.observe_cycle(0.7, overrun=True)
     mets.observe_poll("pdu-1", 0.02)
-    mets.observe_poll("pdu-1", 0.5, error="timeout")
+    mets.observe_poll("pdu-1", 0.5)
+    mets.set_device_errors_source(lambda: {("pdu-1", "timeout"): 1})
     mets.count_violations(["rack-1"])
     mets.set_tsdb_dropped(5)
     mets.set_tsdb_dropped(3)  # a restarted writer's smaller total does not lower a counter
@@ -634,7 +635,7 @@ async def test_metrics_expose_tree_and_daemon_series(api: Any) -> None:
     assert got[("rackpower_cycle_overruns_total", ())] == 1
     assert got[("rackpower_cycle_duration_seconds_count", ())] == 2
     assert got[("rackpower_cycle_duration_seconds_bucket", (("le", "0.05"),))] == 1
-    assert got[("rackpower_poll_errors_total", (("device", "pdu-1"), ("error", "timeout")))] == 1
+    assert got[("rackpower_device_errors_total", (("device", "pdu-1"), ("kind", "timeout")))] == 1
     assert got[("rackpower_poll_duration_seconds_count", (("device", "pdu-1"),))] == 2
     assert got[("rackpower_envelope_violations_total", (("node", "rack-1"),))] == 1
     assert got[("rackpower_tsdb_dropped_points_total", ())] == 8
