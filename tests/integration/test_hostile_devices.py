@@ -25,7 +25,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller.core.metrics import Metrics
-from drivers.base import DeviceParams, Pollable, PollGroup, PollSettings, build_pollables
+from drivers.base import DeviceParams, Pollable, PollGroup, PollSettings
+from drivers.registry import build_pollables
 from drivers.devicemap import load_modbus_map, load_snmp_map
 from drivers.reading import Quality, Reading
 from sim.modbus_server import ModbusFrontend, SimModbusDevice
@@ -78,10 +79,9 @@ def snmp_params(device: str, port: int, community: str) -> DeviceParams:
         "snmp",
         port=port,
         map_name=APC,
-        community=community,
         period_s=PERIOD_S,
         timeout_s=TIMEOUT_S,
-        options={"transport": "fast"},
+        options={"transport": "fast", "community": community},
     )
 
 
@@ -91,9 +91,9 @@ def modbus_params(device: str, port: int, unit: int = 1) -> DeviceParams:
         "modbus",
         port=port,
         map_name=RECT,
-        unit_id=unit,
         period_s=PERIOD_S,
         timeout_s=TIMEOUT_S,
+        options={"unit_id": unit},
     )
 
 
