@@ -481,6 +481,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         def on_ready(controller: Controller, url: str | None) -> None:
             controller.controller_id = controller_id
+            # The jobs reach the policy as a scheduler's would (without a job list an
+            # idle GPU is held at what its neighbours leave, so no rack would "release").
+            controller.jobs_provider = sim.scheduler.jobs
             probe.wrap_controller(controller)
             ready.set()
 
