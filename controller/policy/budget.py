@@ -211,7 +211,6 @@ def _exact_levels(
     q_sid = np.concatenate((np.arange(k), np.arange(k), np.arange(k) + k, np.arange(k) + k))
     q_t = np.concatenate((a2 - base[:k], a3 - base[:k], a1 - base[k:], a2 - mm - base[k:]))
     lv = np.where(q_t < 0, -np.inf, np.inf)
-    q_t = np.maximum(q_t - 2 * TOLERANCE_W, 0.0)  # land inside, rounding aside
 
     ramp = q > p
     if ramp.any():
@@ -234,9 +233,18 @@ def _exact_levels(
         key = node * big + local
         inside = np.flatnonzero((lv > 0) & (q_t < total[q_sid]))
         if inside.size:
+            # The last breakpoint at or under the limit, so a sum flat at exactly the
+            # limit (a plateau) is crossed to its end: every level on it fits. Only
+            # then land a little inside, along that breakpoint's rising stretch and
+            # never back past it, so rounding rarely puts the level over. Shrinking
+            # the limit itself instead stopped at a plateau's start: a GPU's whole
+            # range between the two was left unused (a rack's caps at its planned
+            # use instead of with the headroom its budget allowed).
             t = q_t[inside]
             j = np.searchsorted(key, q_sid[inside] * big + t, side="right") - 1
-            lv[inside] = pos[j] + (t - local[j]) / slope[j]
+            room = np.maximum(t - local[j] - 2 * TOLERANCE_W, 0.0)
+            rising = slope[j] > 0  # not where a limit a hair under the total finds the last
+            lv[inside] = pos[j] + np.where(rising, room, 0.0) / np.where(rising, slope[j], 1.0)
     l_cap2, l_aim, l_band, l_use2 = lv[:k], lv[k : 2 * k], lv[2 * k : 3 * k], lv[3 * k :]
     out: FloatArray = np.maximum(np.minimum(l_band, np.maximum(l_cap2, l_use2)), l_aim)
     return out
