@@ -63,12 +63,11 @@ from tests.fixtures.mosquitto import (
     Mosquitto,
     MosquittoFactory,
     fill_password_template,
-    free_port,
     make_tls_files,
 )
+from tests.helpers.ports import free_port
 
 pytest_plugins = ["tests.fixtures.mosquitto"]
-pytestmark = [pytest.mark.e2e]
 
 BMS_USER = "bms"  # the generated ACL's default BMS identity
 AGENT = AgentTopics.for_site("rackpower", SITE)

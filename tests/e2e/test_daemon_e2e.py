@@ -44,11 +44,11 @@ from tests.e2e.harness import (
     site_dict,
     write_site,
 )
-from tests.fixtures.mosquitto import Mosquitto, free_port
+from tests.fixtures.mosquitto import Mosquitto
 from tests.fixtures.victoriametrics import Series, VictoriaMetrics, samples
+from tests.helpers.ports import free_port
 
 pytest_plugins = ["tests.fixtures.mosquitto", "tests.fixtures.victoriametrics"]
-pytestmark = [pytest.mark.e2e]
 
 
 @dataclass

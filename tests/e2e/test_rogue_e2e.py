@@ -33,7 +33,6 @@ from tests.e2e.harness import (
 from tests.fixtures.mosquitto import Mosquitto
 
 pytest_plugins = ["tests.fixtures.mosquitto"]
-pytestmark = [pytest.mark.e2e]
 
 RACK = RACKS[0]
 

@@ -29,8 +29,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from controller.integrations.bms.bridge import topic_level
 from controller.model.loader import load_site
 from tests.e2e.harness import (
@@ -48,7 +46,6 @@ from tests.fixtures.mosquitto import Mosquitto
 from tests.fixtures.slurm import NODE, SlurmCluster, submit_priority_mix
 
 pytest_plugins = ["tests.fixtures.mosquitto", "tests.fixtures.slurm"]
-pytestmark = [pytest.mark.e2e]
 
 SERVER = "row-1-rack-1-node-1"
 RACK = "row-1-rack-1"

@@ -33,8 +33,6 @@ from controller.model.loader import parse_site
 from controller.model.topology import CONSTRAINT_KINDS, PowerTree
 from tests.sites import tiny_site
 
-pytestmark = pytest.mark.e2e
-
 NOW_S = 1_750_000_000.0
 
 

@@ -17,14 +17,12 @@ import json
 import os
 import signal
 import sys
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import pytest
 
 from controller.agent.agent_config import AgentConfig, parse_agent_config
 from controller.agent.node_agent import NodeAgent
@@ -35,9 +33,9 @@ from controller.support.mqtt import Backoff
 from drivers.nvml import NvmlDriver
 from sim.fake_nvml import FakeNvml
 from tests.fixtures.mosquitto import Mosquitto
+from tests.helpers.waiting import eventually
 
 pytest_plugins = ["tests.fixtures.mosquitto"]
-pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 SITE = "tiny"
@@ -48,13 +46,6 @@ FAILSAFE_W = 400.0
 TOPICS = AgentTopics.for_site("rackpower", SITE)
 WAIT_S = 15.0  # generous: only a broken link ever waits this long
 
-
-async def eventually(check: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def agent_config(broker: Mosquitto) -> AgentConfig:

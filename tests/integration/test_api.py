@@ -29,8 +29,6 @@ from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from tests.sites import tiny_site
 
-pytestmark = pytest.mark.integration
-
 NOW_S = 1_750_000_000.0
 
 

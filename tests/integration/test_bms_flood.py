@@ -35,7 +35,6 @@ from tests.integration.test_bms import BASE, eventually, running
 from tests.sites import tiny_site
 
 pytest_plugins = ["tests.fixtures.mosquitto"]
-pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 CYCLE_S = 0.05

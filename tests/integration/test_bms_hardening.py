@@ -39,7 +39,6 @@ from tests.integration.test_bms import (
 from tests.sites import tiny_site
 
 pytest_plugins = ["tests.fixtures.mosquitto"]
-pytestmark = pytest.mark.integration
 
 
 @pytest.fixture

@@ -38,7 +38,6 @@ from tests.fixtures.process import stop_process
 from tests.fixtures.victoriametrics import VictoriaMetrics
 
 pytest_plugins = ["tests.fixtures.mosquitto", "tests.fixtures.victoriametrics"]
-pytestmark = [pytest.mark.integration]
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "configs/deploy/prometheus/rackpower-rules.yml"

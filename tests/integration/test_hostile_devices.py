@@ -25,7 +25,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller.core.metrics import Metrics
-from drivers.base import DeviceParams, Pollable, PollGroup, PollSettings, build_pollables
+from drivers.base import DeviceParams, Pollable, PollGroup, PollSettings
+from drivers.registry import build_pollables
 from drivers.devicemap import load_modbus_map, load_snmp_map
 from drivers.reading import Quality, Reading
 from sim.modbus_server import ModbusFrontend, SimModbusDevice
@@ -39,8 +40,6 @@ from tests.fixtures.hostile import (
 )
 from tests.integration.test_snmp import plant_values
 from tests.unit.test_devicemaps import sample_value
-
-pytestmark = pytest.mark.integration
 
 RECT = "generic-hvdc-rectifier-800v"
 APC = "apc-rpdu2"

@@ -29,8 +29,6 @@ from sim.modbus_server import ModbusFrontend, SimModbusDevice
 from sim.values import StaticSource
 from tests.unit.test_devicemaps import close_enough, resolution, sample_value
 
-pytestmark = pytest.mark.integration
-
 RECT = "generic-hvdc-rectifier-800v"
 SST = "generic-sst-mv800"
 PERIOD_S = 0.2

@@ -22,8 +22,7 @@ import re
 import secrets
 import ssl
 import subprocess
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,13 +56,13 @@ from sim.fake_nvml import FakeNvml
 from tests.fixtures.mosquitto import (
     Mosquitto,
     MosquittoFactory,
-    free_port,
     make_tls_files,
 )
+from tests.helpers.ports import free_port
+from tests.helpers.waiting import eventually
 from tests.sites import agent_site
 
 pytest_plugins = ["tests.fixtures.mosquitto"]
-pytestmark = pytest.mark.integration
 
 SITE = "tiny"
 CTL = "rackpower-tiny"  # the default controller id and, here, its broker username
@@ -74,13 +73,6 @@ AGENT = AgentTopics.for_site("rackpower", SITE)
 BMS_TOPICS = BmsTopics.for_site("rackpower", SITE)
 WAIT_S = 15.0  # only a broken link ever waits this long
 
-
-async def eventually(check: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @dataclass

@@ -27,7 +27,8 @@ from controller.model.config import SchedulerConfig
 from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from controller.policy import Migrate, Requeue, Snapshot, decide
-from tests.fixtures.slurm import NODE, SlurmCluster, free_port, submit_priority_mix
+from tests.fixtures.slurm import NODE, SlurmCluster, submit_priority_mix
+from tests.helpers.ports import free_port
 from tests.sites import tiny_site
 
 pytest_plugins = ["tests.fixtures.slurm"]

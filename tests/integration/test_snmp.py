@@ -38,7 +38,6 @@ from tests.fixtures.snmpd import (
 )
 
 pytest_plugins = ["tests.fixtures.snmpd"]
-pytestmark = pytest.mark.integration
 
 # Every SNMP map shipped (apc-rpdu2, raritan-pdu2, ietf-ups-mib, ietf-entity-sensor...).
 SNMP_MAPS = sorted(n for n, _ in available_maps() if isinstance(load_map(n), SnmpMap))

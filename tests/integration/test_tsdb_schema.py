@@ -20,11 +20,8 @@ import asyncio
 import itertools
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 from controller.agentlink.lease import Telemetry
 from controller.core.controller import Controller
@@ -36,11 +33,11 @@ from controller.policy import Job
 from drivers.base import DeviceStats
 from drivers.reading import Quality, Reading
 from tests.fixtures.victoriametrics import VictoriaMetrics
+from tests.helpers.waiting import until
 from tests.sites import tiny_site
 
 pytest_plugins = ["tests.fixtures.victoriametrics"]
 
-pytestmark = pytest.mark.integration
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "tsdb-schema.md"
 
@@ -265,14 +262,6 @@ async def run_controller_into(vm: VictoriaMetrics) -> tuple[Controller, list[int
     assert writer.stats().written_points == submitted
     return ctl, cycle_ms
 
-
-async def until(cond: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    """Let the loop run until ``cond`` holds; the timeout only bounds a hang."""
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            return
-        await asyncio.sleep(0.02)
 
 
 def split_name(name: str, measurements: set[str]) -> tuple[str, str]:
