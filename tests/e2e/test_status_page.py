@@ -258,7 +258,8 @@ def decode_png(data: bytes) -> npt.NDArray[np.uint8]:
 
 
 def mask(img: npt.NDArray[np.uint8], rgb: tuple[int, int, int]) -> npt.NDArray[np.bool_]:
-    return np.all(img == np.array(rgb, dtype=np.uint8), axis=2)
+    hit: npt.NDArray[np.bool_] = np.all(img == np.array(rgb, dtype=np.uint8), axis=2)
+    return hit
 
 
 def longest_run(row: npt.NDArray[np.bool_]) -> tuple[int, int]:

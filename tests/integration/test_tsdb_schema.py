@@ -27,7 +27,7 @@ from controller.agentlink.lease import Telemetry
 from controller.core.controller import Controller
 from controller.core.points import Point
 from controller.integrations.tsdb.writer import TsdbWriter, tsdb_point
-from controller.model.config import InfluxConfig
+from controller.model.config import InfluxConfig, Site
 from controller.model.loader import parse_site
 from controller.policy import Job
 from drivers.base import DeviceStats
@@ -132,7 +132,7 @@ N_CYCLES = 25  # 12.5 s: every 5 s detail series gets 2 or 3 points, each cycle 
 SITE = "f9"
 
 
-def f9_site() -> object:
+def f9_site() -> Site:
     """tiny_site with agents on every server, so GPUs report and can be capped."""
     cfg = tiny_site()
     cfg["site"] = SITE
@@ -185,7 +185,7 @@ def feed_inputs(ctl: Controller, clock: Clock, rack_w: dict[str, float]) -> None
             500.0 if target_w is None else float(min(500.0, target_w[k]))
             for k in range(info.first, info.stop)
         ]
-        power = [min(480.0 if hot else 100.0, cap) for cap in limit]
+        power: list[float | None] = [min(480.0 if hot else 100.0, cap) for cap in limit]
         q = [Quality.GOOD] * n
         if info.node_id == "rack-2-n2":
             q[0] = Quality.BAD
@@ -197,7 +197,7 @@ def feed_inputs(ctl: Controller, clock: Clock, rack_w: dict[str, float]) -> None
                 failsafe=False,
                 power_w=power,
                 power_avg_w=power,
-                limit_w=limit,
+                limit_w=list[float | None](limit),
                 min_w=[100.0] * n,
                 max_w=[500.0] * n,
                 q=q,
@@ -210,7 +210,7 @@ async def run_controller_into(vm: VictoriaMetrics) -> tuple[Controller, list[int
     site = f9_site()
     clock = Clock()
     ctl = Controller(
-        site,  # type: ignore[arg-type]
+        site,
         controller_id="ctl",
         clock=lambda: clock.mono_s,
         wall_clock=lambda: clock.wall_s,
@@ -229,8 +229,8 @@ async def run_controller_into(vm: VictoriaMetrics) -> tuple[Controller, list[int
         now_s=clock.wall_s,
         free_w=free,
     )
-    polled = {d.id for d in site.devices if d.driver != "agent"}  # type: ignore[attr-defined]
-    ctl.device_stats = lambda: {  # type: ignore[attr-defined]
+    polled = {d.id for d in site.devices if d.driver != "agent"}
+    ctl.device_stats = lambda: {
         dev: DeviceStats(dev, polls=9, errors=2, retries=1, last_poll_duration_s=0.02)
         for dev in polled
     }
