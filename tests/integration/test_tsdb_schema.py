@@ -34,7 +34,7 @@ from drivers.base import DeviceStats
 from drivers.reading import Quality, Reading
 from tests.fixtures.victoriametrics import VictoriaMetrics
 from tests.helpers.waiting import until
-from tests.sites import tiny_site
+from tests.sites import tiny_site, with_rack_agents
 
 pytest_plugins = ["tests.fixtures.victoriametrics"]
 
@@ -138,16 +138,7 @@ def f9_site() -> Site:
     cfg["site"] = SITE
     rack = cfg["rows"][0]["racks"][0]
     rack["envelope_w"] = 3000.0  # rack-1 runs hot below: over its envelope, then capped
-    rack["devices"] = [
-        {
-            "id": "agent-{rack}-n{i}",
-            "count": 2,
-            "driver": "agent",
-            "period_s": 0.5,
-            "timeout_s": 0.25,
-        }
-    ]
-    rack["nodes"][0]["agent"] = "agent-{rack}-n{i}"
+    with_rack_agents(cfg)
     cfg["policy"] = {"cycle_s": CYCLE_S, "lease_s": 5.0}
     return parse_site(cfg)
 

@@ -23,7 +23,7 @@ from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from controller.policy import Requeue
 from drivers.reading import Quality, Reading
-from tests.sites import tiny_site
+from tests.sites import tiny_site, with_rack_agents
 
 
 class MemoryScheduler:
@@ -79,17 +79,7 @@ CFG = SchedulerConfig(
 
 def site_with_agents() -> Site:
     cfg = tiny_site()
-    rack = cfg["rows"][0]["racks"][0]
-    rack["devices"] = [
-        {
-            "id": "agent-{rack}-n{i}",
-            "count": 2,
-            "driver": "agent",
-            "period_s": 0.5,
-            "timeout_s": 0.25,
-        }
-    ]
-    rack["nodes"][0]["agent"] = "agent-{rack}-n{i}"
+    with_rack_agents(cfg)
     return parse_site(cfg)
 
 
