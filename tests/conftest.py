@@ -4,8 +4,10 @@
   ``tests/e2e`` is marked ``e2e``, here, so a new file cannot forget its marker
   (``pytest -m "not integration and not e2e"`` is the fast, server-free run).
 - Helpers (plain modules, import them): ``tests.helpers.ports`` (free loopback ports),
-  ``tests.helpers.waiting`` (``eventually``/``until``), ``tests.helpers.rig`` (a controller
-  on a hand-driven clock), ``tests.sites`` (toy site configs).
+  ``tests.helpers.waiting`` (``eventually``/``until``), ``tests.helpers.clock`` (a clock
+  moved by hand), ``tests.helpers.mqtt`` (a user's TLS client and a recorder),
+  ``tests.helpers.policy_support`` (trees and a toy plant for the policy tests), and
+  ``tests.sites``, the home of the toy site configs (``tiny_site``, ``with_rack_agents``...).
 - Server fixtures (real Mosquitto, VictoriaMetrics, snmpd, Slurm on loopback): ``tests.fixtures``.
 """
 

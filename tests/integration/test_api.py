@@ -27,6 +27,7 @@ from controller.integrations.api.app import ApiServer, History, create_app, reso
 from controller.model.config import ApiConfig
 from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
+from tests.helpers.clock import ManualClock
 from tests.sites import tiny_site
 
 NOW_S = 1_750_000_000.0
@@ -79,13 +80,6 @@ EXPECTED = {
     "rack-2-n2": (2200, None, 2200),
 }
 
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now_s = NOW_S
-
-    def __call__(self) -> float:
-        return self.now_s
 
 
 @pytest.fixture
@@ -140,13 +134,13 @@ async def running(app: Any) -> AsyncIterator[tuple[ApiServer, httpx.AsyncClient]
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> ManualClock:
+    return ManualClock(NOW_S)
 
 
 @pytest.fixture
 async def api(
-    view: MemoryView, clock: FakeClock
+    view: MemoryView, clock: ManualClock
 ) -> AsyncIterator[tuple[ApiServer, httpx.AsyncClient]]:
     app = create_app(
         view, ApiConfig(token_env="RP_TOKEN"), clock=clock, environ={"RP_TOKEN": TOKEN}
@@ -293,7 +287,7 @@ async def test_reservation_refused_by_an_ancestor(api: Any) -> None:
     assert rows["rack-2"]["available_w"] == 0
 
 
-async def test_reservation_expires_by_itself(api: Any, clock: FakeClock) -> None:
+async def test_reservation_expires_by_itself(api: Any, clock: ManualClock) -> None:
     _, client = api
     rid = (await reserve(client, "rack-2", 1500, ttl_s=30)).json()["id"]
     assert (await reserve(client, "rack-2", 200)).status_code == 409
@@ -502,7 +496,7 @@ async def test_tree_carries_caps_alarms_and_levels(api: Any) -> None:
     assert [n["id"] for n in racks] == ["feed", "sst", "bus", "row", "rack-1", "rack-2"]
 
 
-async def test_caps_events_health(api: Any, clock: FakeClock) -> None:
+async def test_caps_events_health(api: Any, clock: ManualClock) -> None:
     _, client = api
     caps = (await client.get("/v1/caps")).json()["caps"]
     assert caps == [
