@@ -545,6 +545,42 @@ class ControllerProcess:
 # -- a BMS on the broker -----------------------------------------------------------------------
 
 
+async def wait_leasing(plant: Plant, ctl: ControllerProcess) -> None:
+    """Until the controller cycles and leases reach every agent (none left in its
+    start-up failsafe): the state every e2e test starts from."""
+    await ctl.wait_cycling()
+    await eventually(
+        lambda: not any(plant.in_failsafe(n) for n in plant.agents),
+        "every agent to apply a lease from the controller",
+    )
+
+
+@contextlib.asynccontextmanager
+async def controller_leasing(
+    plant: Plant,
+    site_path: Path,
+    api_port: int,
+    tmp_path: Path,
+    env: Mapping[str, str] | None = None,
+) -> AsyncIterator[ControllerProcess]:
+    """``rackpower run`` on ``site_path``, yielded once :func:`wait_leasing` holds; closed
+    after, and its log tail printed (pytest shows it only when the test failed)."""
+    ctl = ControllerProcess(
+        site_path,
+        f"http://127.0.0.1:{api_port}",
+        tmp_path / "controller.log",
+        tmp_path / "audit.jsonl",
+        env=dict(env or {}),
+    )
+    ctl.start()
+    try:
+        await wait_leasing(plant, ctl)
+        yield ctl
+    finally:
+        await ctl.close()
+        print(f"--- {ctl.log_path} (tail) ---\n{ctl.log_text()[-4000:]}")
+
+
 class Bms:
     """A plain MQTT client standing in for the building management system."""
 

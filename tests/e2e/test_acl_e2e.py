@@ -52,6 +52,7 @@ from tests.e2e.harness import (
     Plant,
     Ports,
     bms_client,
+    controller_leasing,
     eventually,
     held,
     running_plant,
@@ -147,24 +148,11 @@ async def system(tmp_path: Path, mosquitto_factory: MosquittoFactory) -> AsyncIt
 
     site = load_site(site_path)
     async with running_plant(site, broker.url, agent_mqtt=agent_mqtt, tls_context=tls) as plant:
-        ctl = ControllerProcess(
-            site_path,
-            f"http://127.0.0.1:{ports.api}",
-            tmp_path / "controller.log",
-            tmp_path / "audit.jsonl",
-            env={"SSL_CERT_FILE": str(tls_files.ca_cert)},  # the daemon's CA for mqtts://
-        )
-        ctl.start()
+        ca = {"SSL_CERT_FILE": str(tls_files.ca_cert)}  # the daemon's CA for mqtts://
         try:
-            await ctl.wait_cycling()
-            await eventually(
-                lambda: not any(plant.in_failsafe(n) for n in plant.agents),
-                "every agent to apply a lease from the controller",
-            )
-            yield AclSystem(plant, ctl, broker, tls, passwords, keys_dir, generated)
+            async with controller_leasing(plant, site_path, ports.api, tmp_path, env=ca) as ctl:
+                yield AclSystem(plant, ctl, broker, tls, passwords, keys_dir, generated)
         finally:
-            await ctl.close()
-            print(f"--- {ctl.log_path} (tail) ---\n{ctl.log_text()[-3000:]}")
             print(f"--- mosquitto (tail) ---\n{broker.log_tail(15)}")
 
 

@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from controller.support.mqtt import Backoff
 from drivers.nvml import NvmlDriver
 from sim.fake_nvml import FakeNvml
 from tests.fixtures.mosquitto import Mosquitto
+from tests.helpers.mqtt import Recorder, recording
 from tests.helpers.waiting import eventually
 
 pytest_plugins = ["tests.fixtures.mosquitto"]
@@ -67,35 +68,9 @@ def fast_backoff() -> Backoff:
     return Backoff(initial_s=0.05, max_s=0.5)
 
 
-class Recorder:
-    """A plain MQTT client keeping everything it receives."""
-
-    def __init__(self, client: aiomqtt.Client) -> None:
-        self.client = client
-        self.messages: list[tuple[str, bytes, bool]] = []
-
-    async def pump(self) -> None:
-        async for m in self.client.messages:
-            payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
-            self.messages.append((str(m.topic), payload, m.retain))
-
-    def on(self, topic: str) -> list[bytes]:
-        return [p for t, p, _ in self.messages if t == topic]
-
-
-@asynccontextmanager
-async def recorder(broker: Mosquitto, *topics: str) -> AsyncIterator[Recorder]:
-    async with aiomqtt.Client(broker.host, broker.port) as client:
-        rec = Recorder(client)
-        pump = asyncio.create_task(rec.pump())
-        for t in topics:
-            await client.subscribe(t, qos=1)
-        try:
-            yield rec
-        finally:
-            pump.cancel()
-            with suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await pump
+def recorder(broker: Mosquitto, *topics: str) -> AbstractAsyncContextManager[Recorder]:
+    """A plain (anonymous) client keeping everything it receives on ``topics``."""
+    return recording(aiomqtt.Client(broker.host, broker.port), *topics)
 
 
 @asynccontextmanager
