@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
-import shutil
 import ssl
 import subprocess
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -27,6 +25,7 @@ from drivers.reading import Quality, Reading
 from sim.faults import Fault, FaultKind, FaultTable
 from sim.modbus_server import ModbusFrontend, SimModbusDevice
 from sim.values import StaticSource
+from tests.helpers.tools import require_tool
 from tests.unit.test_devicemaps import close_enough, resolution, sample_value
 
 RECT = "generic-hvdc-rectifier-800v"
@@ -45,13 +44,6 @@ def _quiet_pymodbus() -> Iterator[None]:
     logger.setLevel(level)
 
 
-def need_tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is missing (make system-deps installs it)")
-        pytest.skip(f"{name} is not installed (Debian package; `make system-deps`)")
-    return path
 
 
 def source_for(devices: Sequence[tuple[str, str]]) -> StaticSource:
@@ -107,7 +99,7 @@ def mbpoll_value(stdout: str, address: int) -> str:
 
 
 async def test_mbpoll_reads_the_rectifier_output_power_the_source_serves() -> None:
-    mbpoll = need_tool("mbpoll")
+    mbpoll = require_tool("mbpoll")
     src = StaticSource({("shelf-1", "output_power_w"): 98765.4, ("sst-1", "output_power_w"): 1.5e6})
     devs = [SimModbusDevice("shelf-1", RECT, unit_id=3), SimModbusDevice("sst-1", SST)]
     async with ModbusFrontend(devs, src) as fe:
@@ -140,7 +132,7 @@ async def test_mbpoll_reads_the_rectifier_output_power_the_source_serves() -> No
 
 
 async def test_mbpoll_sees_exception_and_writes_go_through_the_map() -> None:
-    mbpoll = need_tool("mbpoll")
+    mbpoll = require_tool("mbpoll")
     src = StaticSource({("shelf-1", "current_limit_a"): 100.0})
     faults = FaultTable()
     async with ModbusFrontend([SimModbusDevice("shelf-1", RECT)], src, faults) as fe:
@@ -369,7 +361,7 @@ async def test_server_rejects_out_of_range_writes_from_other_masters(
 
 @pytest.fixture
 def tls_files(tmp_path: Path) -> tuple[Path, Path]:
-    openssl = need_tool("openssl")
+    openssl = require_tool("openssl")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -34,6 +32,7 @@ from drivers.modbus import build_modbus_devices
 from drivers.reading import Quality
 from drivers.snmp import build_snmp_devices
 from sim.runtime import SimRuntime
+from tests.helpers.tools import require_tool
 from tests.sites import tiny_site
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,13 +41,6 @@ START_TIMEOUT_S = 60.0
 ENDPOINT_KEYS = {"device", "protocol", "host", "port", "probe"}
 
 
-def require_tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is not installed (make test installs it)")
-        pytest.skip(f"{name} is not installed (apt-get install it, or run make test)")
-    return path
 
 
 def sim_command() -> list[str]:
@@ -150,7 +142,7 @@ def mbpoll_float(ep: dict[str, Any], address: int, unit: int | None = None) -> f
 def snmpget(ep: dict[str, Any], oid: str, community: str | None = None
             ) -> subprocess.CompletedProcess[str]:
     return run_tool([
-        require_tool("snmpget"), "-v2c", "-c", community or ep["community"], "-On", "-Oqv",
+        require_tool("snmpget", "snmp"), "-v2c", "-c", community or ep["community"], "-On", "-Oqv",
         "-t", "1", "-r", "0", f"{ep['host']}:{ep['port']}", oid,
     ])
 

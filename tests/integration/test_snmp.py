@@ -34,8 +34,8 @@ from tests.fixtures.snmpd import (
     V3_USER,
     Override,
     Snmpd,
-    find_tool,
 )
+from tests.helpers.tools import require_tool
 
 pytest_plugins = ["tests.fixtures.snmpd"]
 
@@ -136,7 +136,7 @@ async def pdus() -> AsyncIterator[tuple[SnmpFrontend, StaticSource]]:
 
 async def test_snmpget_reads_the_simulated_pdu(pdus: tuple[SnmpFrontend, StaticSource]) -> None:
     fe, source = pdus
-    snmpget = find_tool("snmpget", "snmp")
+    snmpget = require_tool("snmpget", "snmp")
     apc = load_snmp_map("apc-rpdu2")
     oids = [apc.points[n].full_oid for n in ("power_w", "phase_1_current_a", "load_state")]
     out = parse_numeric(await run_tool(
@@ -159,7 +159,7 @@ async def test_snmpbulkwalk_walks_the_simulated_pdu(
 ) -> None:
     """Every Raritan point comes back, in OID order, with the digits the map serves."""
     fe, _source = pdus
-    walk = find_tool("snmpbulkwalk", "snmp")
+    walk = require_tool("snmpbulkwalk", "snmp")
     rar = load_snmp_map("raritan-pdu2")
     out = await run_tool(walk, "-v2c", "-c", "comm-b", "-Oqn", "-Cr7",
                          f"127.0.0.1:{fe.port}", ".1.3.6.1.4.1.13742")
@@ -175,7 +175,7 @@ async def test_snmpbulkwalk_walks_the_simulated_pdu(
 
 async def test_unknown_community_gets_no_answer(pdus: tuple[SnmpFrontend, StaticSource]) -> None:
     fe, _ = pdus
-    snmpget = find_tool("snmpget", "snmp")
+    snmpget = require_tool("snmpget", "snmp")
     proc = await asyncio.create_subprocess_exec(
         snmpget, "-v2c", "-c", "nobody", "-t", "0.3", "-r", "0", f"127.0.0.1:{fe.port}",
         ".1.3.6.1.2.1.1.3.0", env=QUIET_ENV,
