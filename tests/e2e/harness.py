@@ -68,8 +68,6 @@ GPU_MIN_W = 200.0
 DEMAND_FRAC = 0.5  # the steady load: every GPU at half its maximum
 
 
-
-
 @dataclass(frozen=True)
 class Ports:
     sst_modbus: int

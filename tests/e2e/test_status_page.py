@@ -40,6 +40,7 @@ def _alarm(kind: AlarmKind, node: str, message: str, since_s: float) -> Alarm:
     """A node alarm as the daemon raises it (subject and node are the node)."""
     return Alarm(kind, node, message, since_s, node=node)
 
+
 # Colours from status.css.
 GREEN = (46, 158, 91)  # --ok: below 90 % of the envelope
 AMBER = (224, 165, 38)  # --warn: 90-100 %

@@ -53,7 +53,6 @@ MAX_W = 500.0
 WAIT_S = 20.0
 
 
-
 def metric(text: str, name: str) -> float:
     m = re.search(rf"(?m)^{name} (\S+)$", text)
     assert m is not None, f"{name} not on /metrics"

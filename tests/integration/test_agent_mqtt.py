@@ -48,7 +48,6 @@ TOPICS = AgentTopics.for_site("rackpower", SITE)
 WAIT_S = 15.0  # generous: only a broken link ever waits this long
 
 
-
 def agent_config(broker: Mosquitto) -> AgentConfig:
     return parse_agent_config(
         {

@@ -37,6 +37,8 @@ NOW_S = 1_750_000_000.0
 def _alarm(kind: AlarmKind, node: str, message: str, since_s: float) -> Alarm:
     """A node alarm as the daemon raises it (subject and node are the node)."""
     return Alarm(kind, node, message, since_s, node=node)
+
+
 TOKEN = "t0k3n-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -80,7 +82,6 @@ EXPECTED = {
     "rack-2-n1": (2200, None, 1800),
     "rack-2-n2": (2200, None, 2200),
 }
-
 
 
 @pytest.fixture

@@ -50,7 +50,6 @@ def tree() -> PowerTree:
     return PowerTree(parse_site(tiny_site()))
 
 
-
 class Subscriber:
     """A plain MQTT client that records everything it receives on its subscriptions."""
 

@@ -50,7 +50,6 @@ TOPICS = AgentTopics.for_site("rackpower", SITE)
 WAIT_S = 15.0
 
 
-
 def backoff() -> Backoff:
     return Backoff(initial_s=0.05, max_s=0.5)
 

@@ -74,7 +74,6 @@ BMS_TOPICS = BmsTopics.for_site("rackpower", SITE)
 WAIT_S = 15.0  # only a broken link ever waits this long
 
 
-
 @dataclass
 class AclBroker:
     """A broker run from the generated files, and every identity's password file."""

@@ -301,7 +301,10 @@ async def test_a_drain_left_by_an_earlier_run_is_found_and_resumed(
     assert await adapter.drained() == {NODE: ours}
     results: list[ActionResult] = []
     link = make_link(
-        adapter, tree, headroom_w={"rack-1": 500.0}.get, on_result=results.append,
+        adapter,
+        tree,
+        headroom_w={"rack-1": 500.0}.get,
+        on_result=results.append,
         resume_hold_s=0.0,
     )
     assert await link.refresh()

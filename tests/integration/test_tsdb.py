@@ -45,7 +45,6 @@ def cfg(url: str, **kw: object) -> InfluxConfig:
     return InfluxConfig.model_validate({"url": url, **kw})
 
 
-
 def seq_points(site: str, n: int) -> list[Point]:
     """n cycle points with value i at T0 + i ms, so order and identity can be read back."""
     return [

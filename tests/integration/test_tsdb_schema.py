@@ -254,7 +254,6 @@ async def run_controller_into(vm: VictoriaMetrics) -> tuple[Controller, list[int
     return ctl, cycle_ms
 
 
-
 def split_name(name: str, measurements: set[str]) -> tuple[str, str]:
     """``rackpower_node_power_w`` -> (``rackpower_node``, ``power_w``)."""
     for m in sorted(measurements, key=len, reverse=True):

@@ -38,7 +38,6 @@ FAILSAFE_W = 400.0
 REPO = Path(__file__).resolve().parents[2]
 
 
-
 def agent_config(**over: Any) -> AgentConfig:
     data: dict[str, Any] = {
         "site": "tiny",

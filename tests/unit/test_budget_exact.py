@@ -21,8 +21,16 @@ from controller.policy.budget import TOLERANCE_W, GpuTerms, _exact_levels
 SPACING = 701.0
 
 
-def node_fits(level: float, g: list[int], t: GpuTerms, below: np.ndarray,
-              a1: float, a2: float, mm: float, a3: float) -> bool:
+def node_fits(
+    level: float,
+    g: list[int],
+    t: GpuTerms,
+    below: np.ndarray,
+    a1: float,
+    a2: float,
+    mm: float,
+    a3: float,
+) -> bool:
     cap = use = 0.0
     for i in g:
         lv = min(level, below[i]) - t.shift[i]
@@ -43,10 +51,12 @@ def level_case(draw: st.DrawFn) -> tuple[GpuTerms, np.ndarray, np.ndarray, list[
     top = floor + np.array([50 + 600 * draw(floats) for _ in range(n)])
     demand = np.array([800 * draw(floats) for _ in range(n)])
     held = [draw(st.booleans()) for _ in range(n)]
-    below = np.array([
-        rank[i] * SPACING + floor[i] + 700 * draw(floats) if held[i] else math.inf
-        for i in range(n)
-    ])
+    below = np.array(
+        [
+            rank[i] * SPACING + floor[i] + 700 * draw(floats) if held[i] else math.inf
+            for i in range(n)
+        ]
+    )
     terms = GpuTerms(
         shift=rank * SPACING,
         floor_w=floor,

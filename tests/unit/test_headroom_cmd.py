@@ -54,7 +54,6 @@ LIVE = {
 }
 
 
-
 @pytest.fixture
 async def api(
     monkeypatch: pytest.MonkeyPatch,

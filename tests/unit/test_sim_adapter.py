@@ -35,7 +35,6 @@ FLAT = TrainingProfile(
 RACK1 = ("rack-1-n1", "rack-1-n2")
 
 
-
 @pytest.fixture
 def sched() -> SimScheduler:
     s = SimScheduler(
