@@ -49,11 +49,14 @@ slurm-deps:
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends slurm-wlm-jwt-plugin; }
 
+# ruff format --check: one formatting, so diffs show changes, not style.
 # lint-imports: the layer contracts in pyproject.toml ([tool.importlinter]).
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
+# mypy --strict over controller, drivers, sim, tests and benchmarks ([tool.mypy] packages).
 typecheck: venv
 	$(BIN)/mypy
 

@@ -38,7 +38,8 @@ def mosquitto_binary() -> str:
 @contextlib.contextmanager
 def private_mosquitto() -> Iterator[Mosquitto]:
     """An anonymous broker on a free loopback port for the length of the block."""
-    from tests.fixtures.mosquitto import Mosquitto, free_port
+    from tests.fixtures.mosquitto import Mosquitto
+    from tests.helpers.ports import free_port
 
     with tempfile.TemporaryDirectory(prefix="rackpower-bench-mqtt-") as tmp:
         broker = Mosquitto(mosquitto_binary(), Path(tmp), free_port())

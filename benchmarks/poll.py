@@ -89,7 +89,9 @@ class FleetProcess:
     def __init__(self, size: FleetSize) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.poll", "--serve", *size.argv()],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         self.endpoints: dict[str, list[dict[str, Any]]] = self._read()
 
@@ -139,21 +141,38 @@ class CountingSink:
 def device_params(protocol: str, endpoints: Sequence[dict[str, Any]]) -> list[DeviceParams]:
     if protocol == "modbus":
         return [
-            DeviceParams(e["device"], "modbus", host=e["host"], port=e["port"],
-                         map_name=MODBUS_MAP, options={"unit_id": e["unit_id"]},
-                         period_s=PERIOD_S, timeout_s=TIMEOUT_S)
+            DeviceParams(
+                e["device"],
+                "modbus",
+                host=e["host"],
+                port=e["port"],
+                map_name=MODBUS_MAP,
+                options={"unit_id": e["unit_id"]},
+                period_s=PERIOD_S,
+                timeout_s=TIMEOUT_S,
+            )
             for e in endpoints
         ]
     return [
-        DeviceParams(e["device"], "snmp", host=e["host"], port=e["port"], map_name=SNMP_MAP,
-                     options={"community": e["community"]}, period_s=PERIOD_S,
-                     timeout_s=TIMEOUT_S)
+        DeviceParams(
+            e["device"],
+            "snmp",
+            host=e["host"],
+            port=e["port"],
+            map_name=SNMP_MAP,
+            options={"community": e["community"]},
+            period_s=PERIOD_S,
+            timeout_s=TIMEOUT_S,
+        )
         for e in endpoints
     ]
 
 
 async def _ours(
-    protocol: str, fleet: FleetProcess, warmup_s: float, window_s: float,
+    protocol: str,
+    fleet: FleetProcess,
+    warmup_s: float,
+    window_s: float,
     profiler: cProfile.Profile | None,
 ) -> Measure:
     logging.getLogger("pymodbus").setLevel(logging.NOTSET)
@@ -179,14 +198,24 @@ async def _ours(
         # Shutdown noise, after the window: keep it off the report.
         logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
     return Measure(
-        "ours", protocol, len(params), len(pollables[0].point_keys()) if pollables else 0,
-        window_s, cpu1 - cpu0, good1 - good0, c1[f"{protocol}_points"] - c0[f"{protocol}_points"],
-        other1 - other0, c1["cpu_s"] - c0["cpu_s"],
+        "ours",
+        protocol,
+        len(params),
+        len(pollables[0].point_keys()) if pollables else 0,
+        window_s,
+        cpu1 - cpu0,
+        good1 - good0,
+        c1[f"{protocol}_points"] - c0[f"{protocol}_points"],
+        other1 - other0,
+        c1["cpu_s"] - c0["cpu_s"],
     )
 
 
 def measure_ours(
-    protocol: str, fleet: FleetProcess, warmup_s: float, window_s: float,
+    protocol: str,
+    fleet: FleetProcess,
+    warmup_s: float,
+    window_s: float,
     profiler: cProfile.Profile | None = None,
 ) -> Measure:
     return asyncio.run(_ours(protocol, fleet, warmup_s, window_s, profiler))
@@ -197,7 +226,11 @@ def measure_ours(
 
 
 def measure_collectd(
-    protocol: str, fleet: FleetProcess, warmup_s: float, window_s: float, read_threads: int,
+    protocol: str,
+    fleet: FleetProcess,
+    warmup_s: float,
+    window_s: float,
+    read_threads: int,
 ) -> tuple[Measure, list[str]]:
     endpoints = fleet.endpoints[protocol]
     if protocol == "modbus":
@@ -223,8 +256,16 @@ def measure_collectd(
             problems = daemon.problems()
     served = c1[f"{protocol}_points"] - c0[f"{protocol}_points"]
     measure = Measure(
-        "collectd", protocol, len(endpoints), per_device, window_s, cpu1 - cpu0, served, served,
-        0, c1["cpu_s"] - c0["cpu_s"],
+        "collectd",
+        protocol,
+        len(endpoints),
+        per_device,
+        window_s,
+        cpu1 - cpu0,
+        served,
+        served,
+        0,
+        c1["cpu_s"] - c0["cpu_s"],
     )
     return measure, problems
 
@@ -238,9 +279,11 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def table(measures: Sequence[Measure]) -> str:
-    head = (f"{'protocol':8} {'poller':9} {'devices':>7} {'pts/dev':>7} {'Hz/pt':>6} "
-            f"{'points':>8} {'CPU s':>7} {'us/point':>9} {'devices/core@1Hz':>17} "
-            f"{'sim CPU s':>9}")
+    head = (
+        f"{'protocol':8} {'poller':9} {'devices':>7} {'pts/dev':>7} {'Hz/pt':>6} "
+        f"{'points':>8} {'CPU s':>7} {'us/point':>9} {'devices/core@1Hz':>17} "
+        f"{'sim CPU s':>9}"
+    )
     rows = [head, "-" * len(head)]
     for m in measures:
         rows.append(
@@ -300,22 +343,38 @@ def _profile_report(profiler: cProfile.Profile, top: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.poll", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.poll",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--shelves", type=int, default=50, help="Modbus rectifier shelves")
-    parser.add_argument("--shelves-per-gateway", type=int, default=10,
-                        help="unit ids behind one Modbus/TCP gateway port")
+    parser.add_argument(
+        "--shelves-per-gateway",
+        type=int,
+        default=10,
+        help="unit ids behind one Modbus/TCP gateway port",
+    )
     parser.add_argument("--pdus", type=int, default=100, help="SNMP v2c PDUs")
     parser.add_argument("--warmup-s", type=float, default=3.0)
     parser.add_argument("--window-s", type=float, default=15.0)
     parser.add_argument("--protocols", default="modbus,snmp")
-    parser.add_argument("--collectd-read-threads", type=int, default=5,
-                        help="collectd's ReadThreads (its default is 5)")
+    parser.add_argument(
+        "--collectd-read-threads",
+        type=int,
+        default=5,
+        help="collectd's ReadThreads (its default is 5)",
+    )
     parser.add_argument("--no-collectd", action="store_true", help="measure ours only")
-    parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="afterwards, profile our poller (a separate window) and print "
-                             "the N costliest functions")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="afterwards, profile our poller (a separate window) and print "
+        "the N costliest functions",
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     size = FleetSize(args.shelves, args.shelves_per_gateway, args.pdus)
@@ -325,8 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     if any(p not in GOALS for p in protocols):
         parser.error(f"--protocols: choose from {sorted(GOALS)}")
     if not args.no_collectd and (why := cd.missing()) is not None:
-        print(f"poll benchmark: {why}; `make system-deps` installs it, or pass --no-collectd",
-              file=sys.stderr)
+        print(
+            f"poll benchmark: {why}; `make system-deps` installs it, or pass --no-collectd",
+            file=sys.stderr,
+        )
         return 1
 
     started = time.monotonic()
@@ -341,7 +402,10 @@ def main(argv: list[str] | None = None) -> int:
             peer = None
             if not args.no_collectd:
                 peer, problems = measure_collectd(
-                    protocol, fleet, args.warmup_s + 1.0, args.window_s,
+                    protocol,
+                    fleet,
+                    args.warmup_s + 1.0,
+                    args.window_s,
                     args.collectd_read_threads,
                 )
                 measures.append(peer)
@@ -356,16 +420,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         fleet.close()
 
-    print(f"fleet: {size.shelves} shelves ({MODBUS_MAP}) behind "
-          f"{-(-size.shelves // max(1, size.shelves_per_gateway))} gateways, {size.pdus} PDUs "
-          f"({SNMP_MAP}); 1 Hz; window {args.window_s:g} s after {args.warmup_s:g} s warm-up")
+    print(
+        f"fleet: {size.shelves} shelves ({MODBUS_MAP}) behind "
+        f"{-(-size.shelves // max(1, size.shelves_per_gateway))} gateways, {size.pdus} PDUs "
+        f"({SNMP_MAP}); 1 Hz; window {args.window_s:g} s after {args.warmup_s:g} s warm-up"
+    )
     print(table(measures))
     for protocol, r in results.items():
         ratio = r["ratio_ours_to_collectd"]
         if ratio is not None:
             verdict = "met" if r["goal_met"] else "MISSED"
-            print(f"{protocol}: ours/collectd CPU per point = {ratio:.2f} "
-                  f"(goal <= {GOALS[protocol]:g}: {verdict})")
+            print(
+                f"{protocol}: ours/collectd CPU per point = {ratio:.2f} "
+                f"(goal <= {GOALS[protocol]:g}: {verdict})"
+            )
     for protocol, text in profiles.items():
         print(f"\nprofile of our {protocol} poller (cProfile, by own time):\n{text}")
     print(f"took {time.monotonic() - started:.0f} s")
@@ -373,8 +441,13 @@ def main(argv: list[str] | None = None) -> int:
         doc = {
             **results,
             "benchmark": "poll",
-            "fleet": {"shelves": size.shelves, "shelves_per_gateway": size.shelves_per_gateway,
-                      "pdus": size.pdus, "modbus_map": MODBUS_MAP, "snmp_map": SNMP_MAP},
+            "fleet": {
+                "shelves": size.shelves,
+                "shelves_per_gateway": size.shelves_per_gateway,
+                "pdus": size.pdus,
+                "modbus_map": MODBUS_MAP,
+                "snmp_map": SNMP_MAP,
+            },
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")

@@ -29,10 +29,17 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 # map type (+ word order) -> the modbus plugin's RegisterType; anything else is skipped.
 _REGISTER_TYPES = {
-    ("int16", "ABCD"): "Int16", ("uint16", "ABCD"): "Uint16", ("bitfield", "ABCD"): "Uint16",
-    ("int32", "ABCD"): "Int32", ("uint32", "ABCD"): "Uint32", ("float32", "ABCD"): "Float",
-    ("int32", "CDAB"): "Int32LE", ("uint32", "CDAB"): "Uint32LE", ("float32", "CDAB"): "FloatLE",
-    ("int64", "ABCD"): "Int64", ("uint64", "ABCD"): "UInt64",
+    ("int16", "ABCD"): "Int16",
+    ("uint16", "ABCD"): "Uint16",
+    ("bitfield", "ABCD"): "Uint16",
+    ("int32", "ABCD"): "Int32",
+    ("uint32", "ABCD"): "Uint32",
+    ("float32", "ABCD"): "Float",
+    ("int32", "CDAB"): "Int32LE",
+    ("uint32", "CDAB"): "Uint32LE",
+    ("float32", "CDAB"): "FloatLE",
+    ("int64", "ABCD"): "Int64",
+    ("uint64", "ABCD"): "UInt64",
 }
 
 
@@ -88,8 +95,12 @@ def modbus_block(dmap: ModbusMap, endpoints: Sequence[dict[str, Any]]) -> str:
     for e in endpoints:
         by_port.setdefault((str(e["host"]), int(e["port"])), []).append(e)
     for k, ((host, port), units) in enumerate(sorted(by_port.items())):
-        lines += [f'  <Host "gw-{k}">', f"    Address {_q(host)}", f"    Port {_q(port)}",
-                  "    Interval 1"]
+        lines += [
+            f'  <Host "gw-{k}">',
+            f"    Address {_q(host)}",
+            f"    Port {_q(port)}",
+            "    Interval 1",
+        ]
         for e in units:
             lines += [f"    <Slave {int(e['unit_id'])}>", f"      Instance {_q(e['device'])}"]
             lines += [f"      Collect {_q(n)}" for n in points]
@@ -137,24 +148,26 @@ def config(workdir: Path, plugin: str, block: str, read_threads: int) -> str:
 
     Values end in a PostCache chain whose only target is ``stop``: without it collectd
     would complain, per value, that no write plugin is loaded."""
-    return "\n".join([
-        'Hostname "rackpower-bench"',
-        "FQDNLookup false",
-        f"BaseDir {_q(workdir)}",
-        f"PIDFile {_q(workdir / 'collectd.pid')}",
-        f"PluginDir {_q(PLUGIN_DIR)}",
-        f"TypesDB {_q(TYPES_DB)}",
-        "Interval 1",
-        f"ReadThreads {read_threads}",
-        "WriteThreads 1",
-        f"LoadPlugin {plugin}",
-        block,
-        'PostCacheChain "rackpower-bench"',
-        '<Chain "rackpower-bench">',
-        '  Target "stop"',
-        "</Chain>",
-        "",
-    ])
+    return "\n".join(
+        [
+            'Hostname "rackpower-bench"',
+            "FQDNLookup false",
+            f"BaseDir {_q(workdir)}",
+            f"PIDFile {_q(workdir / 'collectd.pid')}",
+            f"PluginDir {_q(PLUGIN_DIR)}",
+            f"TypesDB {_q(TYPES_DB)}",
+            "Interval 1",
+            f"ReadThreads {read_threads}",
+            "WriteThreads 1",
+            f"LoadPlugin {plugin}",
+            block,
+            'PostCacheChain "rackpower-bench"',
+            '<Chain "rackpower-bench">',
+            '  Target "stop"',
+            "</Chain>",
+            "",
+        ]
+    )
 
 
 class Collectd:
@@ -169,8 +182,9 @@ class Collectd:
 
     def start(self) -> None:
         exe = shutil.which("collectd") or "/usr/sbin/collectd"
-        check = subprocess.run([exe, "-t", "-C", str(self.conf)], capture_output=True,
-                               text=True, check=False)
+        check = subprocess.run(
+            [exe, "-t", "-C", str(self.conf)], capture_output=True, text=True, check=False
+        )
         if check.returncode != 0:
             raise RuntimeError(f"collectd rejects {self.conf}: {check.stderr or check.stdout}")
         with self.log.open("wb") as log:

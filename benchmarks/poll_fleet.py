@@ -47,9 +47,12 @@ class FleetSize:
 
     def argv(self) -> list[str]:
         return [
-            "--shelves", str(self.shelves),
-            "--shelves-per-gateway", str(self.shelves_per_gateway),
-            "--pdus", str(self.pdus),
+            "--shelves",
+            str(self.shelves),
+            "--shelves-per-gateway",
+            str(self.shelves_per_gateway),
+            "--pdus",
+            str(self.pdus),
         ]
 
 
@@ -140,12 +143,15 @@ async def serve(size: FleetSize, stdin: TextIO, stdout: TextIO) -> None:
                 return
             if command == "counts":
                 modbus = sum(n for d, n in source.reads.items() if d in modbus_ids)
-                _say(stdout, {
-                    "modbus_points": modbus,
-                    "snmp_points": sum(source.reads.values()) - modbus,
-                    "snmp_requests": sum(snmp.responder.requests.values()),
-                    "cpu_s": time.process_time(),
-                })
+                _say(
+                    stdout,
+                    {
+                        "modbus_points": modbus,
+                        "snmp_points": sum(source.reads.values()) - modbus,
+                        "snmp_requests": sum(snmp.responder.requests.values()),
+                        "cpu_s": time.process_time(),
+                    },
+                )
             else:
                 _say(stdout, {"error": f"unknown command {command!r}"})
 

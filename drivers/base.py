@@ -197,14 +197,14 @@ def now_pair() -> tuple[float, float]:
 
 
 def failed_readings(
-    keys: Sequence[PointKey], message: str, quality: Quality = Quality.ERROR,
+    keys: Sequence[PointKey],
+    message: str,
+    quality: Quality = Quality.ERROR,
     at: tuple[float, float] | None = None,
 ) -> list[Reading]:
     """NaN readings for every key, saying why: what a store gets when a whole read fails."""
     ts, wall = at or now_pair()
-    return [
-        Reading(k.device, k.point, math.nan, k.unit, ts, wall, quality, message) for k in keys
-    ]
+    return [Reading(k.device, k.point, math.nan, k.unit, ts, wall, quality, message) for k in keys]
 
 
 # ---------------------------------------------------------------------------
@@ -237,7 +237,10 @@ class Backoff:
     """Exponential delay with jitter: d = min(max, initial * 2**n) * U(1 - jitter, 1)."""
 
     def __init__(
-        self, initial_s: float = 0.5, max_s: float = 30.0, jitter: float = 0.5,
+        self,
+        initial_s: float = 0.5,
+        max_s: float = 30.0,
+        jitter: float = 0.5,
         rng: random.Random | None = None,
     ) -> None:
         self.initial_s = initial_s
@@ -273,7 +276,10 @@ class DevicePoller:
     """The loop of one pollable. Never raises out of :meth:`run` except on cancellation."""
 
     def __init__(
-        self, target: Pollable, settings: PollSettings, sink: Sink,
+        self,
+        target: Pollable,
+        settings: PollSettings,
+        sink: Sink,
         rng: random.Random | None = None,
     ) -> None:
         self.target = target
@@ -299,8 +305,11 @@ class DevicePoller:
         self.errors.note(kind, message)
         s = self.stats
         self.stats = replace(
-            s, errors=s.errors + 1, timeouts=s.timeouts + (1 if timeout else 0),
-            consecutive_failures=s.consecutive_failures + 1, last_error=message,
+            s,
+            errors=s.errors + 1,
+            timeouts=s.timeouts + (1 if timeout else 0),
+            consecutive_failures=s.consecutive_failures + 1,
+            last_error=message,
             connected=self._connected,
         )
         self._emit(failed_readings(self.target.point_keys(), message))
@@ -312,8 +321,7 @@ class DevicePoller:
         except (DriverError, OSError, TimeoutError) as e:
             self._connected = False
             timeout = isinstance(e, TimeoutError)
-            self._fail(f"connect failed: {_describe(e)}", _kind(e, "unreachable"),
-                       timeout=timeout)
+            self._fail(f"connect failed: {_describe(e)}", _kind(e, "unreachable"), timeout=timeout)
             return False
         self._connected = True
         self.stats = replace(self.stats, reconnects=self.stats.reconnects + 1, connected=True)
@@ -331,8 +339,11 @@ class DevicePoller:
                 readings = await self.target.read()
         except (TimeoutError, DeviceTimeout) as e:
             self._record_duration(start)
-            self._fail(f"timeout after {self.settings.timeout_s:g} s: {_describe(e)}",
-                       "timeout", timeout=True)
+            self._fail(
+                f"timeout after {self.settings.timeout_s:g} s: {_describe(e)}",
+                "timeout",
+                timeout=True,
+            )
             if self.stats.consecutive_failures >= self.settings.timeouts_before_backoff:
                 return self._backoff.next_delay_s()
             return None
@@ -362,7 +373,8 @@ class DevicePoller:
             self.errors.note(KIND_BAD_VALUE, first_problem or "a point came back BAD")
         s = self.stats
         self.stats = replace(
-            s, errors=s.errors + bad,
+            s,
+            errors=s.errors + bad,
             consecutive_failures=0 if good else s.consecutive_failures + 1,
             last_good_s=readings[0].ts_s if good and readings else s.last_good_s,
             last_error=clip(first_problem) if bad and first_problem else s.last_error,
@@ -376,7 +388,9 @@ class DevicePoller:
         d = time.monotonic() - start
         s = self.stats
         self.stats = replace(
-            s, polls=s.polls + 1, last_poll_duration_s=d,
+            s,
+            polls=s.polls + 1,
+            last_poll_duration_s=d,
             max_poll_duration_s=max(s.max_poll_duration_s, d),
             overruns=s.overruns + (1 if d > self.settings.period_s else 0),
         )

@@ -189,8 +189,6 @@ def active_bits(point: ModbusPoint, value: float) -> list[str]:
 # SNMP
 
 
-
-
 def snmp_factor(point: SnmpPoint, digits: int = 0, si_scale: int = ENTITY_SCALE_UNITS) -> float:
     """Multiplier from the raw SNMP number to the engineering value.
 
@@ -202,7 +200,9 @@ def snmp_factor(point: SnmpPoint, digits: int = 0, si_scale: int = ENTITY_SCALE_
 
 
 def snmp_decode(
-    point: SnmpPoint, raw: int | float | str | bytes, digits: int = 0,
+    point: SnmpPoint,
+    raw: int | float | str | bytes,
+    digits: int = 0,
     si_scale: int = ENTITY_SCALE_UNITS,
 ) -> float:
     """Engineering value of an SNMP varbind value; unparsable text decodes to NaN."""

@@ -35,8 +35,18 @@ MAPS_ENV = "RACKPOWER_DEVICE_MAPS"
 Table = Literal["holding", "input", "coil", "discrete"]
 WordOrder = Literal["ABCD", "DCBA", "BADC", "CDAB"]
 ModbusTypeName = Literal[
-    "int16", "uint16", "int32", "uint32", "int64", "uint64",
-    "float32", "float64", "string", "bitfield", "fixed", "bit",
+    "int16",
+    "uint16",
+    "int32",
+    "uint32",
+    "int64",
+    "uint64",
+    "float32",
+    "float64",
+    "string",
+    "bitfield",
+    "fixed",
+    "bit",
 ]
 SnmpTypeName = Literal["integer", "gauge32", "counter32", "counter64", "octetstring"]
 Oid = Annotated[str, Field(pattern=OID_RE)]

@@ -100,8 +100,10 @@ class Block:
 
 
 def plan_blocks(
-    points: Mapping[str, ModbusPoint], max_hole: int = 8,
-    max_registers: int = MAX_REGISTERS, max_bits: int = MAX_BITS,
+    points: Mapping[str, ModbusPoint],
+    max_hole: int = 8,
+    max_registers: int = MAX_REGISTERS,
+    max_bits: int = MAX_BITS,
 ) -> list[Block]:
     """Merge points into as few reads as possible without reading more than ``max_hole``
     unused registers between two points (holes may be undefined on the device: 0x02)."""
@@ -169,9 +171,7 @@ def quiet_pymodbus_logs() -> None:
     """pymodbus's logger to CRITICAL unless the root logger is at DEBUG (see the module
     docstring: its ERROR lines carry hex frame dumps, one per bad frame)."""
     pymodbus_log = logging.getLogger("pymodbus")
-    if pymodbus_log.level == logging.NOTSET and not logging.getLogger().isEnabledFor(
-        logging.DEBUG
-    ):
+    if pymodbus_log.level == logging.NOTSET and not logging.getLogger().isEnabledFor(logging.DEBUG):
         pymodbus_log.setLevel(logging.CRITICAL)
 
 
@@ -179,7 +179,12 @@ class ModbusConnection:
     """One pymodbus client for one endpoint, shared by all units behind it."""
 
     def __init__(
-        self, host: str, port: int, *, timeout_s: float, retries: int = 1,
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout_s: float,
+        retries: int = 1,
         sslctx: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
@@ -211,12 +216,19 @@ class ModbusConnection:
             client: AsyncModbusTcpClient
             if self.sslctx is not None:
                 client = AsyncModbusTlsClient(
-                    self.host, port=self.port, sslctx=self.sslctx, timeout=per_try_s,
-                    retries=self.retries, reconnect_delay=0,
+                    self.host,
+                    port=self.port,
+                    sslctx=self.sslctx,
+                    timeout=per_try_s,
+                    retries=self.retries,
+                    reconnect_delay=0,
                 )
             else:
                 client = AsyncModbusTcpClient(
-                    self.host, port=self.port, timeout=per_try_s, retries=self.retries,
+                    self.host,
+                    port=self.port,
+                    timeout=per_try_s,
+                    retries=self.retries,
                     reconnect_delay=0,
                 )
             # A silent unit behind a gateway must not close the link the others share.
@@ -308,8 +320,15 @@ class ModbusDevice:
     times_itself = True  # see drivers.base.Pollable: queueing for the link is not a timeout
 
     def __init__(
-        self, device_id: str, conn: ModbusConnection, dmap: ModbusMap, unit_id: int = 1,
-        *, timeout_s: float = 0.5, max_hole: int = 8, power_point: str | None = None,
+        self,
+        device_id: str,
+        conn: ModbusConnection,
+        dmap: ModbusMap,
+        unit_id: int = 1,
+        *,
+        timeout_s: float = 0.5,
+        max_hole: int = 8,
+        power_point: str | None = None,
     ) -> None:
         self.device_id = device_id
         self.timeout_s = timeout_s
@@ -389,16 +408,27 @@ class ModbusDevice:
         for n in names:
             p = self.map.points[n]
             if n in errors:
-                out.append(Reading(self.device_id, n, math.nan, p.unit, ts, wall,
-                                   Quality.ERROR, errors[n]))
+                out.append(
+                    Reading(self.device_id, n, math.nan, p.unit, ts, wall, Quality.ERROR, errors[n])
+                )
                 continue
             sf, sf_problem = self._scale_factor(p, raw, errors)
             value_raw = codec.decode_raw(p, raw[n])
             value = codec.decode(p, raw[n], sf)
             assert not isinstance(value, str)
             problem = sf_problem or codec.problem(p, value, value_raw)
-            out.append(Reading(self.device_id, n, float(value), p.unit, ts, wall,
-                               Quality.BAD if problem else Quality.GOOD, problem))
+            out.append(
+                Reading(
+                    self.device_id,
+                    n,
+                    float(value),
+                    p.unit,
+                    ts,
+                    wall,
+                    Quality.BAD if problem else Quality.GOOD,
+                    problem,
+                )
+            )
         return out
 
     def _scale_factor(
@@ -533,13 +563,23 @@ def build_modbus_devices(
         conn = conns.get(key)
         if conn is None:
             conn = ModbusConnection(
-                d.host, port, timeout_s=d.timeout_s, retries=o.retries,
+                d.host,
+                port,
+                timeout_s=d.timeout_s,
+                retries=o.retries,
                 sslctx=make_sslctx(d.options) if o.tls else None,
             )
             conns[key] = conn
         conn.timeout_s = min(conn.timeout_s, d.timeout_s)
-        out.append(ModbusDevice(
-            d.device_id, conn, dmap, o.unit_id, timeout_s=d.timeout_s,
-            max_hole=o.max_hole, power_point=o.power_point,
-        ))
+        out.append(
+            ModbusDevice(
+                d.device_id,
+                conn,
+                dmap,
+                o.unit_id,
+                timeout_s=d.timeout_s,
+                max_hole=o.max_hole,
+                power_point=o.power_point,
+            )
+        )
     return out

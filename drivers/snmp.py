@@ -107,8 +107,12 @@ class SnmpTransport(Protocol):
     ) -> SnmpResponse: ...
 
     async def bulk(
-        self, target: SnmpTarget, oids: Sequence[w.Oid], max_repetitions: int,
-        timeout_s: float, retries: int,
+        self,
+        target: SnmpTarget,
+        oids: Sequence[w.Oid],
+        max_repetitions: int,
+        timeout_s: float,
+        retries: int,
     ) -> SnmpResponse: ...
 
     async def close(self) -> None: ...
@@ -117,8 +121,9 @@ class SnmpTransport(Protocol):
 class _Pending:
     __slots__ = ("addr", "community", "future")
 
-    def __init__(self, future: asyncio.Future[w.Message], addr: tuple[str, int],
-                 community: bytes) -> None:
+    def __init__(
+        self, future: asyncio.Future[w.Message], addr: tuple[str, int], community: bytes
+    ) -> None:
         self.future = future
         self.addr = addr
         self.community = community
@@ -212,8 +217,13 @@ class FastV2cTransport:
                 return rid
 
     async def _request(
-        self, target: SnmpTarget, pdu_type: int, oids: Sequence[w.Oid], max_repetitions: int,
-        timeout_s: float, retries: int,
+        self,
+        target: SnmpTarget,
+        pdu_type: int,
+        oids: Sequence[w.Oid],
+        max_repetitions: int,
+        timeout_s: float,
+        retries: int,
     ) -> SnmpResponse:
         family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
         sock, proto = await self._socket(family)
@@ -259,8 +269,12 @@ class FastV2cTransport:
         return await self._request(target, w.GET, oids, 0, timeout_s, retries)
 
     async def bulk(
-        self, target: SnmpTarget, oids: Sequence[w.Oid], max_repetitions: int,
-        timeout_s: float, retries: int,
+        self,
+        target: SnmpTarget,
+        oids: Sequence[w.Oid],
+        max_repetitions: int,
+        timeout_s: float,
+        retries: int,
     ) -> SnmpResponse:
         return await self._request(target, w.GETBULK, oids, max_repetitions, timeout_s, retries)
 
@@ -277,9 +291,12 @@ def _auth_protocols() -> dict[str, Any]:
     from pysnmp.hlapi.v3arch import asyncio as h
 
     return {
-        "MD5": h.usmHMACMD5AuthProtocol, "SHA": h.usmHMACSHAAuthProtocol,
-        "SHA-224": h.usmHMAC128SHA224AuthProtocol, "SHA-256": h.usmHMAC192SHA256AuthProtocol,
-        "SHA-384": h.usmHMAC256SHA384AuthProtocol, "SHA-512": h.usmHMAC384SHA512AuthProtocol,
+        "MD5": h.usmHMACMD5AuthProtocol,
+        "SHA": h.usmHMACSHAAuthProtocol,
+        "SHA-224": h.usmHMAC128SHA224AuthProtocol,
+        "SHA-256": h.usmHMAC192SHA256AuthProtocol,
+        "SHA-384": h.usmHMAC256SHA384AuthProtocol,
+        "SHA-512": h.usmHMAC384SHA512AuthProtocol,
     }
 
 
@@ -289,11 +306,13 @@ def _priv_protocols() -> dict[str, Any]:
     # Names as net-snmp's -x option spells them; net-snmp's AES-192/256 extend the key
     # the Blumenthal way, its AES-192-C/256-C the Reeder way.
     return {
-        "DES": h.usmDESPrivProtocol, "AES": h.usmAesCfb128Protocol,
+        "DES": h.usmDESPrivProtocol,
+        "AES": h.usmAesCfb128Protocol,
         "AES-128": h.usmAesCfb128Protocol,
         "AES-192": h.usmAesBlumenthalCfb192Protocol,
         "AES-256": h.usmAesBlumenthalCfb256Protocol,
-        "AES-192-C": h.usmAesCfb192Protocol, "AES-256-C": h.usmAesCfb256Protocol,
+        "AES-192-C": h.usmAesCfb192Protocol,
+        "AES-256-C": h.usmAesCfb256Protocol,
     }
 
 
@@ -359,21 +378,27 @@ class PysnmpTransport:
             kwargs: dict[str, Any] = {}
             if target.v3_auth_key:
                 kwargs["authKey"] = target.v3_auth_key
-                kwargs["authProtocol"] = _pick(_auth_protocols(), target.v3_auth_protocol,
-                                               "v3_auth_protocol")
+                kwargs["authProtocol"] = _pick(
+                    _auth_protocols(), target.v3_auth_protocol, "v3_auth_protocol"
+                )
             if target.v3_priv_key:
                 if not target.v3_auth_key:
                     raise DriverError("SNMPv3 privacy needs an authentication key too")
                 kwargs["privKey"] = target.v3_priv_key
-                kwargs["privProtocol"] = _pick(_priv_protocols(), target.v3_priv_protocol,
-                                               "v3_priv_protocol")
+                kwargs["privProtocol"] = _pick(
+                    _priv_protocols(), target.v3_priv_protocol, "v3_priv_protocol"
+                )
             auth = UsmUserData(target.v3_user, **kwargs)
         self._auth[target] = auth
         return auth
 
     async def _run(
-        self, target: SnmpTarget, oids: Sequence[w.Oid], max_repetitions: int | None,
-        timeout_s: float, retries: int,
+        self,
+        target: SnmpTarget,
+        oids: Sequence[w.Oid],
+        max_repetitions: int | None,
+        timeout_s: float,
+        retries: int,
     ) -> SnmpResponse:
         from pysnmp.hlapi.v3arch.asyncio import (
             ContextData,
@@ -412,8 +437,12 @@ class PysnmpTransport:
         return await self._run(target, oids, None, timeout_s, retries)
 
     async def bulk(
-        self, target: SnmpTarget, oids: Sequence[w.Oid], max_repetitions: int,
-        timeout_s: float, retries: int,
+        self,
+        target: SnmpTarget,
+        oids: Sequence[w.Oid],
+        max_repetitions: int,
+        timeout_s: float,
+        retries: int,
     ) -> SnmpResponse:
         return await self._run(target, oids, max_repetitions, timeout_s, retries)
 
@@ -455,9 +484,16 @@ class SnmpDevice:
     """One SNMP device polled by :class:`drivers.base.DevicePoller` (a ``Pollable``)."""
 
     def __init__(
-        self, device_id: str, smap: SnmpMap, target: SnmpTarget, transport: SnmpTransport,
-        *, timeout_s: float = 0.5, retries: int = DEFAULT_RETRIES,
-        max_varbinds: int = DEFAULT_MAX_VARBINDS, tables: TableMode = "get",
+        self,
+        device_id: str,
+        smap: SnmpMap,
+        target: SnmpTarget,
+        transport: SnmpTransport,
+        *,
+        timeout_s: float = 0.5,
+        retries: int = DEFAULT_RETRIES,
+        max_varbinds: int = DEFAULT_MAX_VARBINDS,
+        tables: TableMode = "get",
         divisor_refresh_s: float = DEFAULT_DIVISOR_REFRESH_S,
     ) -> None:
         if max_varbinds < 1:
@@ -476,8 +512,10 @@ class SnmpDevice:
         self._resolved = target
         self._oids = {name: w.parse_oid(p.full_oid) for name, p in smap.points.items()}
         meta = {
-            w.parse_oid(o) for p in smap.points.values()
-            for o in (p.divisor_oid, p.si_scale_oid) if o is not None
+            w.parse_oid(o)
+            for p in smap.points.values()
+            for o in (p.divisor_oid, p.si_scale_oid)
+            if o is not None
         }
         self._meta_names = [n for n, o in self._oids.items() if o in meta]
         self._data_names = [n for n, o in self._oids.items() if o not in meta]
@@ -542,7 +580,8 @@ class SnmpDevice:
         readings: list[Reading] = []
         now_s = time.monotonic()
         if self._meta_names and (
-            self._meta_read_s is None or self._meta_problem
+            self._meta_read_s is None
+            or self._meta_problem
             or now_s - self._meta_read_s >= self.divisor_refresh_s
         ):
             readings += await self._read_meta()
@@ -550,8 +589,9 @@ class SnmpDevice:
         uptime = values.get(SYS_UPTIME)
         if uptime is not None and uptime[0] == w.TIMETICKS and isinstance(uptime[1], int):
             if self._uptime is not None and uptime[1] < self._uptime and self._meta_names:
-                log.info("%s: sysUpTime went backwards, reading decimal digits again",
-                         self.device_id)
+                log.info(
+                    "%s: sysUpTime went backwards, reading decimal digits again", self.device_id
+                )
                 readings += await self._read_meta()
             self._uptime = uptime[1]
         ts, wall = now_pair()
@@ -575,9 +615,7 @@ class SnmpDevice:
         rsp = await self.transport.get(self._resolved, oids, self.timeout_s, self.retries)
         self._check(rsp, oids)
         if len(rsp.varbinds) != len(oids):
-            raise MalformedResponse(
-                f"agent answered {len(rsp.varbinds)} varbinds for {len(oids)}"
-            )
+            raise MalformedResponse(f"agent answered {len(rsp.varbinds)} varbinds for {len(oids)}")
         # Trust positions, not echoed names: a GET reply names the requested OIDs.
         return {o: v for o, (_, v) in zip(oids, rsp.varbinds, strict=True)}
 
@@ -592,12 +630,11 @@ class SnmpDevice:
             cols = [c for c in table.columns if remaining[c]]
             if not cols:
                 break
-            reps = max(1, min(max(len(remaining[c]) for c in cols),
-                              self.max_varbinds // len(cols)))
+            reps = max(1, min(max(len(remaining[c]) for c in cols), self.max_varbinds // len(cols)))
             oids = [cursor[c] for c in cols]
             rsp = self._check(
-                await self.transport.bulk(self._resolved, oids, reps, self.timeout_s,
-                                          self.retries), oids,
+                await self.transport.bulk(self._resolved, oids, reps, self.timeout_s, self.retries),
+                oids,
             )
             if not rsp.varbinds:
                 break
@@ -610,7 +647,7 @@ class SnmpDevice:
                     remaining[col].clear()  # column over (or agent not moving forward)
                     continue
                 cursor[col] = oid
-                index = oid[len(col):]
+                index = oid[len(col) :]
                 if index in remaining[col]:
                     found[oid] = value
                     remaining[col].discard(index)
@@ -742,8 +779,12 @@ def target_from_params(p: DeviceParams) -> SnmpTarget:
         raise ValueError(f"{p.device_id}: snmp_version must be 2c or 3, not {o.snmp_version!r}")
     opts = p.options
     return SnmpTarget(
-        host=p.host, port=p.port or DEFAULT_PORT, version=cast(Literal["2c", "3"], version),
-        community=o.community or "public", v3_user=o.v3_user, v3_auth_key=o.v3_auth_key,
+        host=p.host,
+        port=p.port or DEFAULT_PORT,
+        version=cast(Literal["2c", "3"], version),
+        community=o.community or "public",
+        v3_user=o.v3_user,
+        v3_auth_key=o.v3_auth_key,
         v3_priv_key=o.v3_priv_key,
         v3_auth_protocol=str(opts.get("v3_auth_protocol", "SHA-256")),
         v3_priv_protocol=str(opts.get("v3_priv_protocol", "AES")),
@@ -751,7 +792,8 @@ def target_from_params(p: DeviceParams) -> SnmpTarget:
 
 
 def build_snmp_devices(
-    devices: Sequence[DeviceParams], fast: FastV2cTransport | None = None,
+    devices: Sequence[DeviceParams],
+    fast: FastV2cTransport | None = None,
     pysnmp: PysnmpTransport | None = None,
 ) -> list[SnmpDevice]:
     """Devices for the poll loop; all of them share one fast socket and one pysnmp engine.
@@ -777,12 +819,19 @@ def build_snmp_devices(
         tables = str(opts.get("tables", "get"))
         if tables not in ("bulk", "get"):
             raise ValueError(f"{p.device_id}: tables must be bulk or get")
-        out.append(SnmpDevice(
-            p.device_id, load_snmp_map(p.map_name), target, fast if use_fast else pysnmp,
-            timeout_s=p.timeout_s,
-            retries=int(_number_option(opts, "retries", DEFAULT_RETRIES)),
-            max_varbinds=int(_number_option(opts, "max_varbinds", DEFAULT_MAX_VARBINDS)),
-            tables=cast(TableMode, tables),
-            divisor_refresh_s=_number_option(opts, "divisor_refresh_s", DEFAULT_DIVISOR_REFRESH_S),
-        ))
+        out.append(
+            SnmpDevice(
+                p.device_id,
+                load_snmp_map(p.map_name),
+                target,
+                fast if use_fast else pysnmp,
+                timeout_s=p.timeout_s,
+                retries=int(_number_option(opts, "retries", DEFAULT_RETRIES)),
+                max_varbinds=int(_number_option(opts, "max_varbinds", DEFAULT_MAX_VARBINDS)),
+                tables=cast(TableMode, tables),
+                divisor_refresh_s=_number_option(
+                    opts, "divisor_refresh_s", DEFAULT_DIVISOR_REFRESH_S
+                ),
+            )
+        )
     return out

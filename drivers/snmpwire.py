@@ -49,18 +49,40 @@ TOO_BIG = 1
 NO_SUCH_NAME = 2
 GEN_ERR = 5
 ERROR_NAMES = {
-    0: "noError", 1: "tooBig", 2: "noSuchName", 3: "badValue", 4: "readOnly", 5: "genErr",
-    6: "noAccess", 7: "wrongType", 8: "wrongLength", 9: "wrongEncoding", 10: "wrongValue",
-    11: "noCreation", 12: "inconsistentValue", 13: "resourceUnavailable",
-    14: "commitFailed", 15: "undoFailed", 16: "authorizationError", 17: "notWritable",
+    0: "noError",
+    1: "tooBig",
+    2: "noSuchName",
+    3: "badValue",
+    4: "readOnly",
+    5: "genErr",
+    6: "noAccess",
+    7: "wrongType",
+    8: "wrongLength",
+    9: "wrongEncoding",
+    10: "wrongValue",
+    11: "noCreation",
+    12: "inconsistentValue",
+    13: "resourceUnavailable",
+    14: "commitFailed",
+    15: "undoFailed",
+    16: "authorizationError",
+    17: "notWritable",
     18: "inconsistentName",
 }
 
 TAG_NAMES = {
-    INTEGER: "INTEGER", OCTET_STRING: "OCTET STRING", NULL: "NULL",
-    OBJECT_IDENTIFIER: "OBJECT IDENTIFIER", IP_ADDRESS: "IpAddress", COUNTER32: "Counter32",
-    GAUGE32: "Gauge32", TIMETICKS: "TimeTicks", OPAQUE: "Opaque", COUNTER64: "Counter64",
-    NO_SUCH_OBJECT: "noSuchObject", NO_SUCH_INSTANCE: "noSuchInstance",
+    INTEGER: "INTEGER",
+    OCTET_STRING: "OCTET STRING",
+    NULL: "NULL",
+    OBJECT_IDENTIFIER: "OBJECT IDENTIFIER",
+    IP_ADDRESS: "IpAddress",
+    COUNTER32: "Counter32",
+    GAUGE32: "Gauge32",
+    TIMETICKS: "TimeTicks",
+    OPAQUE: "Opaque",
+    COUNTER64: "Counter64",
+    NO_SUCH_OBJECT: "noSuchObject",
+    NO_SUCH_INSTANCE: "noSuchInstance",
     END_OF_MIB_VIEW: "endOfMibView",
 }
 
@@ -149,8 +171,11 @@ def format_oid(oid: Oid) -> str:
 
 def _check_oid(oid: Oid) -> None:
     if (
-        not 2 <= len(oid) <= MAX_OID_ARCS or oid[0] > 2 or (oid[0] < 2 and oid[1] > 39)
-        or min(oid) < 0 or max(oid[1:]) > MAX_ARC
+        not 2 <= len(oid) <= MAX_OID_ARCS
+        or oid[0] > 2
+        or (oid[0] < 2 and oid[1] > 39)
+        or min(oid) < 0
+        or max(oid[1:]) > MAX_ARC
     ):
         text = format_oid(oid[:MAX_OID_ARCS]) if max(oid) <= MAX_ARC else "(huge arcs)"
         raise SnmpWireError(f"not a valid OID: {text[:200]}")
@@ -216,8 +241,10 @@ def encode_value(value: Value) -> bytes:
 def encode_varbinds(varbinds: tuple[VarBind, ...] | list[VarBind]) -> bytes:
     return _tlv(
         SEQUENCE,
-        b"".join(_tlv(SEQUENCE, _tlv(OBJECT_IDENTIFIER, _oid_body(o)) + encode_value(v))
-                 for o, v in varbinds),
+        b"".join(
+            _tlv(SEQUENCE, _tlv(OBJECT_IDENTIFIER, _oid_body(o)) + encode_value(v))
+            for o, v in varbinds
+        ),
     )
 
 
@@ -236,31 +263,51 @@ def encode_message(msg: Message) -> bytes:
     )
     return _tlv(
         SEQUENCE,
-        _tlv(INTEGER, _int_body(msg.version)) + _tlv(OCTET_STRING, msg.community)
+        _tlv(INTEGER, _int_body(msg.version))
+        + _tlv(OCTET_STRING, msg.community)
         + _tlv(msg.pdu_type, pdu),
     )
 
 
 def request(
-    pdu_type: int, community: bytes, request_id: int, oids: list[Oid] | tuple[Oid, ...],
-    non_repeaters: int = 0, max_repetitions: int = 0,
+    pdu_type: int,
+    community: bytes,
+    request_id: int,
+    oids: list[Oid] | tuple[Oid, ...],
+    non_repeaters: int = 0,
+    max_repetitions: int = 0,
 ) -> bytes:
     """A GET/GETNEXT/GETBULK request: the varbinds carry NULL values."""
-    return encode_message(Message(
-        community, pdu_type, request_id, tuple((o, NULL_VALUE) for o in oids),
-        non_repeaters, max_repetitions,
-    ))
+    return encode_message(
+        Message(
+            community,
+            pdu_type,
+            request_id,
+            tuple((o, NULL_VALUE) for o in oids),
+            non_repeaters,
+            max_repetitions,
+        )
+    )
 
 
 def response(
-    request_msg: Message, varbinds: tuple[VarBind, ...] | list[VarBind],
-    error_status: int = 0, error_index: int = 0,
+    request_msg: Message,
+    varbinds: tuple[VarBind, ...] | list[VarBind],
+    error_status: int = 0,
+    error_index: int = 0,
 ) -> bytes:
     """The RESPONSE to ``request_msg`` (same version, community and request id)."""
-    return encode_message(Message(
-        request_msg.community, RESPONSE, request_msg.request_id, tuple(varbinds),
-        error_status, error_index, request_msg.version,
-    ))
+    return encode_message(
+        Message(
+            request_msg.community,
+            RESPONSE,
+            request_msg.request_id,
+            tuple(varbinds),
+            error_status,
+            error_index,
+            request_msg.version,
+        )
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -382,6 +429,4 @@ def _decode(data: bytes) -> Message:
             raise SnmpWireError("trailing bytes in a varbind")
         varbinds.append((oid, _value(data, tag, xs, xe)))
         i = be
-    return Message(community, pdu_type, fields[0], tuple(varbinds), fields[1], fields[2],
-                   version)
-
+    return Message(community, pdu_type, fields[0], tuple(varbinds), fields[1], fields[2], version)

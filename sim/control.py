@@ -174,8 +174,14 @@ class ControlServer:
         self.host = host
         self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         self._requested_port = port
-        config = uvicorn.Config(control_app(sim), log_config=None, log_level="warning",
-                                access_log=False, lifespan="off", server_header=False)
+        config = uvicorn.Config(
+            control_app(sim),
+            log_config=None,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            server_header=False,
+        )
         self._server = _Quiet(config)
         self._task: asyncio.Task[None] | None = None
 

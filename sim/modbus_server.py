@@ -72,8 +72,12 @@ class Endpoint:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "device": self.device, "protocol": self.protocol, "host": self.host,
-            "port": self.port, "unit_id": self.unit_id, "probe": dict(self.probe),
+            "device": self.device,
+            "protocol": self.protocol,
+            "host": self.host,
+            "port": self.port,
+            "unit_id": self.unit_id,
+            "probe": dict(self.probe),
         }
 
 
@@ -93,8 +97,13 @@ class _Served:
     """One device's live view: encodes on read, decodes writes, applies its faults."""
 
     def __init__(
-        self, dev: SimModbusDevice, dmap: ModbusMap, source: PointSource, faults: FaultTable,
-        *, on_gateway: bool,
+        self,
+        dev: SimModbusDevice,
+        dmap: ModbusMap,
+        source: PointSource,
+        faults: FaultTable,
+        *,
+        on_gateway: bool,
     ) -> None:
         self.dev = dev
         self.map = dmap
@@ -145,7 +154,12 @@ class _Served:
         return codec.encode(p, v, self._sf(p))
 
     async def action(
-        self, fc: int, start: int, address: int, count: int, regs: list[int],
+        self,
+        fc: int,
+        start: int,
+        address: int,
+        count: int,
+        regs: list[int],
         set_values: list[int] | list[bool] | None,
     ) -> ExcCodes | None:
         fault = self.faults.get(self.dev.device_id)
@@ -206,7 +220,11 @@ class _Served:
 
 
 async def _unknown_unit(
-    fc: int, start: int, address: int, count: int, regs: list[int],
+    fc: int,
+    start: int,
+    address: int,
+    count: int,
+    regs: list[int],
     set_values: list[int] | list[bool] | None,
 ) -> ExcCodes | None:
     return ExcCodes.GATEWAY_NO_RESPONSE
@@ -230,22 +248,31 @@ class _Server:
 
     async def start(self) -> None:
         devices = [
-            SimDevice(id=s.dev.unit_id, simdata=s.simdata(), action=s.action,
-                      use_bit_addressing=True)
+            SimDevice(
+                id=s.dev.unit_id, simdata=s.simdata(), action=s.action, use_bit_addressing=True
+            )
             for s in self.served
         ]
         # Catch-all: any other unit id answers "gateway target failed to respond".
-        devices.append(SimDevice(
-            id=0, simdata=[SimData(0, count=1, values=0, datatype=DataType.REGISTERS)],
-            action=functools.partial(_unknown_unit),
-        ))
+        devices.append(
+            SimDevice(
+                id=0,
+                simdata=[SimData(0, count=1, values=0, datatype=DataType.REGISTERS)],
+                action=functools.partial(_unknown_unit),
+            )
+        )
         server: ModbusTcpServer
         if self.sslctx is not None:
-            server = ModbusTlsServer(devices, address=(self.host, self.port), sslctx=self.sslctx,
-                                     ignore_missing_devices=True)
+            server = ModbusTlsServer(
+                devices,
+                address=(self.host, self.port),
+                sslctx=self.sslctx,
+                ignore_missing_devices=True,
+            )
         else:
-            server = ModbusTcpServer(devices, address=(self.host, self.port),
-                                     ignore_missing_devices=True)
+            server = ModbusTcpServer(
+                devices, address=(self.host, self.port), ignore_missing_devices=True
+            )
         await server.serve_forever(background=True)
         listener = cast(asyncio.Server, server.transport)
         self.port = listener.sockets[0].getsockname()[1]
@@ -261,9 +288,14 @@ class ModbusFrontend:
     """Serve devices over Modbus/TCP: ``async with ModbusFrontend(devs, source) as fe``."""
 
     def __init__(
-        self, devices: Sequence[SimModbusDevice], source: PointSource,
-        faults: FaultTable | None = None, *, host: str = "127.0.0.1",
-        maps: Mapping[str, ModbusMap] | None = None, sslctx: ssl.SSLContext | None = None,
+        self,
+        devices: Sequence[SimModbusDevice],
+        source: PointSource,
+        faults: FaultTable | None = None,
+        *,
+        host: str = "127.0.0.1",
+        maps: Mapping[str, ModbusMap] | None = None,
+        sslctx: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
         self.source = source
@@ -271,7 +303,10 @@ class ModbusFrontend:
         groups: dict[tuple[str, object], list[SimModbusDevice]] = {}
         for d in devices:
             key: tuple[str, object] = (
-                ("port", d.port) if d.port else ("gateway", d.gateway) if d.gateway
+                ("port", d.port)
+                if d.port
+                else ("gateway", d.gateway)
+                if d.gateway
                 else ("device", d.device_id)
             )
             groups.setdefault(key, []).append(d)
@@ -283,8 +318,13 @@ class ModbusFrontend:
                 raise ValueError(f"unit ids repeat on one port: {[d.device_id for d in devs]}")
             gateway = len(devs) > 1 or devs[0].gateway is not None
             served = [
-                _Served(d, (maps or {}).get(d.map_name) or load_modbus_map(d.map_name), source,
-                        self.faults, on_gateway=gateway)
+                _Served(
+                    d,
+                    (maps or {}).get(d.map_name) or load_modbus_map(d.map_name),
+                    source,
+                    self.faults,
+                    on_gateway=gateway,
+                )
                 for d in devs
             ]
             srv = _Server(host, devs[0].port, served, sslctx)
@@ -340,8 +380,7 @@ class ModbusFrontend:
                 found = probe_point(sd.map)
                 if found is not None:
                     name, p = found
-                    probe = {"address": p.address, "point": name, "type": p.type,
-                             "order": p.order}
+                    probe = {"address": p.address, "point": name, "type": p.type, "order": p.order}
                 out.append(Endpoint(sd.dev.device_id, self.host, s.port, sd.dev.unit_id, probe))
         return out
 

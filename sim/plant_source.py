@@ -68,7 +68,9 @@ PHASE_RE = re.compile(r"(?:^|_)(?:l|phase_?)([1-3])(?:_|$)")
 MODULE_CURRENT_RE = re.compile(r"^module_\d+_current")
 #: GPU point -> live array; GPUs are looked up by id, not tabled (a hall has 70,000).
 GPU_ARRAYS = {
-    "power_w": "gpu_power", "power_avg_w": "gpu_avg", "energy_j": "gpu_energy",
+    "power_w": "gpu_power",
+    "power_avg_w": "gpu_avg",
+    "energy_j": "gpu_energy",
     "limit_w": "gpu_limit",
 }
 
@@ -154,9 +156,13 @@ def _map_facts(points: Mapping[str, Point], kind: str) -> _MapFacts:
     modules = sum(1 for n in names if MODULE_CURRENT_RE.match(n))
     output_ac = any("output" in n and "frequency" in n for n in names)
     # An AC output (a UPS) comes from an AC input: DC-to-AC inverters do not meter racks.
-    input_ac = bool(phases) or output_ac or any(
-        ("frequency" in n and "output" not in n) or "power_factor" in n or "apparent" in n
-        for n in names
+    input_ac = (
+        bool(phases)
+        or output_ac
+        or any(
+            ("frequency" in n and "output" not in n) or "power_factor" in n or "apparent" in n
+            for n in names
+        )
     )
 
     def side_v(side: str, fallback: str) -> float:
@@ -319,8 +325,10 @@ class PlantSource:
         self._build(maps or {})
         n_n, n_s, n_g = plant.n_nodes, len(plant.source_ids), plant.n_gpus
         self._e = {
-            "node_e_in": np.zeros(n_n), "node_e_out": np.zeros(n_n),
-            "source_e_in": np.zeros(n_s), "gpu_energy": np.zeros(n_g),
+            "node_e_in": np.zeros(n_n),
+            "node_e_out": np.zeros(n_n),
+            "source_e_in": np.zeros(n_s),
+            "gpu_energy": np.zeros(n_g),
         }
         self._peak = {"node": np.zeros(n_n), "source": np.zeros(n_s)}
         self._t_s: float | None = None
@@ -417,18 +425,34 @@ class PlantSource:
         self.live = {
             "one": np.ones(1),
             "uptime": np.array([state.t_s]),
-            "node_in": n_in, "node_out": n_out, "node_peak": self._peak["node"],
-            "node_load": n_in / self._node_rating, "node_eff": eff,
-            "node_e_in": e["node_e_in"], "node_e_out": e["node_e_out"], "node_state": node_state,
-            "source_in": s_in, "source_out": s_in, "source_peak": self._peak["source"],
+            "node_in": n_in,
+            "node_out": n_out,
+            "node_peak": self._peak["node"],
+            "node_load": n_in / self._node_rating,
+            "node_eff": eff,
+            "node_e_in": e["node_e_in"],
+            "node_e_out": e["node_e_out"],
+            "node_state": node_state,
+            "source_in": s_in,
+            "source_out": s_in,
+            "source_peak": self._peak["source"],
             "source_load": s_in / self._source_rating if len(s_in) else s_in,
             "source_eff": np.where(s_in > 1.0, 100.0, 0.0),
-            "source_e_in": e["source_e_in"], "source_e_out": e["source_e_in"],
+            "source_e_in": e["source_e_in"],
+            "source_e_out": e["source_e_in"],
             "source_state": source_state,
-            "zero_in": zero, "zero_out": zero, "zero_peak": zero, "zero_load": zero,
-            "zero_eff": zero, "zero_e_in": zero, "zero_e_out": zero, "zero_state": zero,
-            "gpu_power": state.gpu_power_w, "gpu_avg": state.gpu_power_1s_w,
-            "gpu_energy": e["gpu_energy"], "gpu_limit": state.gpu_limit_w,
+            "zero_in": zero,
+            "zero_out": zero,
+            "zero_peak": zero,
+            "zero_load": zero,
+            "zero_eff": zero,
+            "zero_e_in": zero,
+            "zero_e_out": zero,
+            "zero_state": zero,
+            "gpu_power": state.gpu_power_w,
+            "gpu_avg": state.gpu_power_1s_w,
+            "gpu_energy": e["gpu_energy"],
+            "gpu_limit": state.gpu_limit_w,
         }
 
     # -- PointSource ---------------------------------------------------------------------

@@ -160,7 +160,8 @@ class SimRuntime:
         self.plant = Plant(self.tree, plant_config)
         classes = tuple(c.name for c in self.site.policy.priority_classes)
         self.scheduler = SimScheduler(
-            self.tree, seed=seed,
+            self.tree,
+            seed=seed,
             config=scheduler_config or SchedulerConfig(priority_classes=classes),
         )
         specs = default_workloads(self.tree, seed, classes) if workloads is None else workloads
@@ -168,9 +169,7 @@ class SimRuntime:
             self.scheduler.submit(spec)
         # Meters settled on the load at t=0: a tool reading before the first step sees a
         # running site, not zeros.
-        self._state: PlantState = self.plant.initial_state(
-            demand_w=self.scheduler.demand_w(0.0)
-        )
+        self._state: PlantState = self.plant.initial_state(demand_w=self.scheduler.demand_w(0.0))
         self.source = PlantSource(self.site, self.plant, self._state)
         self._limit_generation = 0
         self._lost: frozenset[str] = frozenset()
@@ -246,13 +245,16 @@ class SimRuntime:
             address = d.address or ""
             by_host.setdefault(self.host or host, []).append(
                 SimModbusDevice(
-                    device_id=d.id, map_name=d.map or "", unit_id=d.modbus_unit_id,
+                    device_id=d.id,
+                    map_name=d.map or "",
+                    unit_id=d.modbus_unit_id,
                     port=self._port(port),
                     gateway=address if shared[address] > 1 else None,
                 )
             )
-        return [ModbusFrontend(devs, self.source, self.faults, host=h)
-                for h, devs in by_host.items()]
+        return [
+            ModbusFrontend(devs, self.source, self.faults, host=h) for h, devs in by_host.items()
+        ]
 
     def _snmp_frontends(self) -> list[SnmpFrontend]:
         groups: dict[tuple[str, int], list[SnmpSimDevice]] = {}
@@ -260,17 +262,22 @@ class SimRuntime:
             if d.driver != "snmp" or not d.map:
                 continue
             if d.snmp_version == "3":
-                log.warning("%s: the sim's SNMP agent speaks v2c only; v3 requests go "
-                            "unanswered", d.id)
+                log.warning(
+                    "%s: the sim's SNMP agent speaks v2c only; v3 requests go unanswered", d.id
+                )
             host, port = d.host_port(SNMP_DEFAULT_PORT)
-            community = d.community or (
-                os.environ.get(d.community_env) if d.community_env else None
-            ) or "public"
+            community = (
+                d.community
+                or (os.environ.get(d.community_env) if d.community_env else None)
+                or "public"
+            )
             groups.setdefault((self.host or host, port), []).append(
                 SnmpSimDevice(d.id, load_snmp_map(d.map), community)
             )
-        return [SnmpFrontend(devs, self.source, self.faults, host=h, port=self._port(p))
-                for (h, p), devs in groups.items()]
+        return [
+            SnmpFrontend(devs, self.source, self.faults, host=h, port=self._port(p))
+            for (h, p), devs in groups.items()
+        ]
 
     async def start(self) -> None:
         """Open every frontend, then start stepping. A port that cannot be bound raises
@@ -284,15 +291,17 @@ class SimRuntime:
                     await fe.start()
                 except (OSError, RuntimeError) as exc:
                     ports = ", ".join(str(s.port) for s in fe.servers)
-                    raise OSError(f"cannot open Modbus port(s) {ports} on {fe.host}: {exc}"
-                                  ) from exc
+                    raise OSError(
+                        f"cannot open Modbus port(s) {ports} on {fe.host}: {exc}"
+                    ) from exc
             for sfe in self._snmp_frontends():
                 self.snmp.append(sfe)
                 try:
                     await sfe.start()
                 except OSError as exc:
-                    raise OSError(f"cannot open SNMP port {sfe.port} on {sfe.host}: "
-                                  f"{exc.strerror or exc}") from exc
+                    raise OSError(
+                        f"cannot open SNMP port {sfe.port} on {sfe.host}: {exc.strerror or exc}"
+                    ) from exc
         except OSError:
             await self._stop_frontends()
             raise
@@ -339,11 +348,16 @@ class SimRuntime:
             for view in sfe.responder.views.values():
                 dev = view.device
                 oid = sfe.probe_oid(dev.device_id)
-                out.append({
-                    "device": dev.device_id, "protocol": "snmp", "host": sfe.host,
-                    "port": sfe.port, "community": dev.community,
-                    "probe": {"oid": oid, "point": dev.map.by_oid().get(oid, "")},
-                })
+                out.append(
+                    {
+                        "device": dev.device_id,
+                        "protocol": "snmp",
+                        "host": sfe.host,
+                        "port": sfe.port,
+                        "community": dev.community,
+                        "probe": {"oid": oid, "point": dev.map.by_oid().get(oid, "")},
+                    }
+                )
         order = {d.id: k for k, d in enumerate(self.site.devices)}
         out.sort(key=lambda e: order.get(e["device"], len(order)))
         return out
@@ -470,8 +484,9 @@ class SimRuntime:
             "extra_load_w": self.extra_load_w,
             "tripped": sorted(self.plant.tripped_ids(st)),
             "jobs": len(self.scheduler.jobs()),
-            "faults": {k: {"kind": f.kind.value, "delay_s": f.delay_s,
-                           "exception_code": f.exception_code}
-                       for k, f in self.faults.active().items()},
+            "faults": {
+                k: {"kind": f.kind.value, "delay_s": f.delay_s, "exception_code": f.exception_code}
+                for k, f in self.faults.active().items()
+            },
             "node_power_w": {k: round(v, 1) for k, v in self.plant.node_power(st).items()},
         }

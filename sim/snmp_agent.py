@@ -149,7 +149,9 @@ class SnmpResponder(asyncio.DatagramProtocol):
     """The UDP endpoint; :meth:`handle` is the whole agent (socket-free, for tests)."""
 
     def __init__(
-        self, devices: Sequence[SnmpSimDevice], source: PointSource,
+        self,
+        devices: Sequence[SnmpSimDevice],
+        source: PointSource,
         faults: FaultTable | None = None,
     ) -> None:
         started = time.monotonic()
@@ -275,8 +277,12 @@ class SnmpFrontend:
     """``async with SnmpFrontend(devices, source, faults, host, port=0) as fe: fe.port``."""
 
     def __init__(
-        self, devices: Sequence[SnmpSimDevice], source: PointSource,
-        faults: FaultTable | None = None, host: str = "127.0.0.1", port: int = 0,
+        self,
+        devices: Sequence[SnmpSimDevice],
+        source: PointSource,
+        faults: FaultTable | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
     ) -> None:
         self.responder = SnmpResponder(devices, source, faults)
         self.host = host

@@ -115,3 +115,36 @@ def agent_site(
         auth = agent_auth if agent_auth is not None else {"keys_dir": "/etc/rackpower/agent-keys"}
         site["integrations"] = {"mqtt": mqtt, "agent_auth": auth}
     return site
+
+
+def with_rack_agents(site: dict[str, Any]) -> dict[str, Any]:
+    """``site`` (a tiny_site) with a node agent on each GPU server of its first rack type.
+
+    The nodes entry of rack 1 is a template the loader expands into every rack, so each
+    server ``rack-<r>-n<i>`` gets ``agent-rack-<r>-n<i>``, declared as a rack device.
+    """
+    rack = site["rows"][0]["racks"][0]
+    rack["devices"] = [
+        {
+            "id": "agent-{rack}-n{i}",
+            "count": 2,
+            "driver": "agent",
+            "period_s": 0.5,
+            "timeout_s": 0.25,
+        }
+    ]
+    rack["nodes"][0]["agent"] = "agent-{rack}-n{i}"
+    return site
+
+
+def agent_config_dict(agent_id: str, node_id: str, site: str = "tiny") -> dict[str, Any]:
+    """A node agent's config for an in-memory link (the MQTT url is never dialled)."""
+    return {
+        "site": site,
+        "agent_id": agent_id,
+        "node_id": node_id,
+        "controller_id": "ctl",
+        "failsafe_w": 300,
+        "telemetry_hz": 10,
+        "mqtt": {"url": "mqtt://127.0.0.1:1"},
+    }

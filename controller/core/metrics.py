@@ -222,6 +222,7 @@ class Metrics:
         names what it is about; a cleared alarm's series is gone at the next scrape.
         """
         self._alarms.rows = [(str(a.kind), a.subject, a.node or "", a.severity) for a in alarms]
+
     def set_device_errors_source(self, source: Callable[[], Mapping[tuple[str, str], int]]) -> None:
         """Where ``rackpower_device_errors_total`` is read from at scrape time: the poll
         group's ``{(device, kind): errors}`` (drivers.errorlog: kinds are a closed set)."""
@@ -403,6 +404,8 @@ class _BmsCollector(Collector):
         g = GaugeMetricFamily("rackpower_bms_connected", "1 while connected to the BMS broker.")
         g.add_metric([], float(bool(stats.get("connected", False))))
         yield g
+
+
 class _DeviceErrorsCollector(Collector):
     """``rackpower_device_errors_total{device,kind}``, read from the pollers at scrape.
 

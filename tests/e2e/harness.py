@@ -25,16 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +52,8 @@ from controller.support.mqtt import Backoff
 from drivers.nvml import NvmlDriver
 from sim.runtime import SimRuntime
 from sim.workloads import TrainingJobSpec, TrainingProfile
+from tests.helpers import waiting
+from tests.helpers.ports import free_port, free_udp_port
 
 REPO = Path(__file__).resolve().parents[2]
 RACKPOWER = Path(sys.executable).parent / "rackpower"
@@ -68,20 +68,6 @@ GPU_MIN_W = 200.0
 DEMAND_FRAC = 0.5  # the steady load: every GPU at half its maximum
 
 
-def free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @dataclass(frozen=True)
 class Ports:
     sst_modbus: int
@@ -91,7 +77,7 @@ class Ports:
 
     @classmethod
     def pick(cls) -> Ports:
-        return cls(free_tcp_port(), free_tcp_port(), free_udp_port(), free_tcp_port())
+        return cls(free_port(), free_port(), free_udp_port(), free_port())
 
 
 EFFICIENCY = {"points": [[0.1, 0.94], [0.5, 0.975], [1.0, 0.97]]}
@@ -257,23 +243,12 @@ def steady_workloads(tree: PowerTree) -> list[TrainingJobSpec]:
     ]
 
 
-Check = Callable[[], bool | Awaitable[bool]]
-
-
-async def _holds(check: Check) -> bool:
-    got = check()
-    if inspect.isawaitable(got):
-        got = await got
-    return bool(got)
+Check = waiting.Check
 
 
 async def eventually(check: Check, what: str, timeout_s: float = WAIT_S) -> None:
-    """Poll ``check`` (plain or async) until it holds; the deadline only bounds a hang."""
-    deadline = time.monotonic() + timeout_s
-    while not await _holds(check):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        await asyncio.sleep(0.05)
+    """``tests.helpers.waiting.eventually`` with the e2e deadline (a whole daemon on 2 cores)."""
+    await waiting.eventually(check, what, timeout_s, every_s=0.05)
 
 
 async def held(
@@ -287,7 +262,7 @@ async def held(
     deadline = time.monotonic() + timeout_s
     streak = 0
     while True:
-        streak = streak + 1 if await _holds(check) else 0
+        streak = streak + 1 if await waiting.holds(check) else 0
         if streak >= samples:
             return
         if time.monotonic() > deadline:
@@ -566,6 +541,42 @@ class ControllerProcess:
 
 
 # -- a BMS on the broker -----------------------------------------------------------------------
+
+
+async def wait_leasing(plant: Plant, ctl: ControllerProcess) -> None:
+    """Until the controller cycles and leases reach every agent (none left in its
+    start-up failsafe): the state every e2e test starts from."""
+    await ctl.wait_cycling()
+    await eventually(
+        lambda: not any(plant.in_failsafe(n) for n in plant.agents),
+        "every agent to apply a lease from the controller",
+    )
+
+
+@contextlib.asynccontextmanager
+async def controller_leasing(
+    plant: Plant,
+    site_path: Path,
+    api_port: int,
+    tmp_path: Path,
+    env: Mapping[str, str] | None = None,
+) -> AsyncIterator[ControllerProcess]:
+    """``rackpower run`` on ``site_path``, yielded once :func:`wait_leasing` holds; closed
+    after, and its log tail printed (pytest shows it only when the test failed)."""
+    ctl = ControllerProcess(
+        site_path,
+        f"http://127.0.0.1:{api_port}",
+        tmp_path / "controller.log",
+        tmp_path / "audit.jsonl",
+        env=dict(env or {}),
+    )
+    ctl.start()
+    try:
+        await wait_leasing(plant, ctl)
+        yield ctl
+    finally:
+        await ctl.close()
+        print(f"--- {ctl.log_path} (tail) ---\n{ctl.log_text()[-4000:]}")
 
 
 class Bms:

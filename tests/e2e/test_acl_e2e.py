@@ -22,13 +22,12 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import secrets
 import ssl
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +52,7 @@ from tests.e2e.harness import (
     Plant,
     Ports,
     bms_client,
+    controller_leasing,
     eventually,
     held,
     running_plant,
@@ -63,12 +63,13 @@ from tests.fixtures.mosquitto import (
     Mosquitto,
     MosquittoFactory,
     fill_password_template,
-    free_port,
     make_tls_files,
 )
+from tests.helpers import mqtt as mqtt_helpers
+from tests.helpers.mqtt import Recorder, publish_qos1, user_client
+from tests.helpers.ports import free_port
 
 pytest_plugins = ["tests.fixtures.mosquitto"]
-pytestmark = [pytest.mark.e2e]
 
 BMS_USER = "bms"  # the generated ACL's default BMS identity
 AGENT = AgentTopics.for_site("rackpower", SITE)
@@ -89,22 +90,10 @@ class AclSystem:
     generated: dict[str, str]  # file name -> text, as `rackpower mqtt acl` wrote them
 
     def client(self, user: str | None, password: str | None = None) -> aiomqtt.Client:
-        if user is not None and password is None:
-            password = self.passwords[user].read_text()
-        return aiomqtt.Client(
-            self.broker.host,
-            self.broker.port,
-            username=user,
-            password=password,
-            identifier=f"e2e-{user}-{secrets.token_hex(3)}",
-            tls_context=self.tls,
-            timeout=5,
-        )
+        return user_client(self.broker, self.tls, self.passwords, user, password, prefix="e2e")
 
     async def publish_as(self, user: str, topic: str, payload: bytes) -> None:
-        """QoS 1: returns after the broker's PUBACK, i.e. after it routed or dropped it."""
-        async with self.client(user) as client:
-            await client.publish(topic, payload, qos=1)
+        await publish_qos1(self.client(user), topic, payload)
 
     def agent_key(self, agent_id: str) -> Key:
         path = self.keys_dir / f"{agent_id}.key"
@@ -159,55 +148,17 @@ async def system(tmp_path: Path, mosquitto_factory: MosquittoFactory) -> AsyncIt
 
     site = load_site(site_path)
     async with running_plant(site, broker.url, agent_mqtt=agent_mqtt, tls_context=tls) as plant:
-        ctl = ControllerProcess(
-            site_path,
-            f"http://127.0.0.1:{ports.api}",
-            tmp_path / "controller.log",
-            tmp_path / "audit.jsonl",
-            env={"SSL_CERT_FILE": str(tls_files.ca_cert)},  # the daemon's CA for mqtts://
-        )
-        ctl.start()
+        ca = {"SSL_CERT_FILE": str(tls_files.ca_cert)}  # the daemon's CA for mqtts://
         try:
-            await ctl.wait_cycling()
-            await eventually(
-                lambda: not any(plant.in_failsafe(n) for n in plant.agents),
-                "every agent to apply a lease from the controller",
-            )
-            yield AclSystem(plant, ctl, broker, tls, passwords, keys_dir, generated)
+            async with controller_leasing(plant, site_path, ports.api, tmp_path, env=ca) as ctl:
+                yield AclSystem(plant, ctl, broker, tls, passwords, keys_dir, generated)
         finally:
-            await ctl.close()
-            print(f"--- {ctl.log_path} (tail) ---\n{ctl.log_text()[-3000:]}")
             print(f"--- mosquitto (tail) ---\n{broker.log_tail(15)}")
 
 
-class Recorder:
-    def __init__(self, client: aiomqtt.Client) -> None:
-        self.client = client
-        self.messages: list[tuple[str, bytes]] = []
-
-    async def pump(self) -> None:
-        async for m in self.client.messages:
-            payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
-            self.messages.append((str(m.topic), payload))
-
-    def on(self, topic: str) -> list[bytes]:
-        return [p for t, p in self.messages if t == topic]
-
-
-@asynccontextmanager
-async def recording(s: AclSystem, user: str, *topics: str) -> AsyncIterator[Recorder]:
+def recording(s: AclSystem, user: str, *topics: str) -> AbstractAsyncContextManager[Recorder]:
     """A second connection with ``user``'s credentials, subscribed (SUBACK awaited)."""
-    async with s.client(user) as client:
-        rec = Recorder(client)
-        pump = asyncio.create_task(rec.pump())
-        for t in topics:
-            await client.subscribe(t, qos=1)
-        try:
-            yield rec
-        finally:
-            pump.cancel()
-            with suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await pump
+    return mqtt_helpers.recording(s.client(user), *topics)
 
 
 # -- 1. a forged lease --------------------------------------------------------------------

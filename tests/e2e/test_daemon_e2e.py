@@ -42,13 +42,14 @@ from tests.e2e.harness import (
     retained_status,
     running_plant,
     site_dict,
+    wait_leasing,
     write_site,
 )
-from tests.fixtures.mosquitto import Mosquitto, free_port
+from tests.fixtures.mosquitto import Mosquitto
 from tests.fixtures.victoriametrics import Series, VictoriaMetrics, samples
+from tests.helpers.ports import free_port
 
 pytest_plugins = ["tests.fixtures.mosquitto", "tests.fixtures.victoriametrics"]
-pytestmark = [pytest.mark.e2e]
 
 
 @dataclass
@@ -93,12 +94,7 @@ async def make_system(tmp_path: Path, mosquitto: Mosquitto) -> AsyncIterator[Sys
         )
         stack.append((ctl, plant_cm))
         ctl.start()
-        await ctl.wait_cycling()
-        # Leases reach every agent: none is left in its start-up failsafe.
-        await eventually(
-            lambda: not any(plant.in_failsafe(n) for n in plant.agents),
-            "every agent to apply a lease from the controller",
-        )
+        await wait_leasing(plant, ctl)
         return System(plant, ctl, mosquitto, site_path, ports)
 
     yield make

@@ -17,14 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.e2e.harness import bms_client, eventually, retained_status
 from tests.fixtures.mosquitto import Mosquitto
 from tests.fixtures.victoriametrics import Series, VictoriaMetrics, samples
 
 pytest_plugins = ["tests.fixtures.mosquitto", "tests.fixtures.victoriametrics"]
-pytestmark = [pytest.mark.e2e]
 
 RACKPOWER = Path(sys.executable).parent / "rackpower"
 DURATION_S = 15.0

@@ -24,6 +24,7 @@ from tests.e2e.harness import (
     Plant,
     Ports,
     bms_client,
+    controller_leasing,
     eventually,
     held,
     running_plant,
@@ -33,7 +34,6 @@ from tests.e2e.harness import (
 from tests.fixtures.mosquitto import Mosquitto
 
 pytest_plugins = ["tests.fixtures.mosquitto"]
-pytestmark = [pytest.mark.e2e]
 
 RACK = RACKS[0]
 
@@ -45,24 +45,11 @@ async def system(
     ports = Ports.pick()
     site = site_dict(ports, mosquitto.url, keys_dir=tmp_path / "agent-keys")
     site_path = write_site(tmp_path / "site.yaml", site)
-    async with running_plant(load_site(site_path), mosquitto.url) as plant:
-        ctl = ControllerProcess(
-            site_path,
-            f"http://127.0.0.1:{ports.api}",
-            tmp_path / "controller.log",
-            tmp_path / "audit.jsonl",
-        )
-        ctl.start()
-        try:
-            await ctl.wait_cycling()
-            await eventually(
-                lambda: not any(plant.in_failsafe(n) for n in plant.agents),
-                "every agent to apply a lease from the controller",
-            )
-            yield plant, ctl
-        finally:
-            await ctl.close()
-            print(f"--- {ctl.log_path} (tail) ---\n{ctl.log_text()[-4000:]}")
+    async with (
+        running_plant(load_site(site_path), mosquitto.url) as plant,
+        controller_leasing(plant, site_path, ports.api, tmp_path) as ctl,
+    ):
+        yield plant, ctl
 
 
 async def test_node_ignoring_caps_rack_stays_inside_its_envelope_and_alarm_names_node(

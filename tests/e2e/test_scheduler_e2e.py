@@ -29,8 +29,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from controller.integrations.bms.bridge import topic_level
 from controller.model.loader import load_site
 from tests.e2e.harness import (
@@ -38,6 +36,7 @@ from tests.e2e.harness import (
     Plant,
     Ports,
     bms_client,
+    controller_leasing,
     eventually,
     running_plant,
     site_dict,
@@ -48,7 +47,6 @@ from tests.fixtures.mosquitto import Mosquitto
 from tests.fixtures.slurm import NODE, SlurmCluster, submit_priority_mix
 
 pytest_plugins = ["tests.fixtures.mosquitto", "tests.fixtures.slurm"]
-pytestmark = [pytest.mark.e2e]
 
 SERVER = "row-1-rack-1-node-1"
 RACK = "row-1-rack-1"
@@ -80,26 +78,11 @@ async def running_system(
         tmp_path / "site.yaml",
         escalating_site(ports, mosquitto.url, scheduler, tmp_path / "agent-keys"),
     )
-    async with running_plant(load_site(site_path), mosquitto.url) as plant:
-        ctl = ControllerProcess(
-            site_path,
-            f"http://127.0.0.1:{ports.api}",
-            tmp_path / "controller.log",
-            tmp_path / "audit.jsonl",
-            env=env,
-        )
-        ctl.start()
-        try:
-            await ctl.wait_cycling()
-            await eventually(
-                lambda: not any(plant.in_failsafe(n) for n in plant.agents),
-                "every agent to apply a lease from the controller",
-            )
-            yield plant, ctl
-        finally:
-            await ctl.close()
-            # Shown by pytest only when the test failed: what the controller said.
-            print(f"--- {ctl.log_path} (tail) ---\n{ctl.log_text()[-4000:]}")
+    async with (
+        running_plant(load_site(site_path), mosquitto.url) as plant,
+        controller_leasing(plant, site_path, ports.api, tmp_path, env=env) as ctl,
+    ):
+        yield plant, ctl
 
 
 def audit_kinds(ctl: ControllerProcess, prefix: str) -> list[tuple[str, str | None, str | None]]:

@@ -33,14 +33,13 @@ from controller.model.loader import parse_site
 from controller.model.topology import CONSTRAINT_KINDS, PowerTree
 from tests.sites import tiny_site
 
-pytestmark = pytest.mark.e2e
-
 NOW_S = 1_750_000_000.0
 
 
 def _alarm(kind: AlarmKind, node: str, message: str, since_s: float) -> Alarm:
     """A node alarm as the daemon raises it (subject and node are the node)."""
     return Alarm(kind, node, message, since_s, node=node)
+
 
 # Colours from status.css.
 GREEN = (46, 158, 91)  # --ok: below 90 % of the envelope
@@ -260,7 +259,8 @@ def decode_png(data: bytes) -> npt.NDArray[np.uint8]:
 
 
 def mask(img: npt.NDArray[np.uint8], rgb: tuple[int, int, int]) -> npt.NDArray[np.bool_]:
-    return np.all(img == np.array(rgb, dtype=np.uint8), axis=2)
+    hit: npt.NDArray[np.bool_] = np.all(img == np.array(rgb, dtype=np.uint8), axis=2)
+    return hit
 
 
 def longest_run(row: npt.NDArray[np.bool_]) -> tuple[int, int]:

@@ -21,7 +21,6 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -41,10 +40,10 @@ from controller.support.mqtt import Backoff
 from drivers.nvml import NvmlDriver
 from sim.fake_nvml import FakeNvml
 from tests.fixtures.mosquitto import Mosquitto
+from tests.helpers.waiting import eventually
 from tests.sites import agent_site
 
 pytest_plugins = ["tests.fixtures.mosquitto"]
-pytestmark = pytest.mark.integration
 
 CTL = "ctl-auth"
 NODES = ["rack-1-n1", "rack-1-n2", "rack-2-n1", "rack-2-n2"]
@@ -52,14 +51,6 @@ B = "agent-rack-1-n2"  # the agent without a key file at the controller
 FAILSAFE_W = 300.0
 MAX_W = 500.0
 WAIT_S = 20.0
-
-
-async def eventually(check: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def metric(text: str, name: str) -> float:
@@ -139,14 +130,14 @@ async def test_agent_without_key_gets_no_lease_is_refused_counted_lost_and_on_me
     )
     service = asyncio.create_task(run_service(site, options, stop))
     try:
-        await eventually(lambda: "controller" in ready, "the service ready")
+        await eventually(lambda: "controller" in ready, "the service ready", WAIT_S)
         controller: Controller = ready["controller"]
         ctl = controller.link
         assert isinstance(ctl, MqttControllerLink) and ctl.keys is not None
         keyed = [a for a in agents if a != B]
         # Positive control: the keyed agents are leased (the default target is MAX_W).
         await eventually(
-            lambda: all(enforced(a) == [MAX_W] * 4 for a in keyed), "keyed agents leased"
+            lambda: all(enforced(a) == [MAX_W] * 4 for a in keyed), "keyed agents leased", WAIT_S
         )
 
         def audited_lost() -> list[dict[str, Any]]:
@@ -157,8 +148,8 @@ async def test_agent_without_key_gets_no_lease_is_refused_counted_lost_and_on_me
                 e for e in events if e["kind"] == "alarm:agent_lost" and "silent" in e["reason"]
             ]
 
-        await eventually(lambda: bool(audited_lost()), "B reported lost")
-        await eventually(lambda: ctl.stats().auth_refused >= 20, "B's reports refused")
+        await eventually(lambda: bool(audited_lost()), "B reported lost", WAIT_S)
+        await eventually(lambda: ctl.stats().auth_refused >= 20, "B's reports refused", WAIT_S)
         async with httpx.AsyncClient(base_url=ready["url"], timeout=5) as http:
             first = (await http.get("/metrics")).text
             await asyncio.sleep(1.0)

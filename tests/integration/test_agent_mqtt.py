@@ -17,14 +17,12 @@ import json
 import os
 import signal
 import sys
-import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import pytest
 
 from controller.agent.agent_config import AgentConfig, parse_agent_config
 from controller.agent.node_agent import NodeAgent
@@ -35,9 +33,10 @@ from controller.support.mqtt import Backoff
 from drivers.nvml import NvmlDriver
 from sim.fake_nvml import FakeNvml
 from tests.fixtures.mosquitto import Mosquitto
+from tests.helpers.mqtt import Recorder, recording
+from tests.helpers.waiting import eventually
 
 pytest_plugins = ["tests.fixtures.mosquitto"]
-pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 SITE = "tiny"
@@ -47,14 +46,6 @@ CTL = "ctl-a"
 FAILSAFE_W = 400.0
 TOPICS = AgentTopics.for_site("rackpower", SITE)
 WAIT_S = 15.0  # generous: only a broken link ever waits this long
-
-
-async def eventually(check: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def agent_config(broker: Mosquitto) -> AgentConfig:
@@ -76,35 +67,9 @@ def fast_backoff() -> Backoff:
     return Backoff(initial_s=0.05, max_s=0.5)
 
 
-class Recorder:
-    """A plain MQTT client keeping everything it receives."""
-
-    def __init__(self, client: aiomqtt.Client) -> None:
-        self.client = client
-        self.messages: list[tuple[str, bytes, bool]] = []
-
-    async def pump(self) -> None:
-        async for m in self.client.messages:
-            payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
-            self.messages.append((str(m.topic), payload, m.retain))
-
-    def on(self, topic: str) -> list[bytes]:
-        return [p for t, p, _ in self.messages if t == topic]
-
-
-@asynccontextmanager
-async def recorder(broker: Mosquitto, *topics: str) -> AsyncIterator[Recorder]:
-    async with aiomqtt.Client(broker.host, broker.port) as client:
-        rec = Recorder(client)
-        pump = asyncio.create_task(rec.pump())
-        for t in topics:
-            await client.subscribe(t, qos=1)
-        try:
-            yield rec
-        finally:
-            pump.cancel()
-            with suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await pump
+def recorder(broker: Mosquitto, *topics: str) -> AbstractAsyncContextManager[Recorder]:
+    """A plain (anonymous) client keeping everything it receives on ``topics``."""
+    return recording(aiomqtt.Client(broker.host, broker.port), *topics)
 
 
 @asynccontextmanager

@@ -27,9 +27,9 @@ from controller.integrations.api.app import ApiServer, History, create_app, reso
 from controller.model.config import ApiConfig
 from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
+from tests.helpers.api import serving
+from tests.helpers.clock import ManualClock
 from tests.sites import tiny_site
-
-pytestmark = pytest.mark.integration
 
 NOW_S = 1_750_000_000.0
 
@@ -37,6 +37,8 @@ NOW_S = 1_750_000_000.0
 def _alarm(kind: AlarmKind, node: str, message: str, since_s: float) -> Alarm:
     """A node alarm as the daemon raises it (subject and node are the node)."""
     return Alarm(kind, node, message, since_s, node=node)
+
+
 TOKEN = "t0k3n-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -82,14 +84,6 @@ EXPECTED = {
 }
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now_s = NOW_S
-
-    def __call__(self) -> float:
-        return self.now_s
-
-
 @pytest.fixture
 def tree() -> PowerTree:
     return PowerTree(parse_site(tiny_site()))
@@ -127,33 +121,19 @@ def view(tree: PowerTree) -> MemoryView:
     )
 
 
-@contextlib.asynccontextmanager
-async def running(app: Any) -> AsyncIterator[tuple[ApiServer, httpx.AsyncClient]]:
-    """Serve ``app`` on an ephemeral loopback port; stop it and check the port closed."""
-    server = ApiServer(app, host="127.0.0.1", port=0)
-    task = asyncio.create_task(server.serve())
-    try:
-        await asyncio.wait_for(server.wait_started(), 10)
-        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
-            yield server, client
-    finally:
-        await server.shutdown()
-        await asyncio.wait_for(task, 10)
-
-
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> ManualClock:
+    return ManualClock(NOW_S)
 
 
 @pytest.fixture
 async def api(
-    view: MemoryView, clock: FakeClock
+    view: MemoryView, clock: ManualClock
 ) -> AsyncIterator[tuple[ApiServer, httpx.AsyncClient]]:
     app = create_app(
         view, ApiConfig(token_env="RP_TOKEN"), clock=clock, environ={"RP_TOKEN": TOKEN}
     )
-    async with running(app) as pair:
+    async with serving(app) as pair:
         yield pair
 
 
@@ -295,7 +275,7 @@ async def test_reservation_refused_by_an_ancestor(api: Any) -> None:
     assert rows["rack-2"]["available_w"] == 0
 
 
-async def test_reservation_expires_by_itself(api: Any, clock: FakeClock) -> None:
+async def test_reservation_expires_by_itself(api: Any, clock: ManualClock) -> None:
     _, client = api
     rid = (await reserve(client, "rack-2", 1500, ttl_s=30)).json()["id"]
     assert (await reserve(client, "rack-2", 200)).status_code == 409
@@ -355,12 +335,12 @@ async def test_mutations_need_the_token(api: Any, headers: dict[str, str], detai
 
 async def test_no_token_configured_refuses_mutations_unless_allowed(view: MemoryView) -> None:
     body = {"node": "rack-2", "watts": 100, "ttl_s": 60, "job_id": "j"}
-    async with running(create_app(view, ApiConfig())) as (_, client):
+    async with serving(create_app(view, ApiConfig())) as (_, client):
         r = await client.post("/v1/reservations", json=body, headers=AUTH)
         assert r.status_code == 503
         assert "no API token is configured" in r.json()["detail"]
         assert (await client.get("/v1/headroom")).status_code == 200  # reading stays open
-    async with running(create_app(view, ApiConfig(), allow_unauthenticated=True)) as (_, client):
+    async with serving(create_app(view, ApiConfig(), allow_unauthenticated=True)) as (_, client):
         r = await client.post("/v1/reservations", json=body)
         assert r.status_code == 201
         assert len((await client.get("/v1/reservations")).json()["reservations"]) == 1
@@ -504,7 +484,7 @@ async def test_tree_carries_caps_alarms_and_levels(api: Any) -> None:
     assert [n["id"] for n in racks] == ["feed", "sst", "bus", "row", "rack-1", "rack-2"]
 
 
-async def test_caps_events_health(api: Any, clock: FakeClock) -> None:
+async def test_caps_events_health(api: Any, clock: ManualClock) -> None:
     _, client = api
     caps = (await client.get("/v1/caps")).json()["caps"]
     assert caps == [
@@ -574,7 +554,7 @@ async def test_health_serves_degraded_with_its_reasons_as_200(api: Any, view: Me
 
 async def test_history_is_sampled_while_serving(view: MemoryView) -> None:
     app = create_app(view, ApiConfig(), history=History(period_s=0.02, span_s=0.2))
-    async with running(app) as (_, client):
+    async with serving(app) as (_, client):
         for _ in range(500):
             hist = (await client.get("/v1/history", params={"node": "row"})).json()
             if len(hist["ts_s"]) >= 10:

@@ -27,8 +27,6 @@ from controller.model.topology import PowerTree
 from tests.integration.test_api import LIVE
 from tests.sites import tiny_site
 
-pytestmark = pytest.mark.integration
-
 TOKEN = "t0k3n-for-hygiene"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ANSWER_WAIT_S = 10.0  # how long a missing answer is waited for; never a measured figure

@@ -35,8 +35,6 @@ from controller.model.topology import PowerTree
 from tests.integration.test_api import LIVE
 from tests.sites import tiny_site
 
-pytestmark = pytest.mark.integration
-
 TOKEN = "t0k3n-for-fuzzing"
 EXAMPLES = int(os.environ.get("RACKPOWER_FUZZ_EXAMPLES", "15"))
 SEED = int(os.environ.get("RACKPOWER_FUZZ_SEED", "1"))

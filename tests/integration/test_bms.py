@@ -35,10 +35,10 @@ from controller.model.topology import PowerTree
 from controller.support.mqtt import Backoff
 from drivers.reading import Quality
 from tests.fixtures.mosquitto import Mosquitto, MosquittoFactory, make_tls_files
+from tests.helpers.waiting import eventually
 from tests.sites import tiny_site
 
 pytest_plugins = ["tests.fixtures.mosquitto"]
-pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = "rackpower/tiny"
@@ -48,14 +48,6 @@ WAIT_S = 15.0  # generous: only a broken link ever waits this long
 @pytest.fixture
 def tree() -> PowerTree:
     return PowerTree(parse_site(tiny_site()))
-
-
-async def eventually(check: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 class Subscriber:

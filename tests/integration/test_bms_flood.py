@@ -31,11 +31,11 @@ from controller.model.config import MqttConfig
 from controller.model.loader import parse_site
 from controller.support.mqtt import Backoff
 from tests.fixtures.mosquitto import Mosquitto
-from tests.integration.test_bms import BASE, eventually, running
+from tests.helpers.waiting import eventually
+from tests.integration.test_bms import BASE, running
 from tests.sites import tiny_site
 
 pytest_plugins = ["tests.fixtures.mosquitto"]
-pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 CYCLE_S = 0.05

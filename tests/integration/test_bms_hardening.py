@@ -18,6 +18,7 @@ from typing import Any
 import aiomqtt
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from controller.core.overrides import EnvelopeOverrides
 from controller.core.setpoints import format_ts
@@ -25,11 +26,11 @@ from controller.model.config import MqttConfig
 from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from tests.fixtures.mosquitto import Mosquitto
+from tests.helpers.waiting import eventually
 from tests.integration.test_bms import (
     BASE,
     CommandSink,
     bms_session,
-    eventually,
     make_link,
     payload_json,
     running,
@@ -39,7 +40,6 @@ from tests.integration.test_bms import (
 from tests.sites import tiny_site
 
 pytest_plugins = ["tests.fixtures.mosquitto"]
-pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ async def test_f4_session_ends_and_reconnects_when_its_receiver_ends(
             await real_receive(client)
             return
         async for message in client.messages:
-            link.handle_command(bytes(message.payload))  # type: ignore[arg-type]
+            link.handle_command(bytes(message.payload))
             raise RuntimeError("injected: the receiver dies")
 
     link._receive = receive_then_die  # type: ignore[method-assign]
@@ -132,7 +132,7 @@ async def test_f5_huge_command_ids_are_not_kept_or_echoed(
                 payload = json.dumps(dr(f"{i:04d}" + "x" * id_len)).encode()
                 await sub.publish(f"{BASE}/cmd", payload)
             acks = [await sub.next(f"{BASE}/cmd/ack") for _ in range(n)]
-            sizes = [len(m.payload) for m in acks]  # type: ignore[arg-type]
+            sizes = [len(m.payload) for m in acks]
             bodies = [payload_json(m) for m in acks]
             all_rejected = all(
                 b["status"] == "rejected" and b["command_id"] is None for b in bodies
@@ -171,7 +171,7 @@ def _burst_blocking(broker: Mosquitto, payloads: list[bytes], seconds: float) ->
     """Publish with a plain paho client in its own thread (a BMS script, not our loop):
     QoS 1, paced evenly over ``seconds``, or with ``0`` handed to paho all at once (it
     keeps 20 in flight and queues the rest: the real burst). Returns the time taken."""
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bms-burst")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bms-burst")
     client.connect(broker.host, broker.port)
     client.loop_start()
     try:

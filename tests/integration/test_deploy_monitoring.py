@@ -33,12 +33,12 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.harness import eventually
-from tests.fixtures.mosquitto import Mosquitto, require_tool
+from tests.fixtures.mosquitto import Mosquitto
 from tests.fixtures.process import stop_process
 from tests.fixtures.victoriametrics import VictoriaMetrics
+from tests.helpers.tools import require_tool
 
 pytest_plugins = ["tests.fixtures.mosquitto", "tests.fixtures.victoriametrics"]
-pytestmark = [pytest.mark.integration]
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "configs/deploy/prometheus/rackpower-rules.yml"

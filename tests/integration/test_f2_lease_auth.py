@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -36,9 +36,9 @@ from drivers.nvml import NvmlDriver
 from drivers.reading import Quality
 from sim.fake_nvml import FakeNvml
 from tests.fixtures.mosquitto import Mosquitto
+from tests.helpers.waiting import eventually
 
 pytest_plugins = ["tests.fixtures.mosquitto"]
-pytestmark = pytest.mark.integration
 
 SITE = "tiny"
 AGENT = "agent-r1-n1"
@@ -48,14 +48,6 @@ FAILSAFE_W = 400.0
 GENUINE_W = 450.0
 TOPICS = AgentTopics.for_site("rackpower", SITE)
 WAIT_S = 15.0
-
-
-async def eventually(check: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def backoff() -> Backoff:

@@ -26,9 +26,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from controller.core.metrics import Metrics
 from drivers.base import DeviceParams, Pollable, PollGroup, PollSettings
-from drivers.registry import build_pollables
 from drivers.devicemap import load_modbus_map, load_snmp_map
 from drivers.reading import Quality, Reading
+from drivers.registry import build_pollables
 from sim.modbus_server import ModbusFrontend, SimModbusDevice
 from sim.snmp_agent import SnmpFrontend, SnmpSimDevice
 from sim.values import StaticSource
@@ -40,8 +40,6 @@ from tests.fixtures.hostile import (
 )
 from tests.integration.test_snmp import plant_values
 from tests.unit.test_devicemaps import sample_value
-
-pytestmark = pytest.mark.integration
 
 RECT = "generic-hvdc-rectifier-800v"
 APC = "apc-rpdu2"
@@ -119,8 +117,9 @@ async def test_hostile_devices_fail_cleanly_and_quietly_while_good_ones_keep_pol
     bad_snmp = {f"snmp-{k}": HostileSnmpAgent(r) for k, r in snmp_behaviours().items()}
     store = Store()
     metrics = Metrics("hostile")
+    hostile: list[HostileModbusServer | HostileSnmpAgent] = [*bad_mb.values(), *bad_snmp.values()]
     async with good_modbus as gm, good_snmp as gs:
-        for server in (*bad_mb.values(), *bad_snmp.values()):
+        for server in hostile:
             await server.__aenter__()
         try:
             ep = gm.endpoint("good-mb")
@@ -140,7 +139,7 @@ async def test_hostile_devices_fail_cleanly_and_quietly_while_good_ones_keep_pol
                 tallies = {name: dict(p.errors.counts) for name, p in group.pollers.items()}
                 exported = device_errors(metrics)
         finally:
-            for server in (*bad_mb.values(), *bad_snmp.values()):
+            for server in hostile:
                 await server.__aexit__(None, None, None)
 
     expected_polls = RUN_S / PERIOD_S
@@ -226,8 +225,9 @@ async def test_memory_stays_flat_over_10000_bad_responses() -> None:
             assert time.monotonic() < deadline, f"only {bad_answers()} bad answers"
             await asyncio.sleep(0.05)
 
+    servers: list[HostileModbusServer | HostileSnmpAgent] = [*agents, *mb]
     async with good as g:
-        for s in (*agents, *mb):
+        for s in servers:
             await s.__aenter__()
         try:
             params = [snmp_params("good", g.port, "c-good")]
@@ -263,7 +263,7 @@ async def test_memory_stays_flat_over_10000_bad_responses() -> None:
                     tracemalloc.stop()
                 answers = bad_answers() - start_answers
         finally:
-            for s in (*agents, *mb):
+            for s in servers:
                 await s.__aexit__(None, None, None)
     growth = traced_after - traced_before
     print(

@@ -34,8 +34,6 @@ from controller.model.topology import PowerTree
 from tests.fixtures.fake_kube import FakeKube, make_pod, serve_fake_kube
 from tests.sites import tiny_site
 
-pytestmark = pytest.mark.integration
-
 SERVERS = ("rack-1-n1", "rack-1-n2", "rack-2-n1", "rack-2-n2")
 REQUEUE = {"rackpower.io/requeueable": "true"}
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
-import shutil
 import ssl
 import subprocess
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -27,9 +25,8 @@ from drivers.reading import Quality, Reading
 from sim.faults import Fault, FaultKind, FaultTable
 from sim.modbus_server import ModbusFrontend, SimModbusDevice
 from sim.values import StaticSource
+from tests.helpers.tools import require_tool
 from tests.unit.test_devicemaps import close_enough, resolution, sample_value
-
-pytestmark = pytest.mark.integration
 
 RECT = "generic-hvdc-rectifier-800v"
 SST = "generic-sst-mv800"
@@ -47,15 +44,6 @@ def _quiet_pymodbus() -> Iterator[None]:
     logger.setLevel(level)
 
 
-def need_tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is missing (make system-deps installs it)")
-        pytest.skip(f"{name} is not installed (Debian package; `make system-deps`)")
-    return path
-
-
 def source_for(devices: Sequence[tuple[str, str]]) -> StaticSource:
     """Every point of every (device, map) at a sample value the map allows."""
     src = StaticSource()
@@ -71,8 +59,14 @@ def source_for(devices: Sequence[tuple[str, str]]) -> StaticSource:
 def params(fe: ModbusFrontend, device: str, map_name: str, **kw: object) -> DeviceParams:
     ep = fe.endpoint(device)
     return DeviceParams(
-        device, "modbus", host=ep.host, port=ep.port, map_name=map_name,
-        period_s=PERIOD_S, timeout_s=TIMEOUT_S, stale_s=3 * PERIOD_S,
+        device,
+        "modbus",
+        host=ep.host,
+        port=ep.port,
+        map_name=map_name,
+        period_s=PERIOD_S,
+        timeout_s=TIMEOUT_S,
+        stale_s=3 * PERIOD_S,
         options={"unit_id": ep.unit_id, **kw},
     )
 
@@ -109,15 +103,32 @@ def mbpoll_value(stdout: str, address: int) -> str:
 
 
 async def test_mbpoll_reads_the_rectifier_output_power_the_source_serves() -> None:
-    mbpoll = need_tool("mbpoll")
+    mbpoll = require_tool("mbpoll")
     src = StaticSource({("shelf-1", "output_power_w"): 98765.4, ("sst-1", "output_power_w"): 1.5e6})
     devs = [SimModbusDevice("shelf-1", RECT, unit_id=3), SimModbusDevice("sst-1", SST)]
     async with ModbusFrontend(devs, src) as fe:
         ep = fe.endpoint("shelf-1")
         assert ep.probe["point"] == "output_power_w"
         rc, out, err = await run_tool(
-            mbpoll, "-m", "tcp", "-a", str(ep.unit_id), "-0", "-r", str(ep.probe["address"]),
-            "-c", "1", "-t", "4:float", "-B", "-1", "-o", "2", "-p", str(ep.port), ep.host,
+            mbpoll,
+            "-m",
+            "tcp",
+            "-a",
+            str(ep.unit_id),
+            "-0",
+            "-r",
+            str(ep.probe["address"]),
+            "-c",
+            "1",
+            "-t",
+            "4:float",
+            "-B",
+            "-1",
+            "-o",
+            "2",
+            "-p",
+            str(ep.port),
+            ep.host,
         )
         assert rc == 0, err
         assert float(mbpoll_value(out, int(ep.probe["address"]))) == pytest.approx(98765.4)
@@ -125,8 +136,21 @@ async def test_mbpoll_reads_the_rectifier_output_power_the_source_serves() -> No
         # The plant moves: the next read serves the new value (live, not a snapshot).
         src.values[("shelf-1", "output_power_w")] = 123456.0
         rc, out, err = await run_tool(
-            mbpoll, "-a", "3", "-0", "-r", "16", "-c", "1", "-t", "4:float", "-B", "-1",
-            "-p", str(ep.port), "127.0.0.1",
+            mbpoll,
+            "-a",
+            "3",
+            "-0",
+            "-r",
+            "16",
+            "-c",
+            "1",
+            "-t",
+            "4:float",
+            "-B",
+            "-1",
+            "-p",
+            str(ep.port),
+            "127.0.0.1",
         )
         assert rc == 0, err
         assert float(mbpoll_value(out, 16)) == 123456.0
@@ -134,38 +158,56 @@ async def test_mbpoll_reads_the_rectifier_output_power_the_source_serves() -> No
         # The SST's floats are word-swapped (CDAB): mbpoll's default word order, no -B.
         sst = fe.endpoint("sst-1")
         rc, out, err = await run_tool(
-            mbpoll, "-a", "1", "-0", "-r", str(sst.probe["address"]), "-c", "1",
-            "-t", "4:float", "-1", "-p", str(sst.port), "127.0.0.1",
+            mbpoll,
+            "-a",
+            "1",
+            "-0",
+            "-r",
+            str(sst.probe["address"]),
+            "-c",
+            "1",
+            "-t",
+            "4:float",
+            "-1",
+            "-p",
+            str(sst.port),
+            "127.0.0.1",
         )
         assert rc == 0, err
         assert float(mbpoll_value(out, int(sst.probe["address"]))) == 1.5e6
 
 
 async def test_mbpoll_sees_exception_and_writes_go_through_the_map() -> None:
-    mbpoll = need_tool("mbpoll")
+    mbpoll = require_tool("mbpoll")
     src = StaticSource({("shelf-1", "current_limit_a"): 100.0})
     faults = FaultTable()
     async with ModbusFrontend([SimModbusDevice("shelf-1", RECT)], src, faults) as fe:
         port = str(fe.endpoint("shelf-1").port)
         # current_limit_a is uint16 * 0.1 A at 60: writing 2500 sets 250.0 A in the plant
-        rc, _, err = await run_tool(mbpoll, "-a", "1", "-0", "-r", "60", "-1", "-p", port,
-                                    "127.0.0.1", "2500")
+        rc, _, err = await run_tool(
+            mbpoll, "-a", "1", "-0", "-r", "60", "-1", "-p", port, "127.0.0.1", "2500"
+        )
         assert rc == 0, err
         assert src.values[("shelf-1", "current_limit_a")] == 250.0
         # a read-only register refuses the write (0x02); the plant is unchanged
-        rc, _, err = await run_tool(mbpoll, "-a", "1", "-0", "-r", "43", "-1", "-p", port,
-                                    "127.0.0.1", "7")
+        rc, _, err = await run_tool(
+            mbpoll, "-a", "1", "-0", "-r", "43", "-1", "-p", port, "127.0.0.1", "7"
+        )
         assert rc != 0 and "Illegal data address" in err
         faults.set("shelf-1", Fault(FaultKind.EXCEPTION, exception_code=6))
-        rc, _, err = await run_tool(mbpoll, "-a", "1", "-0", "-r", "16", "-1", "-p", port,
-                                    "127.0.0.1")
+        rc, _, err = await run_tool(
+            mbpoll, "-a", "1", "-0", "-r", "16", "-1", "-p", port, "127.0.0.1"
+        )
         assert rc != 0 and "busy" in err.lower()
 
 
 # --- every map over the wire -------------------------------------------------------------
 
-MODBUS_MAPS = [p.stem for p in sorted(DEFAULT_MAP_DIR.glob("*.yaml"))
-               if isinstance(load_map_file(p), ModbusMap)]
+MODBUS_MAPS = [
+    p.stem
+    for p in sorted(DEFAULT_MAP_DIR.glob("*.yaml"))
+    if isinstance(load_map_file(p), ModbusMap)
+]
 
 
 @pytest.mark.parametrize("map_name", MODBUS_MAPS)
@@ -283,8 +325,9 @@ async def test_a_fault_stays_with_its_device(
     loop = asyncio.get_running_loop()
     async with PollGroup(store) as group:
         for d in devices:
-            group.add(d, PollSettings(PERIOD_S, TIMEOUT_S, backoff_initial_s=0.1,
-                                      backoff_max_s=0.4))
+            group.add(
+                d, PollSettings(PERIOD_S, TIMEOUT_S, backoff_initial_s=0.1, backoff_max_s=0.4)
+            )
         await asyncio.sleep(8 * PERIOD_S)
         now_s = loop.time()
         stats = group.stats()
@@ -371,13 +414,29 @@ async def test_server_rejects_out_of_range_writes_from_other_masters(
 
 @pytest.fixture
 def tls_files(tmp_path: Path) -> tuple[Path, Path]:
-    openssl = need_tool("openssl")
+    openssl = require_tool("openssl")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True,
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
     )
     return cert, key
 
@@ -389,9 +448,16 @@ async def test_modbus_over_tls(tls_files: tuple[Path, Path]) -> None:
     src = StaticSource({("shelf-1", "output_power_w"): 4242.0})
     async with ModbusFrontend([SimModbusDevice("shelf-1", RECT)], src, sslctx=sctx) as fe:
         ep = fe.endpoint("shelf-1")
-        p = DeviceParams("shelf-1", "modbus", host=ep.host, port=ep.port, map_name=RECT,
-                         period_s=1.0, timeout_s=0.5,
-                         options={"tls": True, "tls_cafile": str(cert)})
+        p = DeviceParams(
+            "shelf-1",
+            "modbus",
+            host=ep.host,
+            port=ep.port,
+            map_name=RECT,
+            period_s=1.0,
+            timeout_s=0.5,
+            options={"tls": True, "tls_cafile": str(cert)},
+        )
         [dev] = build_modbus_devices([p])
         await dev.connect()
         try:
@@ -400,9 +466,18 @@ async def test_modbus_over_tls(tls_files: tuple[Path, Path]) -> None:
         finally:
             await dev.close()
         # Without the CA the handshake fails: the driver reports it, it does not hang.
-        [untrusted] = build_modbus_devices([DeviceParams(
-            "shelf-1", "modbus", host=ep.host, port=ep.port, map_name=RECT,
-            options={"tls": True})])
+        [untrusted] = build_modbus_devices(
+            [
+                DeviceParams(
+                    "shelf-1",
+                    "modbus",
+                    host=ep.host,
+                    port=ep.port,
+                    map_name=RECT,
+                    options={"tls": True},
+                )
+            ]
+        )
         with pytest.raises(Exception, match="connect"):
             await untrusted.connect()
         await untrusted.close()

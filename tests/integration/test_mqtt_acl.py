@@ -19,12 +19,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import secrets
 import ssl
-import subprocess
-import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,13 +53,16 @@ from sim.fake_nvml import FakeNvml
 from tests.fixtures.mosquitto import (
     Mosquitto,
     MosquittoFactory,
-    free_port,
+    fill_password_template,
     make_tls_files,
 )
+from tests.helpers import mqtt as mqtt_helpers
+from tests.helpers.mqtt import Recorder, publish_qos1, user_client
+from tests.helpers.ports import free_port
+from tests.helpers.waiting import eventually
 from tests.sites import agent_site
 
 pytest_plugins = ["tests.fixtures.mosquitto"]
-pytestmark = pytest.mark.integration
 
 SITE = "tiny"
 CTL = "rackpower-tiny"  # the default controller id and, here, its broker username
@@ -73,14 +72,6 @@ NODE_A = "rack-1-n1"
 AGENT = AgentTopics.for_site("rackpower", SITE)
 BMS_TOPICS = BmsTopics.for_site("rackpower", SITE)
 WAIT_S = 15.0  # only a broken link ever waits this long
-
-
-async def eventually(check: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @dataclass
@@ -94,17 +85,7 @@ class AclBroker:
     out: Path  # the generated files
 
     def client(self, user: str | None, password: str | None = None) -> aiomqtt.Client:
-        if user is not None and password is None:
-            password = self.password_files[user].read_text()
-        return aiomqtt.Client(
-            self.broker.host,
-            self.broker.port,
-            username=user,
-            password=password,
-            identifier=f"test-{user}-{secrets.token_hex(3)}",
-            tls_context=self.tls,
-            timeout=5,
-        )
+        return user_client(self.broker, self.tls, self.password_files, user, password)
 
     def mqtt_config(self, user: str) -> MqttConfig:
         return MqttConfig(
@@ -139,19 +120,9 @@ def acl_broker(tmp_path: Path, mosquitto_factory: MosquittoFactory) -> AclBroker
     # Fill the template by running the shell steps written in it (minus the chown to the
     # broker's user, which a non-root test run cannot do): the instructions must work.
     template = out / f"rackpower-{SITE}.passwd.template"
-    steps = [
-        line.removeprefix("#   ")
-        for line in template.read_text().splitlines()
-        if line.startswith("#   ") and not line.startswith("#   chown")
-    ]
-    creds.mkdir(mode=0o700)
-    subprocess.run(
-        ["bash", "-euc", "\n".join(steps)], cwd=template.parent, check=True, capture_output=True
-    )
-    files = {}
-    for user in usernames_in_template(template.read_text()):
-        files[user] = creds / f"{user}.pw"
-        (template.parent / f"{user}.pw").rename(files[user])
+    files = fill_password_template(template, creds)
+    assert set(files) == set(usernames_in_template(template.read_text()))
+    for user in files:
         assert len(files[user].read_text()) == 32  # 24 random bytes, base64
         assert files[user].stat().st_mode & 0o077 == 0  # the umask in the steps
     snippet = (out / f"rackpower-{SITE}.conf").read_text()
@@ -160,39 +131,12 @@ def acl_broker(tmp_path: Path, mosquitto_factory: MosquittoFactory) -> AclBroker
     return AclBroker(broker, ctx, files, site_path, out)
 
 
-class Recorder:
-    def __init__(self, client: aiomqtt.Client) -> None:
-        self.client = client
-        self.messages: list[tuple[str, bytes]] = []
-
-    async def pump(self) -> None:
-        async for m in self.client.messages:
-            payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
-            self.messages.append((str(m.topic), payload))
-
-    def payloads(self) -> list[bytes]:
-        return [p for _, p in self.messages]
-
-
-@asynccontextmanager
-async def recording(ab: AclBroker, user: str, *topics: str) -> AsyncIterator[Recorder]:
-    async with ab.client(user) as client:
-        rec = Recorder(client)
-        pump = asyncio.create_task(rec.pump())
-        for t in topics:
-            await client.subscribe(t, qos=1)  # SUBACK awaited: subscribed from here on
-        try:
-            yield rec
-        finally:
-            pump.cancel()
-            with suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await pump
+def recording(ab: AclBroker, user: str, *topics: str) -> AbstractAsyncContextManager[Recorder]:
+    return mqtt_helpers.recording(ab.client(user), *topics)
 
 
 async def publish_as(ab: AclBroker, user: str, topic: str, payload: bytes) -> None:
-    """QoS 1: returns after the broker's PUBACK, i.e. after it routed or dropped it."""
-    async with ab.client(user) as client:
-        await client.publish(topic, payload, qos=1)
+    await publish_qos1(ab.client(user), topic, payload)
 
 
 def forged_lease(seq: int, cap_w: float) -> bytes:

@@ -32,7 +32,7 @@ from drivers.nvml import NvmlDriver
 from drivers.reading import Reading
 from sim.runtime import SimRuntime
 from sim.workloads import TrainingJobSpec, TrainingProfile
-from tests.sites import tiny_site
+from tests.sites import agent_config_dict, tiny_site, with_rack_agents
 
 RACK_ENVELOPE_W = 3000.0
 GPU_MAX_W = 500.0
@@ -48,16 +48,7 @@ def rogue_site() -> Any:
     cfg = tiny_site()
     rack = cfg["rows"][0]["racks"][0]
     rack["envelope_w"] = RACK_ENVELOPE_W
-    rack["devices"] = [
-        {
-            "id": "agent-{rack}-n{i}",
-            "count": 2,
-            "driver": "agent",
-            "period_s": 0.5,
-            "timeout_s": 0.25,
-        }
-    ]
-    rack["nodes"][0]["agent"] = "agent-{rack}-n{i}"
+    with_rack_agents(cfg)
     cfg["policy"] = {"cycle_s": CYCLE_S, "lease_s": 5.0}
     return parse_site(cfg)
 
@@ -145,18 +136,7 @@ async def rig() -> AsyncIterator[Rig]:
     for info in controller.agents.values():
         driver = NvmlDriver(info.node_id, backend=sim.fake_nvml(info.node_id))
         await driver.start()
-        cfg = parse_agent_config(
-            {
-                "site": "tiny",
-                "agent_id": info.agent_id,
-                "node_id": info.node_id,
-                "controller_id": "ctl",
-                "failsafe_w": 300,
-                "telemetry_hz": 10,
-                "mqtt": {"url": "mqtt://127.0.0.1:1"},
-            },
-            "test.yaml",
-        )
+        cfg = parse_agent_config(agent_config_dict(info.agent_id, info.node_id), "test.yaml")
         agent = NodeAgent(cfg, driver, hub.agent(info.agent_id))
         agents[info.node_id] = agent
         tasks[info.node_id] = asyncio.create_task(agent.run())

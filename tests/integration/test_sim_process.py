@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -34,21 +32,13 @@ from drivers.modbus import build_modbus_devices
 from drivers.reading import Quality
 from drivers.snmp import build_snmp_devices
 from sim.runtime import SimRuntime
+from tests.helpers.tools import require_tool
 from tests.sites import tiny_site
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs/sites/demo.yaml"
 START_TIMEOUT_S = 60.0
 ENDPOINT_KEYS = {"device", "protocol", "host", "port", "probe"}
-
-
-def require_tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is not installed (make test installs it)")
-        pytest.skip(f"{name} is not installed (apt-get install it, or run make test)")
-    return path
 
 
 def sim_command() -> list[str]:
@@ -74,7 +64,9 @@ class SimProcess:
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(
-            self.control_url + path, data=data, method=method,
+            self.control_url + path,
+            data=data,
+            method=method,
             headers={"content-type": "application/json"},
         )
         with urllib.request.urlopen(req, timeout=5) as resp:
@@ -90,9 +82,22 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimProcess]:
     endpoints_json, control_json = tmp / "endpoints.json", tmp / "control.json"
     log = (tmp / "sim.log").open("w+")
     proc = subprocess.Popen(
-        [*sim_command(), "--config", str(DEMO), "--ephemeral-ports", "--seed", "7",
-         "--endpoints-json", str(endpoints_json), "--control-file", str(control_json)],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
+        [
+            *sim_command(),
+            "--config",
+            str(DEMO),
+            "--ephemeral-ports",
+            "--seed",
+            "7",
+            "--endpoints-json",
+            str(endpoints_json),
+            "--control-file",
+            str(control_json),
+        ],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -119,8 +124,11 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimProcess]:
     assert rc == 0, f"rackpower sim exited {rc} on SIGTERM:\n{output}"
 
 
-def bracketed(read_tool: Callable[[], float], read_plant: Callable[[], float],
-              close: Callable[[float, float], bool]) -> tuple[float, float, float]:
+def bracketed(
+    read_tool: Callable[[], float],
+    read_plant: Callable[[], float],
+    close: Callable[[float, float], bool],
+) -> tuple[float, float, float]:
     """Plant value before, tool value, plant value after; retried while more than one
     plant step slips between the two control reads (a busy machine)."""
     for _ in range(8):
@@ -137,28 +145,60 @@ def run_tool(args: list[str], timeout_s: float = 10.0) -> subprocess.CompletedPr
 
 
 def mbpoll_float(ep: dict[str, Any], address: int, unit: int | None = None) -> float:
-    out = run_tool([
-        require_tool("mbpoll"), "-m", "tcp", "-a", str(unit or ep["unit_id"]), "-0",
-        "-r", str(address), "-c", "1", "-t", "4:float", "-B", "-1", "-o", "1",
-        "-p", str(ep["port"]), ep["host"],
-    ])
+    out = run_tool(
+        [
+            require_tool("mbpoll"),
+            "-m",
+            "tcp",
+            "-a",
+            str(unit or ep["unit_id"]),
+            "-0",
+            "-r",
+            str(address),
+            "-c",
+            "1",
+            "-t",
+            "4:float",
+            "-B",
+            "-1",
+            "-o",
+            "1",
+            "-p",
+            str(ep["port"]),
+            ep["host"],
+        ]
+    )
     assert out.returncode == 0, out.stderr
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith(f"[{address}]:"))
     return float(line.split("]:", 1)[1])
 
 
-def snmpget(ep: dict[str, Any], oid: str, community: str | None = None
-            ) -> subprocess.CompletedProcess[str]:
-    return run_tool([
-        require_tool("snmpget"), "-v2c", "-c", community or ep["community"], "-On", "-Oqv",
-        "-t", "1", "-r", "0", f"{ep['host']}:{ep['port']}", oid,
-    ])
+def snmpget(
+    ep: dict[str, Any], oid: str, community: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return run_tool(
+        [
+            require_tool("snmpget", "snmp"),
+            "-v2c",
+            "-c",
+            community or ep["community"],
+            "-On",
+            "-Oqv",
+            "-t",
+            "1",
+            "-r",
+            "0",
+            f"{ep['host']}:{ep['port']}",
+            oid,
+        ]
+    )
 
 
 def test_endpoints_list_every_served_device(sim: SimProcess) -> None:
     devices = {e["device"] for e in sim.endpoints}
     assert devices == {"sst-1-meter", "shelf-row-1", "shelf-row-2"} | {
-        f"pdu-row-{r}-rack-{k}" for r in (1, 2) for k in (1, 2, 3, 4)}
+        f"pdu-row-{r}-rack-{k}" for r in (1, 2) for k in (1, 2, 3, 4)
+    }
     for e in sim.endpoints:
         extra = {"unit_id"} if e["protocol"] == "modbus" else {"community"}
         assert set(e) == ENDPOINT_KEYS | extra, e
@@ -179,7 +219,9 @@ def test_mbpoll_reads_a_rectifier_shelfs_input_power(sim: SimProcess) -> None:
 
     before, tool, after = bracketed(
         lambda: mbpoll_float(ep, address),
-        lambda: sim.plant_value("shelf-row-2", "input_power_w"), close)
+        lambda: sim.plant_value("shelf-row-2", "input_power_w"),
+        close,
+    )
     assert tool > 10_000  # 32 GPU servers plus converter losses: tens of kW
     assert close(tool, before) or close(tool, after), (before, tool, after)
     # The probe the endpoint list names reads too (what a user would try first).
@@ -221,11 +263,29 @@ def test_a_fault_silences_one_device_only(sim: SimProcess) -> None:
         assert answering.returncode == 0 and float(answering.stdout) > 0
 
         # Same gateway port: unit 1 times out, unit 2 answers on the very same port.
-        dropped = run_tool([
-            require_tool("mbpoll"), "-m", "tcp", "-a", "1", "-0", "-r", str(address),
-            "-c", "1", "-t", "4:float", "-B", "-1", "-o", "0.5", "-p", str(shelf1["port"]),
-            shelf1["host"],
-        ])
+        dropped = run_tool(
+            [
+                require_tool("mbpoll"),
+                "-m",
+                "tcp",
+                "-a",
+                "1",
+                "-0",
+                "-r",
+                str(address),
+                "-c",
+                "1",
+                "-t",
+                "4:float",
+                "-B",
+                "-1",
+                "-o",
+                "0.5",
+                "-p",
+                str(shelf1["port"]),
+                shelf1["host"],
+            ]
+        )
         assert dropped.returncode != 0 and "timed out" in dropped.stderr.lower()
         assert mbpoll_float(shelf2, address) > 0
     finally:
@@ -268,8 +328,10 @@ def test_control_channel_moves_the_plant(sim: SimProcess) -> None:
     finally:
         sim.call("DELETE", "/v1/extra-load/row-1-rack-1")
     assert sim.call("GET", "/v1/state")["extra_load_w"] == {}
-    for bad_node, body, code in (("no-such-rack", {"power_w": 1}, 404),
-                                 ("row-1-rack-1", {"power_w": -1}, 422)):
+    for bad_node, body, code in (
+        ("no-such-rack", {"power_w": 1}, 404),
+        ("row-1-rack-1", {"power_w": -1}, 422),
+    ):
         with pytest.raises(urllib.error.HTTPError) as err:
             sim.call("PUT", f"/v1/extra-load/{bad_node}", body)
         assert err.value.code == code

@@ -27,7 +27,8 @@ from controller.model.config import SchedulerConfig
 from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from controller.policy import Migrate, Requeue, Snapshot, decide
-from tests.fixtures.slurm import NODE, SlurmCluster, free_port, submit_priority_mix
+from tests.fixtures.slurm import NODE, SlurmCluster, submit_priority_mix
+from tests.helpers.ports import free_port
 from tests.sites import tiny_site
 
 pytest_plugins = ["tests.fixtures.slurm"]
@@ -300,7 +301,10 @@ async def test_a_drain_left_by_an_earlier_run_is_found_and_resumed(
     assert await adapter.drained() == {NODE: ours}
     results: list[ActionResult] = []
     link = make_link(
-        adapter, tree, headroom_w={"rack-1": 500.0}.get, on_result=results.append,
+        adapter,
+        tree,
+        headroom_w={"rack-1": 500.0}.get,
+        on_result=results.append,
         resume_hold_s=0.0,
     )
     assert await link.refresh()

@@ -34,11 +34,10 @@ from tests.fixtures.snmpd import (
     V3_USER,
     Override,
     Snmpd,
-    find_tool,
 )
+from tests.helpers.tools import require_tool
 
 pytest_plugins = ["tests.fixtures.snmpd"]
-pytestmark = pytest.mark.integration
 
 # Every SNMP map shipped (apc-rpdu2, raritan-pdu2, ietf-ups-mib, ietf-entity-sensor...).
 SNMP_MAPS = sorted(n for n, _ in available_maps() if isinstance(load_map(n), SnmpMap))
@@ -87,15 +86,25 @@ async def read_once(device: SnmpDevice) -> dict[str, Reading]:
 
 
 def params(
-    device_id: str, map_name: str, port: int, *, transport: str = "auto", community: str = "",
+    device_id: str,
+    map_name: str,
+    port: int,
+    *,
+    transport: str = "auto",
+    community: str = "",
     **kw: object,
 ) -> DeviceParams:
     opts: dict[str, object] = {"transport": transport, "community": community or device_id}
     opts.update({k: v for k, v in kw.items() if k in ("tables", "retries", "max_varbinds")})
     other = {k: v for k, v in kw.items() if k not in opts}
     return DeviceParams(
-        device_id, "snmp", host="127.0.0.1", port=port, map_name=map_name,
-        options=opts, **other,  # type: ignore[arg-type]
+        device_id,
+        "snmp",
+        host="127.0.0.1",
+        port=port,
+        map_name=map_name,
+        options=opts,
+        **other,  # type: ignore[arg-type]
     )
 
 
@@ -128,8 +137,9 @@ async def pdus() -> AsyncIterator[tuple[SnmpFrontend, StaticSource]]:
     source = StaticSource({**plant_values("pdu-a", apc), **plant_values("pdu-b", rar)})
     source.values[("pdu-a", "power_w")] = 4321.0
     source.values[("pdu-b", "current_a")] = 5.432
-    fe = SnmpFrontend([SnmpSimDevice("pdu-a", apc, "comm-a"),
-                       SnmpSimDevice("pdu-b", rar, "comm-b")], source)
+    fe = SnmpFrontend(
+        [SnmpSimDevice("pdu-a", apc, "comm-a"), SnmpSimDevice("pdu-b", rar, "comm-b")], source
+    )
     await fe.start()
     yield fe, source
     await fe.stop()
@@ -137,21 +147,21 @@ async def pdus() -> AsyncIterator[tuple[SnmpFrontend, StaticSource]]:
 
 async def test_snmpget_reads_the_simulated_pdu(pdus: tuple[SnmpFrontend, StaticSource]) -> None:
     fe, source = pdus
-    snmpget = find_tool("snmpget", "snmp")
+    snmpget = require_tool("snmpget", "snmp")
     apc = load_snmp_map("apc-rpdu2")
     oids = [apc.points[n].full_oid for n in ("power_w", "phase_1_current_a", "load_state")]
-    out = parse_numeric(await run_tool(
-        snmpget, "-v2c", "-c", "comm-a", "-Oqn", f"127.0.0.1:{fe.port}", *oids
-    ))
+    out = parse_numeric(
+        await run_tool(snmpget, "-v2c", "-c", "comm-a", "-Oqn", f"127.0.0.1:{fe.port}", *oids)
+    )
     # rPDU2DeviceStatusPower is in hundredths of kW: 4321 W -> 432
     assert out[oids[0]] == "432"
     assert out[oids[1]] == str(round(source.values[("pdu-a", "phase_1_current_a")] * 10))
     assert out[oids[2]] == "2"  # load_state: the map's constant (normal)
     # The value is live: the plant moves, the next GET sees it.
     source.values[("pdu-a", "power_w")] = 5000.0
-    out = parse_numeric(await run_tool(
-        snmpget, "-v2c", "-c", "comm-a", "-Oqn", f"127.0.0.1:{fe.port}", oids[0]
-    ))
+    out = parse_numeric(
+        await run_tool(snmpget, "-v2c", "-c", "comm-a", "-Oqn", f"127.0.0.1:{fe.port}", oids[0])
+    )
     assert out[oids[0]] == "500"
 
 
@@ -160,10 +170,11 @@ async def test_snmpbulkwalk_walks_the_simulated_pdu(
 ) -> None:
     """Every Raritan point comes back, in OID order, with the digits the map serves."""
     fe, _source = pdus
-    walk = find_tool("snmpbulkwalk", "snmp")
+    walk = require_tool("snmpbulkwalk", "snmp")
     rar = load_snmp_map("raritan-pdu2")
-    out = await run_tool(walk, "-v2c", "-c", "comm-b", "-Oqn", "-Cr7",
-                         f"127.0.0.1:{fe.port}", ".1.3.6.1.4.1.13742")
+    out = await run_tool(
+        walk, "-v2c", "-c", "comm-b", "-Oqn", "-Cr7", f"127.0.0.1:{fe.port}", ".1.3.6.1.4.1.13742"
+    )
     got = parse_numeric(out)
     expected_order = sorted(w.parse_oid(p.full_oid) for p in rar.points.values())
     assert [w.parse_oid(o) for o in got] == expected_order
@@ -176,11 +187,21 @@ async def test_snmpbulkwalk_walks_the_simulated_pdu(
 
 async def test_unknown_community_gets_no_answer(pdus: tuple[SnmpFrontend, StaticSource]) -> None:
     fe, _ = pdus
-    snmpget = find_tool("snmpget", "snmp")
+    snmpget = require_tool("snmpget", "snmp")
     proc = await asyncio.create_subprocess_exec(
-        snmpget, "-v2c", "-c", "nobody", "-t", "0.3", "-r", "0", f"127.0.0.1:{fe.port}",
-        ".1.3.6.1.2.1.1.3.0", env=QUIET_ENV,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        snmpget,
+        "-v2c",
+        "-c",
+        "nobody",
+        "-t",
+        "0.3",
+        "-r",
+        "0",
+        f"127.0.0.1:{fe.port}",
+        ".1.3.6.1.2.1.1.3.0",
+        env=QUIET_ENV,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     _, err = await proc.communicate()
     assert proc.returncode != 0
@@ -213,8 +234,9 @@ SNMPD_VALUES = [
 ]
 
 
-def check_snmpd_values(apc: dict[str, Reading], rar: dict[str, Reading],
-                       ent: dict[str, Reading]) -> None:
+def check_snmpd_values(
+    apc: dict[str, Reading], rar: dict[str, Reading], ent: dict[str, Reading]
+) -> None:
     assert apc["power_w"].value == pytest.approx(4320.0)
     assert apc["power_w"].quality is Quality.GOOD
     assert apc["power_w"].unit == "W"
@@ -236,14 +258,26 @@ def check_snmpd_values(apc: dict[str, Reading], rar: dict[str, Reading],
 @pytest.mark.parametrize("tables", ["bulk", "get"])
 @pytest.mark.parametrize("transport", ["fast", "pysnmp"])
 async def test_driver_reads_real_snmpd_v2c(
-    snmpd_factory: Callable[[Sequence[Override]], Snmpd], transport: str, tables: str,
+    snmpd_factory: Callable[[Sequence[Override]], Snmpd],
+    transport: str,
+    tables: str,
 ) -> None:
     server = snmpd_factory(SNMPD_VALUES)
-    devices = build_snmp_devices([
-        params(f"{m}-1", m, server.port, transport=transport, community="public",
-               tables=tables, timeout_s=0.9, period_s=1.0)
-        for m in ("apc-rpdu2", "raritan-pdu2", "ietf-entity-sensor")
-    ])
+    devices = build_snmp_devices(
+        [
+            params(
+                f"{m}-1",
+                m,
+                server.port,
+                transport=transport,
+                community="public",
+                tables=tables,
+                timeout_s=0.9,
+                period_s=1.0,
+            )
+            for m in ("apc-rpdu2", "raritan-pdu2", "ietf-entity-sensor")
+        ]
+    )
     try:
         apc, rar, ent = [await read_once(d) for d in devices]
     finally:
@@ -260,17 +294,29 @@ async def test_driver_reads_real_snmpd_v3_authpriv_sha256_aes(
 
     def v3(device_id: str, map_name: str, priv_key: str) -> DeviceParams:
         return DeviceParams(
-            device_id, "snmp", port=server.port, map_name=map_name,
+            device_id,
+            "snmp",
+            port=server.port,
+            map_name=map_name,
             options={
-                "snmp_version": "3", "v3_user": V3_USER, "v3_auth_key": V3_AUTH_KEY,
-                "v3_priv_key": priv_key, "v3_auth_protocol": "SHA-256", "v3_priv_protocol": "AES",
+                "snmp_version": "3",
+                "v3_user": V3_USER,
+                "v3_auth_key": V3_AUTH_KEY,
+                "v3_priv_key": priv_key,
+                "v3_auth_protocol": "SHA-256",
+                "v3_priv_protocol": "AES",
             },
-            timeout_s=0.9, period_s=1.0,
+            timeout_s=0.9,
+            period_s=1.0,
         )
 
     devices = build_snmp_devices(
-        [v3("apc", "apc-rpdu2", V3_PRIV_KEY), v3("rar", "raritan-pdu2", V3_PRIV_KEY),
-         v3("ent", "ietf-entity-sensor", V3_PRIV_KEY)], pysnmp=pysnmp,
+        [
+            v3("apc", "apc-rpdu2", V3_PRIV_KEY),
+            v3("rar", "raritan-pdu2", V3_PRIV_KEY),
+            v3("ent", "ietf-entity-sensor", V3_PRIV_KEY),
+        ],
+        pysnmp=pysnmp,
     )
     assert all(d.transport is pysnmp for d in devices)  # v3 goes through pysnmp's USM
     try:
@@ -297,10 +343,18 @@ async def test_driver_reads_every_map_from_the_sim_agent(map_name: str) -> None:
         results = {}
         for transport in ("fast", "pysnmp"):
             for tables in ("bulk", "get"):
-                (device,) = build_snmp_devices([params(
-                    "dev", map_name, fe.port, transport=transport, community="c-dev",
-                    tables=tables,
-                )])
+                (device,) = build_snmp_devices(
+                    [
+                        params(
+                            "dev",
+                            map_name,
+                            fe.port,
+                            transport=transport,
+                            community="c-dev",
+                            tables=tables,
+                        )
+                    ]
+                )
                 try:
                     results[transport, tables] = await read_once(device)
                 finally:
@@ -310,8 +364,10 @@ async def test_driver_reads_every_map_from_the_sim_agent(map_name: str) -> None:
     for name, reading in first.items():
         assert reading.quality is Quality.GOOD, reading.error
         p = smap.points[name]
-        expected = p.sim_value if p.sim_value is not None else served_then_decoded(
-            smap, name, source.values[("dev", name)]
+        expected = (
+            p.sim_value
+            if p.sim_value is not None
+            else served_then_decoded(smap, name, source.values[("dev", name)])
         )
         assert reading.value == pytest.approx(expected, rel=1e-9, abs=1e-9), name
     for key, other in results.items():
@@ -357,9 +413,18 @@ async def test_many_points_are_split_over_several_gets() -> None:
     ups = load_snmp_map("ietf-ups-mib")
     source = StaticSource(plant_values("ups", ups))
     async with SnmpFrontend([SnmpSimDevice("ups", ups, "c")], source) as fe:
-        (device,) = build_snmp_devices([params(
-            "ups", "ietf-ups-mib", fe.port, community="c", tables="get", max_varbinds=5,
-        )])
+        (device,) = build_snmp_devices(
+            [
+                params(
+                    "ups",
+                    "ietf-ups-mib",
+                    fe.port,
+                    community="c",
+                    tables="get",
+                    max_varbinds=5,
+                )
+            ]
+        )
         try:
             readings = await read_once(device)
         finally:
@@ -408,10 +473,12 @@ async def test_fault_on_one_device_leaves_the_others_fresh(case: str) -> None:
     devices = [SnmpSimDevice(d, load_snmp_map(m), f"c-{d}") for d, m in maps.items()]
     sink = Collector()
     async with SnmpFrontend(devices, source, faults) as fe:
-        pollables = build_snmp_devices([
-            params(d, m, fe.port, community=f"c-{d}", period_s=0.4, timeout_s=0.3, retries=1)
-            for d, m in maps.items()
-        ])
+        pollables = build_snmp_devices(
+            [
+                params(d, m, fe.port, community=f"c-{d}", period_s=0.4, timeout_s=0.3, retries=1)
+                for d, m in maps.items()
+            ]
+        )
         try:
             async with PollGroup(sink) as group:
                 for p in pollables:
@@ -421,13 +488,17 @@ async def test_fault_on_one_device_leaves_the_others_fresh(case: str) -> None:
                 since = time.monotonic()
                 # Bounded wait, no timed assertion: until the faulted device has shown the
                 # fault twice and the healthy ones were polled fine three times meanwhile.
-                await wait_until(lambda: len({r.ts_s for r in sink.of("apc", since)}) >= 3
-                                 and all(sink.good_polls(d, since) >= 3 for d in ("rar", "ups")))
+                await wait_until(
+                    lambda: (
+                        len({r.ts_s for r in sink.of("apc", since)}) >= 3
+                        and all(sink.good_polls(d, since) >= 3 for d in ("rar", "ups"))
+                    )
+                )
                 stats = group.stats()
         finally:
             await pollables[0].transport.close()
     faulted = [r for r in sink.of("apc", since)]
-    latest = by_point(faulted[-len(load_snmp_map("apc-rpdu2").points):])
+    latest = by_point(faulted[-len(load_snmp_map("apc-rpdu2").points) :])
     assert {r.quality for r in latest.values()} == {quality}, latest
     if quality is not Quality.GOOD:
         assert all(message in (r.error or "") for r in latest.values()), latest
@@ -440,8 +511,11 @@ async def test_fault_on_one_device_leaves_the_others_fresh(case: str) -> None:
     for healthy in ("rar", "ups"):
         assert sink.good_polls(healthy, since) >= 3
         assert stats[healthy].consecutive_failures == 0
-        assert all(r.quality is Quality.GOOD
-                   for r in sink.of(healthy, since) if r.point in ("power_w", "output_power_w"))
+        assert all(
+            r.quality is Quality.GOOD
+            for r in sink.of(healthy, since)
+            if r.point in ("power_w", "output_power_w")
+        )
 
 
 async def wait_until(cond: Callable[[], bool], timeout_s: float = 15.0) -> None:
@@ -455,8 +529,9 @@ def test_agent_survives_fuzzed_requests() -> None:
     """Corrupted requests to the agent: no exception, and every reply is valid SNMP."""
     apc = load_snmp_map("apc-rpdu2")
     agent = SnmpResponder([SnmpSimDevice("a", apc, "c")], StaticSource(plant_values("a", apc)))
-    good = w.request(w.GETBULK, b"c", 99, [(1, 3, 6, 1, 4, 1, 318), (1, 3, 6, 1, 2, 1, 1, 3, 0)],
-                     1, 8)
+    good = w.request(
+        w.GETBULK, b"c", 99, [(1, 3, 6, 1, 4, 1, 318), (1, 3, 6, 1, 2, 1, 1, 3, 0)], 1, 8
+    )
     rng = random.Random(7)
     replies = 0
     for _ in range(5000):
@@ -472,7 +547,5 @@ def test_agent_survives_fuzzed_requests() -> None:
 
 def test_fast_transport_is_shared() -> None:
     fast = FastV2cTransport()
-    devices = build_snmp_devices(
-        [params(f"d{i}", "apc-rpdu2", 161) for i in range(3)], fast=fast
-    )
+    devices = build_snmp_devices([params(f"d{i}", "apc-rpdu2", 161) for i in range(3)], fast=fast)
     assert all(d.transport is fast for d in devices)

@@ -31,27 +31,18 @@ from controller.core.points import (
 from controller.integrations.tsdb.writer import TsdbWriter, resolve_token, tsdb_point
 from controller.model.config import InfluxConfig
 from controller.model.secrets import redact_url
-from tests.fixtures.victoriametrics import VictoriaMetrics, free_port, samples
+from tests.fixtures.victoriametrics import VictoriaMetrics, samples
+from tests.helpers.ports import free_port
+from tests.helpers.waiting import until
 
 pytest_plugins = ["tests.fixtures.victoriametrics"]
 
-pytestmark = pytest.mark.integration
 
 T0_NS = time.time_ns() // 1_000_000 * 1_000_000  # whole ms: VictoriaMetrics keeps ms
 
 
 def cfg(url: str, **kw: object) -> InfluxConfig:
     return InfluxConfig.model_validate({"url": url, **kw})
-
-
-async def until(cond: Callable[[], bool], timeout_s: float = 30.0) -> bool:
-    """Let the loop run until ``cond`` holds; the timeout only bounds a hang."""
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
 
 
 def seq_points(site: str, n: int) -> list[Point]:

@@ -20,27 +20,24 @@ import asyncio
 import itertools
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 from controller.agentlink.lease import Telemetry
 from controller.core.controller import Controller
 from controller.core.points import Point
 from controller.integrations.tsdb.writer import TsdbWriter, tsdb_point
-from controller.model.config import InfluxConfig
+from controller.model.config import InfluxConfig, Site
 from controller.model.loader import parse_site
 from controller.policy import Job
 from drivers.base import DeviceStats
 from drivers.reading import Quality, Reading
 from tests.fixtures.victoriametrics import VictoriaMetrics
-from tests.sites import tiny_site
+from tests.helpers.waiting import until
+from tests.sites import tiny_site, with_rack_agents
 
 pytest_plugins = ["tests.fixtures.victoriametrics"]
 
-pytestmark = pytest.mark.integration
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "tsdb-schema.md"
 
@@ -135,22 +132,13 @@ N_CYCLES = 25  # 12.5 s: every 5 s detail series gets 2 or 3 points, each cycle 
 SITE = "f9"
 
 
-def f9_site() -> object:
+def f9_site() -> Site:
     """tiny_site with agents on every server, so GPUs report and can be capped."""
     cfg = tiny_site()
     cfg["site"] = SITE
     rack = cfg["rows"][0]["racks"][0]
     rack["envelope_w"] = 3000.0  # rack-1 runs hot below: over its envelope, then capped
-    rack["devices"] = [
-        {
-            "id": "agent-{rack}-n{i}",
-            "count": 2,
-            "driver": "agent",
-            "period_s": 0.5,
-            "timeout_s": 0.25,
-        }
-    ]
-    rack["nodes"][0]["agent"] = "agent-{rack}-n{i}"
+    with_rack_agents(cfg)
     cfg["policy"] = {"cycle_s": CYCLE_S, "lease_s": 5.0}
     return parse_site(cfg)
 
@@ -188,7 +176,7 @@ def feed_inputs(ctl: Controller, clock: Clock, rack_w: dict[str, float]) -> None
             500.0 if target_w is None else float(min(500.0, target_w[k]))
             for k in range(info.first, info.stop)
         ]
-        power = [min(480.0 if hot else 100.0, cap) for cap in limit]
+        power: list[float | None] = [min(480.0 if hot else 100.0, cap) for cap in limit]
         q = [Quality.GOOD] * n
         if info.node_id == "rack-2-n2":
             q[0] = Quality.BAD
@@ -200,7 +188,7 @@ def feed_inputs(ctl: Controller, clock: Clock, rack_w: dict[str, float]) -> None
                 failsafe=False,
                 power_w=power,
                 power_avg_w=power,
-                limit_w=limit,
+                limit_w=list[float | None](limit),
                 min_w=[100.0] * n,
                 max_w=[500.0] * n,
                 q=q,
@@ -213,7 +201,7 @@ async def run_controller_into(vm: VictoriaMetrics) -> tuple[Controller, list[int
     site = f9_site()
     clock = Clock()
     ctl = Controller(
-        site,  # type: ignore[arg-type]
+        site,
         controller_id="ctl",
         clock=lambda: clock.mono_s,
         wall_clock=lambda: clock.wall_s,
@@ -232,8 +220,8 @@ async def run_controller_into(vm: VictoriaMetrics) -> tuple[Controller, list[int
         now_s=clock.wall_s,
         free_w=free,
     )
-    polled = {d.id for d in site.devices if d.driver != "agent"}  # type: ignore[attr-defined]
-    ctl.device_stats = lambda: {  # type: ignore[attr-defined]
+    polled = {d.id for d in site.devices if d.driver != "agent"}
+    ctl.device_stats = lambda: {
         dev: DeviceStats(dev, polls=9, errors=2, retries=1, last_poll_duration_s=0.02)
         for dev in polled
     }
@@ -264,15 +252,6 @@ async def run_controller_into(vm: VictoriaMetrics) -> tuple[Controller, list[int
         await until(lambda: writer.stats().written_points >= submitted)
     assert writer.stats().written_points == submitted
     return ctl, cycle_ms
-
-
-async def until(cond: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    """Let the loop run until ``cond`` holds; the timeout only bounds a hang."""
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            return
-        await asyncio.sleep(0.02)
 
 
 def split_name(name: str, measurements: set[str]) -> tuple[str, str]:

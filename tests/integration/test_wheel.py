@@ -28,8 +28,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = pytest.mark.integration
-
 REPO = Path(__file__).resolve().parents[2]
 INSTALL_TIMEOUT_S = 300.0  # a cold pip cache downloads every dependency once
 DEMO_S = 20

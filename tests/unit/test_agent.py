@@ -30,19 +30,12 @@ from drivers.nvml import NvmlDriver
 from drivers.reading import Quality
 from sim.fake_nvml import FakeNvml
 from sim.values import StaticSource
+from tests.helpers.clock import ManualClock
 
 NODE = "r1-n1"
 CTL = "ctl-a"
 FAILSAFE_W = 400.0
 REPO = Path(__file__).resolve().parents[2]
-
-
-class ManualClock:
-    def __init__(self) -> None:
-        self.now_s = 1000.0
-
-    def __call__(self) -> float:
-        return self.now_s
 
 
 def agent_config(**over: Any) -> AgentConfig:
@@ -86,7 +79,7 @@ async def rig() -> AsyncIterator[Rig]:
         src.values[(f"{NODE}-g{i}", "power_w")] = 300.0 + 10 * i
         src.values[(f"{NODE}-g{i}", "limit_w")] = 700.0
     fake = FakeNvml.for_node(NODE, 4, min_w=200, max_w=700, default_w=700, source=src)
-    clock = ManualClock()
+    clock = ManualClock(1000.0)
     link = InProcessLink()
     async with NvmlDriver(NODE, fake) as driver:
         # The wall clock reads 1 s: the small seqs these tests send are "now" (within

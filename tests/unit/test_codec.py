@@ -145,8 +145,9 @@ def test_problem_flags_nan_infinity_range_and_not_implemented() -> None:
     assert "not implemented" in (codec.problem(sunspec, float(raw), raw) or "")
 
 
-@pytest.mark.parametrize("type_", ["int16", "uint16", "int32", "uint32", "int64", "uint64",
-                                   "float32", "float64"])
+@pytest.mark.parametrize(
+    "type_", ["int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64"]
+)
 def test_garbage_is_caught_by_a_plausible_range(type_: str) -> None:
     for order in ORDERS:
         p = mp(type=type_, order=order, min=-1000, max=1000)
@@ -194,8 +195,7 @@ def test_snmp_text_numbers_and_bounds() -> None:
 
 
 def base_map(points: dict[str, Any], protocol: str = "modbus") -> dict[str, Any]:
-    return {"model": "m", "vendor": "v", "source": "test", "protocol": protocol,
-            "points": points}
+    return {"model": "m", "vendor": "v", "source": "test", "protocol": protocol, "points": points}
 
 
 @pytest.mark.parametrize(
@@ -210,8 +210,10 @@ def base_map(points: dict[str, Any], protocol: str = "modbus") -> dict[str, Any]
         ({"x": {"address": 1, "type": "bitfield"}}, "needs bits"),
         ({"x": {"address": 1, "type": "uint16", "min": 5, "max": 1}}, "above max"),
         ({"X": {"address": 1}}, "lower_snake_case"),
-        ({"x": {"table": "input", "address": 1, "writable": True, "min": 0, "max": 1}},
-         "read-only"),
+        (
+            {"x": {"table": "input", "address": 1, "writable": True, "min": 0, "max": 1}},
+            "read-only",
+        ),
     ],
 )
 def test_bad_modbus_maps_name_the_place(points: dict[str, Any], message: str) -> None:
@@ -227,8 +229,10 @@ def test_bad_modbus_maps_name_the_place(points: dict[str, Any], message: str) ->
         ({"p": {"oid": "1.3.6.1.2", "divisor_oid": "1.3.6.1.9"}}, "must be the OID of a point"),
         ({"p": {"oid": "1.3.6.1.2", "table": {"column": "1.3.6", "index": 1}}}, "exactly one"),
         ({"p": {"oid": "not-an-oid"}}, "points.p.oid"),
-        ({"p": {"oid": "1.3.6.1.2"}, "q": {"table": {"column": "1.3.6.1", "index": 2}}},
-         "share one OID"),
+        (
+            {"p": {"oid": "1.3.6.1.2"}, "q": {"table": {"column": "1.3.6.1", "index": 2}}},
+            "share one OID",
+        ),
     ],
 )
 def test_bad_snmp_maps_name_the_place(points: dict[str, Any], message: str) -> None:
@@ -238,8 +242,12 @@ def test_bad_snmp_maps_name_the_place(points: dict[str, Any], message: str) -> N
 
 
 def test_defaults_fill_points_and_table_index_becomes_text() -> None:
-    m = parse_map({**base_map({"a": {"address": 3, "type": "float32"}}),
-                   "defaults": {"table": "input", "order": "CDAB"}})
+    m = parse_map(
+        {
+            **base_map({"a": {"address": 3, "type": "float32"}}),
+            "defaults": {"table": "input", "order": "CDAB"},
+        }
+    )
     p = m.points["a"]
     assert isinstance(p, ModbusPoint)
     assert (p.table, p.order) == ("input", "CDAB")

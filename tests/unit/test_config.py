@@ -246,8 +246,14 @@ BAD_CONFIGS: list[tuple[str, Callable[[], dict[str, Any]], Mutation, str, str]] 
         tiny_site,
         _set(
             "integrations",
-            {"scheduler": {"kind": "slurm", "url": "http://s:6820", "token_env": "T",
-                           "token_file": "/run/slurm.jwt"}},
+            {
+                "scheduler": {
+                    "kind": "slurm",
+                    "url": "http://s:6820",
+                    "token_env": "T",
+                    "token_file": "/run/slurm.jwt",
+                }
+            },
         ),
         "integrations.scheduler",
         "not both",

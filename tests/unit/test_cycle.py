@@ -21,7 +21,7 @@ from controller.core.cycle import CycleStats, next_deadline, run_cycle
 def test_next_deadline(
     deadline: float, period: float, now: float, expected: float, skipped: int
 ) -> None:
-    assert next_deadline(deadline, period, now) == (pytest.approx(expected), skipped)
+    assert next_deadline(deadline, period, now) == pytest.approx((expected, skipped))
 
 
 def test_percentile() -> None:

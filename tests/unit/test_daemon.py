@@ -24,7 +24,7 @@ from controller.model.loader import parse_site
 from drivers.nvml import NvmlDriver
 from drivers.reading import Reading
 from sim.fake_nvml import FakeNvml
-from tests.sites import tiny_site
+from tests.sites import agent_config_dict, tiny_site, with_rack_agents
 
 REPO = Path(__file__).resolve().parents[2]
 GPU_MAX_W = 500.0
@@ -34,16 +34,7 @@ def site_with_agents(rack_envelope_w: float) -> Any:
     cfg = tiny_site()
     rack = cfg["rows"][0]["racks"][0]
     rack["envelope_w"] = rack_envelope_w
-    rack["devices"] = [
-        {
-            "id": "agent-{rack}-n{i}",
-            "count": 2,
-            "driver": "agent",
-            "period_s": 0.5,
-            "timeout_s": 0.25,
-        }
-    ]
-    rack["nodes"][0]["agent"] = "agent-{rack}-n{i}"
+    with_rack_agents(cfg)
     cfg["policy"] = {"cycle_s": 0.5, "lease_s": 5.0}
     return parse_site(cfg)
 
@@ -86,18 +77,7 @@ async def rig() -> AsyncIterator[Rig]:
         fakes[info.node_id] = fake
         driver = NvmlDriver(info.node_id, backend=fake)
         await driver.start()
-        cfg = parse_agent_config(
-            {
-                "site": "tiny",
-                "agent_id": info.agent_id,
-                "node_id": info.node_id,
-                "controller_id": "ctl",
-                "failsafe_w": 300,
-                "telemetry_hz": 10,
-                "mqtt": {"url": "mqtt://127.0.0.1:1"},
-            },
-            "test.yaml",
-        )
+        cfg = parse_agent_config(agent_config_dict(info.agent_id, info.node_id), "test.yaml")
         agent = NodeAgent(cfg, driver, hub.agent(info.agent_id))
         agents.append(agent)
         tasks.append(asyncio.create_task(agent.run()))

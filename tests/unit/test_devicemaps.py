@@ -24,13 +24,30 @@ from drivers.modbus import MAX_REGISTERS, plan_blocks
 MAP_FILES = sorted(DEFAULT_MAP_DIR.glob("*.yaml"))
 
 REQUIRED_POINTS = {
-    "generic-sst-mv800": ["input_power_w", "output_power_w", "mv_input_voltage_v",
-                          "mv_input_current_a", "dc_output_voltage_v", "dc_output_current_a",
-                          "efficiency_pct", "status_word", "alarm_word"],
-    "generic-hvdc-rectifier-800v": ["output_power_w", "output_voltage_v", "output_current_a",
-                                    "input_voltage_l1_v", "input_current_l3_a",
-                                    "input_power_l2_w", "efficiency_pct", "module_count",
-                                    "module_12_current_a", "alarm_word_1", "current_limit_a"],
+    "generic-sst-mv800": [
+        "input_power_w",
+        "output_power_w",
+        "mv_input_voltage_v",
+        "mv_input_current_a",
+        "dc_output_voltage_v",
+        "dc_output_current_a",
+        "efficiency_pct",
+        "status_word",
+        "alarm_word",
+    ],
+    "generic-hvdc-rectifier-800v": [
+        "output_power_w",
+        "output_voltage_v",
+        "output_current_a",
+        "input_voltage_l1_v",
+        "input_current_l3_a",
+        "input_power_l2_w",
+        "efficiency_pct",
+        "module_count",
+        "module_12_current_a",
+        "alarm_word_1",
+        "current_limit_a",
+    ],
     "ocp-orv3-psu": ["output_voltage_v", "output_current_a", "output_power_w", "input_power_w"],
     "sunspec-714": ["current_a", "power_w", "port_1_voltage_v", "dca_sf"],
     "apc-rpdu2": ["power_w", "energy_j", "phase_1_current_a"],
@@ -173,7 +190,10 @@ def test_hole_limit_splits_blocks() -> None:
         "d": ModbusPoint(address=300, type="uint16", table="input"),
     }
     assert [(b.table, b.start, b.count) for b in plan_blocks(pts, max_hole=4)] == [
-        ("holding", 0, 7), ("holding", 200, 1), ("input", 300, 1)]
+        ("holding", 0, 7),
+        ("holding", 200, 1),
+        ("input", 300, 1),
+    ]
     assert [(b.start, b.count) for b in plan_blocks(pts, max_hole=3)][:2] == [(0, 2), (6, 1)]
     wide = {f"p{i}": ModbusPoint(address=i * 2, type="float32") for i in range(100)}
     assert [b.count for b in plan_blocks(wide)] == [124, 76]

@@ -68,8 +68,14 @@ def test_each_driver_decodes_its_own_options() -> None:
     from drivers.modbus import ModbusOptions
     from drivers.snmp import SnmpOptions
 
-    modbus = DeviceSpec(id="shelf", driver="modbus", address="10.0.0.5", unit_id=7, tls=True,
-                        map="generic-hvdc-rectifier-800v")
+    modbus = DeviceSpec(
+        id="shelf",
+        driver="modbus",
+        address="10.0.0.5",
+        unit_id=7,
+        tls=True,
+        map="generic-hvdc-rectifier-800v",
+    )
     assert ModbusOptions.of(device_params(modbus, {})) == ModbusOptions(unit_id=7, tls=True)
     snmp = DeviceSpec(id="pdu", driver="snmp", address="pdu1", community="c", map="apc-rpdu2")
     assert SnmpOptions.of(device_params(snmp, {})) == SnmpOptions(community="c")

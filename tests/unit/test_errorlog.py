@@ -10,21 +10,14 @@ import logging
 import pytest
 
 from drivers.errorlog import MAX_MESSAGE_CHARS, ErrorTally
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now_s = 0.0
-
-    def __call__(self) -> float:
-        return self.now_s
+from tests.helpers.clock import ManualClock
 
 
 def test_n_errors_give_one_line_then_a_summary_per_interval(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="drivers.errors")
-    clock = Clock()
+    clock = ManualClock()
     tally = ErrorTally("pdu-7", summary_every_s=60.0, clock=clock)
     n = 3_000  # ten polls a second for five minutes
     for _ in range(n):
@@ -42,7 +35,7 @@ def test_each_kind_has_its_own_first_line_and_late_errors_are_summed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="drivers.errors")
-    clock = Clock()
+    clock = ManualClock()
     tally = ErrorTally("d", summary_every_s=60.0, clock=clock)
     tally.note("timeout", "t")
     tally.note("malformed", "m")

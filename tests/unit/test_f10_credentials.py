@@ -21,7 +21,7 @@ from controller.integrations.tsdb.writer import TsdbWriter
 from controller.model.config import ConfigError, InfluxConfig, MqttConfig
 from controller.model.secrets import redact_url
 from controller.support.mqtt import MqttSetupError, parse_broker_url
-from tests.fixtures.victoriametrics import free_port
+from tests.helpers.ports import free_port
 from tests.sites import tiny_site
 
 SECRET = "s3cretPW"  # a test value: the thing that must never be printed

@@ -27,6 +27,8 @@ from controller.integrations.api.app import ApiServer, create_app
 from controller.model.config import ApiConfig
 from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
+from tests.helpers.api import serving
+from tests.helpers.clock import ManualClock
 from tests.sites import tiny_site
 
 NOW_S = 1_750_000_000.0
@@ -52,14 +54,6 @@ LIVE = {
 }
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now_s = NOW_S
-
-    def __call__(self) -> float:
-        return self.now_s
-
-
 @pytest.fixture
 async def api(
     monkeypatch: pytest.MonkeyPatch,
@@ -67,17 +61,10 @@ async def api(
     monkeypatch.setenv("RACKPOWER_TOKEN", TOKEN)
     view = MemoryView(PowerTree(parse_site(tiny_site())), live=dict(LIVE))
     app = create_app(
-        view, ApiConfig(token_env="RP_TOKEN"), clock=FakeClock(), environ={"RP_TOKEN": TOKEN}
+        view, ApiConfig(token_env="RP_TOKEN"), clock=ManualClock(NOW_S), environ={"RP_TOKEN": TOKEN}
     )
-    server = ApiServer(app, host="127.0.0.1", port=0)
-    task = asyncio.create_task(server.serve())
-    try:
-        await asyncio.wait_for(server.wait_started(), 10)
-        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
-            yield server, client
-    finally:
-        await server.shutdown()
-        await asyncio.wait_for(task, 10)
+    async with serving(app) as served:
+        yield served
 
 
 async def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

@@ -48,6 +48,7 @@ def replies(draw: st.DrawFn) -> Reply:
     if draw(st.booleans()):
         junk = draw(st.binary(min_size=1, max_size=300))
         return lambda req: junk
+    # Two draws, integers and bytes, so each is one typed dict (every fault stays optional).
     faults = draw(
         st.fixed_dictionaries(
             {},
@@ -58,17 +59,21 @@ def replies(draw: st.DrawFn) -> Reply:
                 "unit": st.integers(0, 255),
                 "fc": st.integers(0, 255),
                 "byte_count": st.integers(0, 255),
-                "data": st.binary(max_size=260),
                 "cut": st.integers(1, 20),
-                "extra": st.binary(min_size=1, max_size=20),
             },
+        )
+    )
+    blobs = draw(
+        st.fixed_dictionaries(
+            {},
+            optional={"data": st.binary(max_size=260), "extra": st.binary(min_size=1, max_size=20)},
         )
     )
 
     def reply(req: bytes) -> bytes:
         tid, unit, fc, _start, _count = request_fields(req)
         good = good_read_reply(req)
-        data = faults.get("data", good[9:])
+        data = blobs.get("data", good[9:])
         pdu = bytes((faults.get("fc", fc), faults.get("byte_count", len(data)))) + data
         frame = mbap(
             faults.get("tid", tid),
@@ -79,7 +84,7 @@ def replies(draw: st.DrawFn) -> Reply:
         )
         if "cut" in faults:
             frame = frame[: max(1, len(frame) - faults["cut"])]
-        return frame + faults.get("extra", b"")
+        return frame + blobs.get("extra", b"")
 
     return reply
 

@@ -107,7 +107,7 @@ def test_each_identity_may_publish_and_read_exactly_its_topics() -> None:
         for user, rules in users.items()
         for topic in topics_of_site()
         for access in ("read", "write")
-        if allowed(rules, access, topic) != expected(user, access, topic)  # type: ignore[arg-type]
+        if allowed(rules, access, topic) != expected(user, access, topic)
     ]
     assert wrong == []
     # And the controller's subscriptions themselves are covered by its read grants.

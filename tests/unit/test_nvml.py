@@ -34,14 +34,7 @@ from drivers.reading import Quality
 from sim.fake_nvml import FakeGpuSpec, FakeHandle, FakeNvml
 from sim.faults import Fault, FaultKind
 from sim.values import StaticSource
-
-
-class ManualClock:
-    def __init__(self) -> None:
-        self.now_s = 100.0
-
-    def __call__(self) -> float:
-        return self.now_s
+from tests.helpers.clock import ManualClock
 
 
 def specs(n: int = 3) -> list[FakeGpuSpec]:
@@ -62,7 +55,7 @@ def fake() -> FakeNvml:
 
 
 async def test_readings_equal_the_fakes_values_in_watts_and_joules() -> None:
-    clock = ManualClock()
+    clock = ManualClock(100.0)
     src = source([300.0, 420.5, 555.25])
     fake = FakeNvml(specs(), src, clock=clock)
     fake.tick()
@@ -94,7 +87,7 @@ async def test_readings_equal_the_fakes_values_in_watts_and_joules() -> None:
 
 
 async def test_average_covers_the_last_second_only() -> None:
-    clock = ManualClock()
+    clock = ManualClock(100.0)
     src = source([300.0])
     fake = FakeNvml(specs(1), src, clock=clock)
     fake.tick()

@@ -34,14 +34,33 @@ def every_map_site() -> dict[str, Any]:
     site = ab_site()
     snmp = {"driver": "snmp", "address": "127.0.0.1:16161"}
     site["devices"] = [
-        {"id": "sst-meter", "driver": "modbus", "address": "127.0.0.1:15020",
-         "map": "generic-sst-mv800"},
-        {"id": "shelf", "driver": "modbus", "address": "127.0.0.1:15021", "unit_id": 1,
-         "map": "generic-hvdc-rectifier-800v"},
-        {"id": "psu", "driver": "modbus", "address": "127.0.0.1:15021", "unit_id": 2,
-         "map": "ocp-orv3-psu"},
-        {"id": "dcdc", "driver": "modbus", "address": "127.0.0.1:15021", "unit_id": 3,
-         "map": "sunspec-714"},
+        {
+            "id": "sst-meter",
+            "driver": "modbus",
+            "address": "127.0.0.1:15020",
+            "map": "generic-sst-mv800",
+        },
+        {
+            "id": "shelf",
+            "driver": "modbus",
+            "address": "127.0.0.1:15021",
+            "unit_id": 1,
+            "map": "generic-hvdc-rectifier-800v",
+        },
+        {
+            "id": "psu",
+            "driver": "modbus",
+            "address": "127.0.0.1:15021",
+            "unit_id": 2,
+            "map": "ocp-orv3-psu",
+        },
+        {
+            "id": "dcdc",
+            "driver": "modbus",
+            "address": "127.0.0.1:15021",
+            "unit_id": 3,
+            "map": "sunspec-714",
+        },
         {"id": "feed-a-meter", **snmp, "community": "a", "map": "ietf-entity-sensor"},
         {"id": "feed-b-meter", **snmp, "community": "b", "map": "ietf-entity-sensor"},
         {"id": "pdu-1", **snmp, "community": "p1", "map": "apc-rpdu2"},
@@ -60,15 +79,33 @@ def every_map_site() -> dict[str, Any]:
     rack["nodes"][0]["meters"] = [{"device": "psu", "point": "input_power_w"}]
     # Node-level meters on rack 1 only; rack 2's nodes through the UPS and the DC converter.
     row["racks"] = [
-        {**rack, "id": "rack-1", "count": None,
-         "nodes": [{**rack["nodes"][0], "id": "rack-1-n{i}", "count": 1,
-                    "meters": [{"device": "psu", "point": "input_power_w"}]},
-                   {**rack["nodes"][0], "id": "rack-1-x", "count": None,
-                    "meters": [{"device": "dcdc", "point": "power_w"}]}],
-         "meters": [{"device": "pdu-1"}]},
-        {**rack, "id": "rack-2", "count": None,
-         "nodes": [{**rack["nodes"][0], "id": "rack-2-n{i}", "count": 2, "meters": []}],
-         "meters": [{"device": "pdu-2"}, {"device": "ups", "point": "output_power_w"}]},
+        {
+            **rack,
+            "id": "rack-1",
+            "count": None,
+            "nodes": [
+                {
+                    **rack["nodes"][0],
+                    "id": "rack-1-n{i}",
+                    "count": 1,
+                    "meters": [{"device": "psu", "point": "input_power_w"}],
+                },
+                {
+                    **rack["nodes"][0],
+                    "id": "rack-1-x",
+                    "count": None,
+                    "meters": [{"device": "dcdc", "point": "power_w"}],
+                },
+            ],
+            "meters": [{"device": "pdu-1"}],
+        },
+        {
+            **rack,
+            "id": "rack-2",
+            "count": None,
+            "nodes": [{**rack["nodes"][0], "id": "rack-2-n{i}", "count": 2, "meters": []}],
+            "meters": [{"device": "pdu-2"}, {"device": "ups", "point": "output_power_w"}],
+        },
     ]
     for r in row["racks"]:
         if r["count"] is None:
@@ -79,8 +116,13 @@ def every_map_site() -> dict[str, Any]:
     return site
 
 
-def run(plant: Plant, source: PlantSource, demand_w: float, steps: int = 30,
-        lost: frozenset[str] = frozenset()) -> PlantState:
+def run(
+    plant: Plant,
+    source: PlantSource,
+    demand_w: float,
+    steps: int = 30,
+    lost: frozenset[str] = frozenset(),
+) -> PlantState:
     state = source.state
     demand = np.full(plant.n_gpus, demand_w)
     for _ in range(steps):
@@ -104,8 +146,9 @@ def many() -> Site:
     return parse_site(every_map_site(), "every-map")
 
 
-def through_map(dmap: ModbusMap | SnmpMap, name: str, value: float,
-                served: dict[str, float | None]) -> float:
+def through_map(
+    dmap: ModbusMap | SnmpMap, name: str, value: float, served: dict[str, float | None]
+) -> float:
     """Encode ``value`` as the frontend does, decode as the driver does."""
     point = dmap.points[name]
     if isinstance(point, ModbusPoint):
@@ -166,11 +209,13 @@ def test_sst_output_point_is_the_sst_nodes_output(demo: Site) -> None:
     state = run(plant, source, 650.0)
     sst = plant.node_index["sst-1"]
     assert source.value("sst-1-meter", "output_power_w") == pytest.approx(
-        float(state.node_output_w[sst]))
+        float(state.node_output_w[sst])
+    )
     # The bus meters the SST output: the bus's input equals it (a bus converts nothing).
     assert plant.power_w(state, "bus-800v") == pytest.approx(float(state.node_output_w[sst]))
     assert source.value("sst-1-meter", "input_power_w") == pytest.approx(
-        plant.power_w(state, "sst-1"))
+        plant.power_w(state, "sst-1")
+    )
 
 
 def test_feed_source_meters_serve_each_sides_share(many: Site) -> None:
@@ -212,8 +257,10 @@ def test_derived_values_are_coherent(demo: Site) -> None:
     assert shelf["efficiency_pct"] == pytest.approx(p_out / p_in * 100)
     phases = 0.0
     for k in (1, 2, 3):
-        v, i, p = (shelf[f"input_{q}_l{k}_{u}"] for q, u in
-                   (("voltage", "v"), ("current", "a"), ("power", "w")))
+        v, i, p = (
+            shelf[f"input_{q}_l{k}_{u}"]
+            for q, u in (("voltage", "v"), ("current", "a"), ("power", "w"))
+        )
         assert v is not None and i is not None and p is not None
         assert 200 < v < 260  # phase voltage of a 400/415 V supply
         assert i * v == pytest.approx(p)
@@ -236,7 +283,8 @@ def test_derived_values_are_coherent(demo: Site) -> None:
 
     pdu = source.points("pdu-row-1-rack-1")
     assert (pdu["phase_1_current_a"] or 0) * (pdu["phase_1_voltage_v"] or 0) == pytest.approx(
-        pdu["power_w"])
+        pdu["power_w"]
+    )
 
 
 def test_temperatures_rise_with_load_and_energy_integrates(demo: Site) -> None:
@@ -357,7 +405,8 @@ def test_runtime_actions_reach_the_plant(many: Site) -> None:
     sim.step(3)
     assert sim.value("feed-a-meter", "power_w") == 0.0
     assert sim.value("feed-b-meter", "power_w") == pytest.approx(
-        sim.plant.power_w(sim.state, "feed"))
+        sim.plant.power_w(sim.state, "feed")
+    )
     sim.restore_source("feed-a")
     sim.step(3)
     assert (sim.value("feed-a-meter", "power_w") or 0) > 0

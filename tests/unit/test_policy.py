@@ -25,8 +25,8 @@ from controller.policy import (
     headroom_w,
 )
 from controller.policy.startup import STARTUP_RESERVE_S
+from tests.helpers.policy_support import Run, meter_readings, tree_for
 from tests.sites import ab_site
-from tests.unit.test_policy_support import Run, meter_readings, tree_for
 
 TGT = 0.94 * 3800
 HI = 0.97 * 3800

@@ -7,7 +7,7 @@ import numpy as np
 from controller.policy import POLICIES, Job, SetCap, get_policy, node_power_from_readings
 from controller.policy.baselines import none_policy, static_policy, three_band_policy
 from drivers.reading import Quality, Reading
-from tests.unit.test_policy_support import Run, tree_for
+from tests.helpers.policy_support import Run, tree_for
 
 
 def test_registry_names_every_policy() -> None:

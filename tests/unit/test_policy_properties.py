@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from controller.model.topology import PowerTree
 from controller.policy import Job, PolicyState, SetCap, Snapshot, decide
 from controller.policy.rackpower import BOUND_FRACTION, BOUND_W
-from tests.unit.test_policy_support import meter_readings, tree_for
+from tests.helpers.policy_support import meter_readings, tree_for
 
 N = 16
 CLASSES = ("critical", "training", "inference", "batch")

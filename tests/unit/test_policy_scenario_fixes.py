@@ -1,6 +1,6 @@
 """Policy behaviour the scenario benchmark exposed, pinned down on the toy plant.
 
-Each test is a closed loop of a policy and the toy plant of ``test_policy_support``
+Each test is a closed loop of a policy and the toy plant of ``tests.helpers.policy_support``
 (GPUs draw min(demand, limit) at once, meters read the exact sum), so what is checked is
 the control law: no release on a training job's communication dips, no migration on a
 meter that runs ahead of GPU telemetry for a cycle, static shares after conversion
@@ -17,7 +17,7 @@ from controller.model.topology import PowerTree
 from controller.policy import Job, Migrate, Requeue
 from controller.policy.bands import node_bands
 from controller.policy.baselines import static_policy
-from tests.unit.test_policy_support import Run, site_dict, tree_for
+from tests.helpers.policy_support import Run, site_dict, tree_for
 
 
 def test_release_needs_the_plan_below_the_band_not_only_the_measured_load() -> None:

@@ -6,7 +6,7 @@ were released while its GPUs idled, then a training job started on row-1-rack-1 
 (above the 25 kW rating) for 0.8 s, until the caps bit. The start-up reservation
 (startup.py) needs the job in the list to see it coming; the learned margin (at most
 15 % of the envelope) cannot cover a whole rack stepping from idle. Closed loops on the
-toy plant of ``test_policy_support`` (GPUs draw min(demand, limit) at once, meters read
+toy plant of ``tests.helpers.policy_support`` (GPUs draw min(demand, limit) at once, meters read
 the exact sum), no jobs, as in the demo.
 """
 
@@ -21,7 +21,7 @@ from controller.policy import SetCap, Snapshot, decide
 from sim.plant import Plant, Setpoints
 from sim.runtime import default_workloads
 from sim.scheduler import SchedulerConfig, SimScheduler
-from tests.unit.test_policy_support import Run, tree_for
+from tests.helpers.policy_support import Run, tree_for
 
 ENVELOPE_W = 3800.0  # rack-1: 8 GPUs of 100-500 W + 400 W of baselines = 4400 W at most
 TGT = 0.94 * ENVELOPE_W

@@ -327,8 +327,10 @@ def test_stale_prices_still_bound_and_a_new_placement_is_seen() -> None:
             if np.any(index.seg_sum(np.minimum(power, demand)) > budget):
                 continue
             x = np.minimum(power / demand, 1.0)
-            work = sum(8 * float(ThroughputCurve().rate(x[a : a + 8].min(keepdims=True))[0])
-                       for a in (0, 8))
+            work = sum(
+                8 * float(ThroughputCurve().rate(x[a : a + 8].min(keepdims=True))[0])
+                for a in (0, 8)
+            )
             assert work <= fresh + 1e-9 and work <= stale + 1e-9
     # The same oracle follows a new placement (a new group array, four 4-GPU jobs).
     regroup = np.repeat([0, 1, 2, 3], 4)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from typing import Literal
 
 from controller.agentlink.lease import Telemetry
 from controller.core.alarms import Alarm, AlarmKind
@@ -22,7 +23,7 @@ from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from controller.policy import Requeue
 from drivers.reading import Quality, Reading
-from tests.sites import tiny_site
+from tests.sites import tiny_site, with_rack_agents
 
 
 class MemoryScheduler:
@@ -44,7 +45,9 @@ class MemoryScheduler:
         self.calls.append(("requeue", job_id))
         self.running = [j for j in self.running if j.id != job_id]
 
-    async def migrate(self, job_id: str, away_from_hosts: Sequence[str], reason: str) -> str:
+    async def migrate(
+        self, job_id: str, away_from_hosts: Sequence[str], reason: str
+    ) -> Literal["migrated", "requeued"]:
         await self.requeue(job_id, reason)
         return "requeued"
 
@@ -76,17 +79,7 @@ CFG = SchedulerConfig(
 
 def site_with_agents() -> Site:
     cfg = tiny_site()
-    rack = cfg["rows"][0]["racks"][0]
-    rack["devices"] = [
-        {
-            "id": "agent-{rack}-n{i}",
-            "count": 2,
-            "driver": "agent",
-            "period_s": 0.5,
-            "timeout_s": 0.25,
-        }
-    ]
-    rack["nodes"][0]["agent"] = "agent-{rack}-n{i}"
+    with_rack_agents(cfg)
     return parse_site(cfg)
 
 
@@ -133,6 +126,7 @@ async def test_sustained_overload_requeues_one_low_job_drains_and_alarms() -> No
     task = asyncio.create_task(link.run())
     try:
         await asyncio.sleep(0.2)  # first poll
+        assert controller.jobs_provider is not None  # attach_scheduler set it
         assert {j.id for j in controller.jobs_provider()} == {"train", "batch", "pinned"}
         t0 = time.monotonic()
         for k in range(400):  # sustained: past the escalation's min_interval_s (120 s)
@@ -170,6 +164,7 @@ async def test_unreachable_scheduler_falls_back_and_alarms() -> None:
     task = asyncio.create_task(link.run())
     try:
         await asyncio.sleep(0.4)
+        assert controller.jobs_provider is not None  # attach_scheduler set it
         jobs = controller.jobs_provider()
         assert jobs and all(j.id.startswith("server:") for j in jobs)
         assert controller.alarm_sources[0](time.time())[0].kind is AlarmKind.ESCALATION

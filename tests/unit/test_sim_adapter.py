@@ -26,20 +26,13 @@ from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from sim.scheduler import SchedulerConfig, SimScheduler
 from sim.workloads import InferenceServiceSpec, TrainingJobSpec, TrainingProfile
+from tests.helpers.clock import ManualClock
 from tests.sites import tiny_site
 
 FLAT = TrainingProfile(
     compute_frac=0.9, comm_frac=0.9, checkpoint_every_s=30.0, checkpoint_s=2.0, startup_s=1.0
 )
 RACK1 = ("rack-1-n1", "rack-1-n2")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now_s = 0.0
-
-    def __call__(self) -> float:
-        return self.now_s
 
 
 @pytest.fixture
@@ -58,12 +51,12 @@ def sched() -> SimScheduler:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> ManualClock:
+    return ManualClock()
 
 
 @pytest.fixture
-def adapter(sched: SimScheduler, clock: Clock) -> SimulatedScheduler:
+def adapter(sched: SimScheduler, clock: ManualClock) -> SimulatedScheduler:
     return SimulatedScheduler(sched, clock)
 
 
@@ -96,7 +89,7 @@ async def test_jobs_map_to_the_interface(adapter: SimulatedScheduler, sched: Sim
 
 
 async def test_requeue_reaches_the_simulator(
-    adapter: SimulatedScheduler, sched: SimScheduler, clock: Clock
+    adapter: SimulatedScheduler, sched: SimScheduler, clock: ManualClock
 ) -> None:
     clock.now_s = 12.5
     await adapter.requeue("t1", "rack-1 over at the floor")
@@ -110,7 +103,7 @@ async def test_requeue_reaches_the_simulator(
 
 
 async def test_migrate_restarts_away_from_the_named_server(
-    adapter: SimulatedScheduler, sched: SimScheduler, clock: Clock
+    adapter: SimulatedScheduler, sched: SimScheduler, clock: ManualClock
 ) -> None:
     clock.now_s = 5.0
     assert await adapter.migrate("t1", ["rack-1-n1"], "rack-1 over") == "migrated"
@@ -121,7 +114,7 @@ async def test_migrate_restarts_away_from_the_named_server(
 
 
 async def test_drain_keeps_new_work_off_until_resumed(
-    adapter: SimulatedScheduler, sched: SimScheduler, clock: Clock
+    adapter: SimulatedScheduler, sched: SimScheduler, clock: ManualClock
 ) -> None:
     await adapter.drain(list(RACK1), "rack-1 over its envelope")
     assert sched.drained == frozenset(RACK1)
@@ -154,7 +147,7 @@ async def test_refusals(adapter: SimulatedScheduler, sched: SimScheduler) -> Non
     assert sched.drained == frozenset()
 
 
-async def test_note_is_kept(adapter: SimulatedScheduler, clock: Clock) -> None:
+async def test_note_is_kept(adapter: SimulatedScheduler, clock: ManualClock) -> None:
     clock.now_s = 3.0
     await adapter.note("t1", "capped to 350 W per GPU")
     assert adapter.notes == [SimNote(3.0, "t1", "capped to 350 W per GPU")]

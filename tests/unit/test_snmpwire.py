@@ -20,7 +20,9 @@ P = api.PROTOCOL_MODULES[api.SNMP_VERSION_2C]
 arcs = st.integers(0, (1 << 32) - 1)
 oids = st.builds(
     lambda first, second, rest: (first, second, *rest),
-    st.integers(0, 2), st.integers(0, 39), st.lists(arcs, max_size=12),
+    st.integers(0, 2),
+    st.integers(0, 39),
+    st.lists(arcs, max_size=12),
 )
 int_values = st.one_of(
     *[st.tuples(st.just(tag), st.integers(lo, hi)) for tag, (lo, hi) in w.INT_BOUNDS.items()]
@@ -79,7 +81,8 @@ def test_decodes_what_pysnmp_encodes() -> None:
     assert msg.request_id == 123456789
     assert (msg.non_repeaters, msg.max_repetitions) == (1, 25)
     assert [o for o, _ in msg.varbinds] == [
-        (1, 3, 6, 1, 2, 1, 1, 3, 0), (1, 3, 6, 1, 4, 1, 318, 1, 1, 26)
+        (1, 3, 6, 1, 2, 1, 1, 3, 0),
+        (1, 3, 6, 1, 4, 1, 318, 1, 1, 26),
     ]
     assert all(v == w.NULL_VALUE for _, v in msg.varbinds)
 
@@ -136,8 +139,14 @@ def test_unsigned_without_leading_zero_is_read_as_unsigned() -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [(w.INTEGER, 1 << 31), (w.GAUGE32, -1), (w.COUNTER64, 1 << 64), (w.OCTET_STRING, "text"),
-     (w.IP_ADDRESS, b"\x01\x02"), (0x47, 1)],
+    [
+        (w.INTEGER, 1 << 31),
+        (w.GAUGE32, -1),
+        (w.COUNTER64, 1 << 64),
+        (w.OCTET_STRING, "text"),
+        (w.IP_ADDRESS, b"\x01\x02"),
+        (0x47, 1),
+    ],
 )
 def test_unsendable_values_raise_the_codec_error(value: w.Value) -> None:
     with pytest.raises(w.SnmpWireError):
@@ -187,9 +196,13 @@ def test_fuzzed_packets_raise_only_the_codec_error() -> None:
         w.request(w.GETBULK, b"pdu-a", 77, [oid, (1, 3, 6, 1, 2, 1, 1, 5, 0)], 1, 10),
         w.response(
             w.Message(b"pdu-a", w.GET, 123456, ()),
-            [(oid, (w.GAUGE32, 4_000_000_000)), (oid, (w.OCTET_STRING, b"x" * 200)),
-             (oid, (w.COUNTER64, 1 << 63)), (oid, (w.NO_SUCH_INSTANCE, None)),
-             (oid, (w.OBJECT_IDENTIFIER, oid))],
+            [
+                (oid, (w.GAUGE32, 4_000_000_000)),
+                (oid, (w.OCTET_STRING, b"x" * 200)),
+                (oid, (w.COUNTER64, 1 << 63)),
+                (oid, (w.NO_SUCH_INSTANCE, None)),
+                (oid, (w.OBJECT_IDENTIFIER, oid)),
+            ],
         ),
     ]
     decoded = 0

@@ -79,8 +79,10 @@ def attach_scheduler(
         if controller.mode != "enforce":
             return  # advisory: audited by the cycle, not carried out
         if isinstance(action, SetCap):
-            if cfg.note_caps_every_s > 0 and action.job_id and not action.job_id.startswith(
-                FALLBACK_PREFIX
+            if (
+                cfg.note_caps_every_s > 0
+                and action.job_id
+                and not action.job_id.startswith(FALLBACK_PREFIX)
             ):
                 capped = action_kind(action, controller.tree) == CAP
                 text = (
