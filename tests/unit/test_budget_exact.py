@@ -18,11 +18,11 @@ import math
 
 import numpy as np
 import pytest
-from controller.config import parse_site
-from controller.topology import PowerTree
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from controller.model.loader import parse_site
+from controller.model.topology import PowerTree
 from controller.policy.budget import TOLERANCE_W, GpuTerms, _exact_levels, allocate
 from controller.policy.index import tree_index
 from tests.sites import tiny_site
