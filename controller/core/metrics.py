@@ -93,6 +93,21 @@ class Metrics:
             buckets=_CYCLE_BUCKETS_S,
             registry=r,
         )
+        # Per phase (controller/core/phases.py): which part of a slow cycle was slow, and
+        # which part failed (the cycle goes on past a failed phase; this says it did).
+        self.cycle_phase = Histogram(
+            "rackpower_cycle_phase_seconds",
+            "Time for one phase of a control cycle (read, decide, act, lease, publish, deliver).",
+            ["phase"],
+            buckets=_CYCLE_BUCKETS_S,
+            registry=r,
+        )
+        self.cycle_phase_failures = Counter(
+            "rackpower_cycle_phase_failures",
+            "Control cycle phases that raised (counted, logged; the cycle went on).",
+            ["phase"],
+            registry=r,
+        )
         self.cycle_overruns = Counter(
             "rackpower_cycle_overruns", "Cycles that missed their deadline.", registry=r
         )
@@ -187,6 +202,12 @@ class Metrics:
         if overrun:
             self.cycle_overruns.inc()
 
+    def observe_phase(self, phase: str, duration_s: float) -> None:
+        self.cycle_phase.labels(phase).observe(duration_s)
+
+    def count_phase_failure(self, phase: str) -> None:
+        self.cycle_phase_failures.labels(phase).inc()
+
     def count_action(self, kind: str, n: int = 1) -> None:
         self.actions.labels(kind).inc(n)
 
@@ -222,6 +243,7 @@ class Metrics:
         names what it is about; a cleared alarm's series is gone at the next scrape.
         """
         self._alarms.rows = [(str(a.kind), a.subject, a.node or "", a.severity) for a in alarms]
+
     def set_device_errors_source(self, source: Callable[[], Mapping[tuple[str, str], int]]) -> None:
         """Where ``rackpower_device_errors_total`` is read from at scrape time: the poll
         group's ``{(device, kind): errors}`` (drivers.errorlog: kinds are a closed set)."""
@@ -403,6 +425,8 @@ class _BmsCollector(Collector):
         g = GaugeMetricFamily("rackpower_bms_connected", "1 while connected to the BMS broker.")
         g.add_metric([], float(bool(stats.get("connected", False))))
         yield g
+
+
 class _DeviceErrorsCollector(Collector):
     """``rackpower_device_errors_total{device,kind}``, read from the pollers at scrape.
 
