@@ -263,6 +263,7 @@ async def run_service(site: Site, options: ServiceOptions, stop: asyncio.Event) 
         controller_id=options.controller_id,
         audit=audit,
         metrics=Metrics(site.name),
+        points=site.integrations.influx is not None,
     )
     _check_keys(link.keys if isinstance(link, MqttControllerLink) else None, controller)
     group = PollGroup(controller.accept_readings)

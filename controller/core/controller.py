@@ -138,6 +138,7 @@ class Controller:
         jobs: Callable[[], Sequence[Job]] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        points: bool = True,
     ) -> None:
         self.mode: Mode = mode
         self.mode_hold: ModeHold | None = None  # a BMS advisory window, with its expiry
@@ -166,6 +167,9 @@ class Controller:
         # A scheduler is configured that can drain a node which ignores its caps.
         self.can_drain = False
         self._notices: list[Alarm] = []  # one-off alarms for the next result (notify)
+        # TSDB points cost a fifth of a large site's cycle: built only if something
+        # writes them (the service: only with a TSDB configured).
+        self.build_points = points
         self.phases = PhaseRunner(self.metrics)
         self._install(site)
 
@@ -486,9 +490,10 @@ class Controller:
                 decided = True
         advisory = self.mode == "advisory"
         with ph.run("act"):
+            status = self.policy_state.nodes.as_dict() if actions and self.policy_state else {}
             for action in actions:
                 with ph.run("act", "action"):  # one action failing to audit skips no other
-                    self._act(action, snap, wall, advisory=advisory)
+                    self._act(action, snap, status, wall, advisory=advisory)
         leased = False
         with ph.run("lease"):
             if decided:
@@ -522,10 +527,17 @@ class Controller:
             failed_phases=tuple(ph.failed),
         )
 
-    def _act(self, action: Action, snap: Snapshot | None, wall: float, *, advisory: bool) -> None:
+    def _act(
+        self,
+        action: Action,
+        snap: Snapshot | None,
+        status: Mapping[str, Mapping[str, float | str]],
+        wall: float,
+        *,
+        advisory: bool,
+    ) -> None:
         """Audit and count one action, and note a cap in force (for /v1/caps)."""
-        assert self.policy_state is not None and snap is not None
-        status = self.policy_state.nodes.as_dict()
+        assert snap is not None
         node = action.node_id
         readings: dict[str, float | None] = {}
         if node in status:
@@ -738,8 +750,10 @@ class Controller:
                 for k, nid in enumerate(status.node_ids)
                 if status.load_w[k] > status.envelope_w[k]
             )
-        points = self._cycle_points(snap, est, now_s, wall, count_violations=settled)
-        return _Outputs(alarms, raised, cleared, telemetry, tuple(points))
+        points: tuple[Point, ...] = ()
+        if self.build_points:
+            points = tuple(self._cycle_points(snap, est, now_s, wall, count_violations=settled))
+        return _Outputs(alarms, raised, cleared, telemetry, points)
 
     def _cycle_points(
         self,
