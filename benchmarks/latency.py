@@ -72,10 +72,10 @@ from controller.agentlink.transport import (
 )
 from controller.cli.demo_cmd import DEMO_SITE, failsafe_w
 from controller.core.controller import Controller
+from controller.core.result import CycleResult
 from controller.model.config import MqttConfig, Site
 from controller.model.loader import load_site
 from controller.model.topology import PowerTree
-from controller.policy import Snapshot
 from controller.service import ServiceOptions, run_service
 from drivers.nvml import NvmlDriver
 from sim.fake_nvml import FakeNvml
@@ -219,12 +219,13 @@ class Probe:
             if power and sum(power) / len(power) > self.rise_w:
                 self.telemetry_seen_t = time.monotonic()
 
-        def run_cycle(now_s: float) -> Snapshot:
-            snap = real_cycle(now_s)
+        def run_cycle(now_s: float) -> CycleResult:
+            result = real_cycle(now_s)
             t = time.monotonic()
             state = controller.policy_state
-            if state is None:
-                return snap
+            snap = result.snapshot
+            if state is None or snap is None:
+                return result
             target = np.asarray(state.target_w)
             if self.step_t is not None:
                 rack = self.rack
@@ -241,7 +242,7 @@ class Probe:
                 ):
                     self.decided_t = t
             prev["target"] = target.copy()
-            return snap
+            return result
 
         controller.accept_telemetry = accept_telemetry  # type: ignore[method-assign]
         controller.run_cycle = run_cycle  # type: ignore[method-assign]

@@ -143,6 +143,7 @@ async def run_demo(args: argparse.Namespace, site: Site) -> int:
         MqttAgentLink,
         MqttControllerLink,
     )
+    from controller.core.integration import TaskIntegration
     from controller.integrations.api.app import binding_note
     from controller.service import ServiceOptions, run_service
     from drivers.nvml import NvmlDriver
@@ -285,7 +286,7 @@ async def run_demo(args: argparse.Namespace, site: Site) -> int:
                 link=controller_link,
                 allow_unauthenticated=False,
                 on_ready=ready,
-                extra_tasks=tasks,
+                extra=[TaskIntegration(name, run) for name, run in tasks.items()],
             )
             code = await run_service(served, options, stop)
             for agent in agents:

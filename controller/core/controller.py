@@ -1,10 +1,11 @@
 """The controller: readings in, one policy decision per cycle, caps out as leases.
 
 :class:`Controller` holds the live state and runs one cycle at a time; it is also the
-:class:`~controller.core.view.ControllerView` the HTTP API reads. :func:`run_controller` wires
-it to the outside world (drivers, agent link, BMS, TSDB, API, systemd) as named tasks in
-one ``TaskGroup``. The cycle itself never awaits the network: publishers take what it
-hands them into bounded queues, so a dead broker or TSDB never delays a cap.
+:class:`~controller.core.view.ControllerView` the HTTP API reads. Each cycle returns a
+frozen :class:`~controller.core.result.CycleResult`; ``controller/service.py`` hands it to
+every integration (controller/core/integration.py). The cycle itself never awaits the
+network: integrations take what it hands them into bounded queues, so a dead broker or
+TSDB never delays a cap.
 
 Safety rules that live here rather than in the policy:
 - ``advisory`` mode computes, audits and publishes what it would do, and leases every GPU
@@ -25,6 +26,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Literal
 
 import numpy as np
@@ -44,9 +46,11 @@ from controller.core.cycle import CycleStats
 from controller.core.cycle_points import CyclePoints, counter_values
 from controller.core.metrics import Metrics
 from controller.core.overrides import EnvelopeOverrides, ModeHold
+from controller.core.phases import PhaseRunner
 from controller.core.points import Point
 from controller.core.readings import ReadingsStore
 from controller.core.reservations import ReservationStore
+from controller.core.result import CycleResult, Drain
 from controller.core.setpoints import ModeSwitch
 from controller.core.view import CapRow, Health, NodeLive, NodeTelemetry
 from controller.model.config import Site
@@ -71,6 +75,17 @@ class AgentInfo:
     first: int
     stop: int
     stale_s: float
+
+
+@dataclass(frozen=True)
+class _Outputs:
+    """What the publish phase built, for the CycleResult (empty when it did not run)."""
+
+    alarms: tuple[Alarm, ...] = ()
+    raised: tuple[Alarm, ...] = ()
+    cleared: tuple[str, ...] = ()
+    telemetry: tuple[NodeTelemetry, ...] = ()
+    points: tuple[Point, ...] = ()
 
 
 @dataclass
@@ -123,6 +138,7 @@ class Controller:
         jobs: Callable[[], Sequence[Job]] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        points: bool = True,
     ) -> None:
         self.mode: Mode = mode
         self.mode_hold: ModeHold | None = None  # a BMS advisory window, with its expiry
@@ -142,21 +158,19 @@ class Controller:
         self.started_at_s = wall_clock()
         self.stopping = False
         self._first_cycle_s: float | None = None  # monotonic; the start-up grace counts from it
-        # Publishers (set by run_controller); each must not block.
-        self.on_alarm_raise: Callable[[Alarm], None] | None = None
-        self.on_alarm_clear: Callable[[str], None] | None = None
-        # What the BMS link publishes on its own period (it calls back for the latest).
-        self.telemetry_frames: list[NodeTelemetry] = []
-        self.on_points: Callable[[Sequence[Point]], None] | None = None
+        # Inputs from outside the core, read by the cycle (set by the service); the
+        # cycle's outputs leave only in the CycleResult that run_cycle returns.
         self.device_health: Callable[[], Mapping[str, tuple[bool, str | None]]] | None = None
         self.device_stats: Callable[[], Mapping[str, DeviceStats]] | None = None  # for the TSDB
-        # Escalations (Migrate/Requeue) go here, to the scheduler link; more alarms from
-        # integrations (e.g. an unreachable scheduler) come from ``alarm_sources``.
-        self.on_action: Callable[[Action], None] | None = None
+        # More alarms in force from integrations (e.g. an unreachable scheduler).
         self.alarm_sources: list[Callable[[float], list[Alarm]]] = []
-        # A node that ignores its caps is drained through this (set by attach_scheduler):
-        # ``on_drain(node_id, reason)``; never awaits.
-        self.on_drain: Callable[[str, str], None] | None = None
+        # A scheduler is configured that can drain a node which ignores its caps.
+        self.can_drain = False
+        self._notices: list[Alarm] = []  # one-off alarms for the next result (notify)
+        # TSDB points cost a fifth of a large site's cycle: built only if something
+        # writes them (the service: only with a TSDB configured).
+        self.build_points = points
+        self.phases = PhaseRunner(self.metrics)
         self._install(site)
 
     # -- configuration ---------------------------------------------------------------
@@ -448,44 +462,112 @@ class Controller:
             details={"command_id": hold.command_id, "until_s": hold.until_s},
         )
 
-    def run_cycle(self, now_s: float) -> Snapshot:
-        """One control cycle: snapshot, decide, act, publish. Returns the snapshot used."""
+    def run_cycle(self, now_s: float) -> CycleResult:
+        """One control cycle, in named phases: read -> decide -> act -> lease -> publish.
+
+        Each phase is timed and isolated (controller/core/phases.py): a failure is counted,
+        logged and the cycle goes on where that is safe. A failed ``read`` or ``decide``
+        leaves no new targets, so no lease is sent: the agents keep the lease they hold
+        (``lease_s`` covers a few missed cycles) and fall into their failsafe cap if the
+        failures go on; never a lease computed from garbage. A failed ``act`` (the audit,
+        a metric) never stops the leases. The outputs are returned as one frozen
+        :class:`CycleResult` for the integrations, after the leases are sent.
+        """
         wall = self.wall_clock()
-        self._expire_mode_hold(wall)
-        snap = self._check_conformance(self.snapshot(now_s), now_s, wall)
-        actions, self.policy_state = self.policy(snap, self._tree, self.policy_state)
+        ph = self.phases
+        ph.start_cycle()
+        drains: list[Drain] = []
+        snap: Snapshot | None = None
+        actions: tuple[Action, ...] = ()
+        decided = False
+        with ph.run("read"):
+            self._expire_mode_hold(wall)
+            snap = self._check_conformance(self.snapshot(now_s), now_s, wall, drains)
+        if snap is not None:
+            with ph.run("decide"):
+                acts, self.policy_state = self.policy(snap, self._tree, self.policy_state)
+                actions = tuple(acts)
+                decided = True
         advisory = self.mode == "advisory"
-        status = self.policy_state.nodes.as_dict()
-        for action in actions:
-            node = action.node_id
-            readings: dict[str, float | None] = {}
-            if node in status:
-                readings = {
-                    "measured_w": snap.node_power_w.get(node),
-                    "load_w": float(status[node]["load_w"]),
-                    "envelope_w": float(status[node]["envelope_w"]),
-                    "margin_w": float(status[node]["margin_w"]),
-                }
-            event = self.audit.record_action(
-                action, self._tree, now_s=wall, readings=readings, advisory=advisory
-            )
-            self.metrics.count_action(event.kind)
-            if self.on_action is not None:
-                self.on_action(action)
-            if isinstance(action, SetCap):
-                self._note_cap(action, wall)
-        if not advisory:
-            self._leased_w = self._probe_leases(self.policy_state.target_w)
-        else:
-            self._leased_w = self._gpu_default_w
-        self._send_leases(self._leased_w)
+        with ph.run("act"):
+            status = self.policy_state.nodes.as_dict() if actions and self.policy_state else {}
+            for action in actions:
+                with ph.run("act", "action"):  # one action failing to audit skips no other
+                    self._act(action, snap, status, wall, advisory=advisory)
+        leased = False
+        with ph.run("lease"):
+            if decided:
+                assert self.policy_state is not None
+                self._leased_w = (
+                    self._gpu_default_w
+                    if advisory
+                    else self._probe_leases(self.policy_state.target_w)
+                )
+                leased = self._send_leases(self._leased_w)
         self._last_cycle_wall_s = wall
-        self._publish(snap, now_s, wall)
-        return snap
+        out = _Outputs()
+        if decided and snap is not None:
+            with ph.run("publish"):
+                out = self._publish(snap, now_s, wall)
+        return CycleResult(
+            now_s=now_s,
+            wall_s=wall,
+            mode=self.mode,
+            snapshot=snap,
+            actions=actions if decided else (),
+            drains=tuple(drains),
+            leased=leased,
+            nodes=MappingProxyType(dict(self._live)),
+            alarms=out.alarms,
+            raised=out.raised,
+            notices=tuple(self._take_notices()),
+            cleared=out.cleared,
+            telemetry=out.telemetry,
+            points=out.points,
+            failed_phases=tuple(ph.failed),
+        )
+
+    def _act(
+        self,
+        action: Action,
+        snap: Snapshot | None,
+        status: Mapping[str, Mapping[str, float | str]],
+        wall: float,
+        *,
+        advisory: bool,
+    ) -> None:
+        """Audit and count one action, and note a cap in force (for /v1/caps)."""
+        assert snap is not None
+        node = action.node_id
+        readings: dict[str, float | None] = {}
+        if node in status:
+            readings = {
+                "measured_w": snap.node_power_w.get(node),
+                "load_w": float(status[node]["load_w"]),
+                "envelope_w": float(status[node]["envelope_w"]),
+                "margin_w": float(status[node]["margin_w"]),
+            }
+        event = self.audit.record_action(
+            action, self._tree, now_s=wall, readings=readings, advisory=advisory
+        )
+        self.metrics.count_action(event.kind)
+        if isinstance(action, SetCap):
+            self._note_cap(action, wall)
+
+    def notify(self, alarm: Alarm) -> None:
+        """A one-off alarm from an integration (an escalation's outcome): it goes out with
+        the next cycle's result (``raised``), not into the alarms in force."""
+        self._notices.append(alarm)
+
+    def _take_notices(self) -> list[Alarm]:
+        taken, self._notices = self._notices, []
+        return taken
 
     # -- nodes that ignore their caps (policy/conformance.py) --------------------------------
 
-    def _check_conformance(self, snap: Snapshot, now_s: float, wall: float) -> Snapshot:
+    def _check_conformance(
+        self, snap: Snapshot, now_s: float, wall: float, drains: list[Drain]
+    ) -> Snapshot:
         """Judge every GPU server against what we leased it; the snapshot names those that
         do not obey (``uncappable``), and each newly flagged one is audited and drained."""
         silent = {self.agents[a].node_id for a in self.lost_agents(now_s)}
@@ -505,7 +587,7 @@ class Controller:
         )
         self._leased_w = None  # folded in
         for nid in verdict.raised:
-            self._act_on_uncappable(nid, verdict.evidence[nid], wall)
+            self._act_on_uncappable(nid, verdict.evidence[nid], wall, drains)
         for nid in verdict.cleared:
             log.warning("%s obeys its caps again: planned at its caps from now on", nid)
             self.audit.record(
@@ -520,17 +602,17 @@ class Controller:
             return snap
         return dataclasses.replace(snap, uncappable=verdict.flagged)
 
-    def _act_on_uncappable(self, nid: str, ev: Evidence, wall: float) -> None:
+    def _act_on_uncappable(self, nid: str, ev: Evidence, wall: float, drains: list[Drain]) -> None:
         reason = (
             f"{nid}: {ev.source} reads {ev.seen_w:.0f} W, its leased caps and baseline allow"
             f" {ev.allowed_w:.0f} W: counted at its maximum, its rack neighbours capped instead"
         )
         if self.mode != "enforce":
             done = "advisory: not drained"
-        elif self.on_drain is None:
+        elif not self.can_drain:
             done = "no scheduler configured: cannot drain it"
         else:
-            self.on_drain(nid, reason)
+            drains.append(Drain(nid, reason))  # the scheduler integration carries it out
             done = "drain requested through the scheduler"
         text = f"{reason}; {done}; {out_of_band_text(nid)}"
         log.error("node ignores its caps: %s", text)
@@ -588,9 +670,9 @@ class Controller:
             action.limit_w, wall, action.reason, action.node_id, action.job_id, action.gpus
         )
 
-    def _send_leases(self, target_w: np.ndarray) -> None:
+    def _send_leases(self, target_w: np.ndarray) -> bool:
         if self.link is None or self.stopping:
-            return
+            return False
         seq = self.lease_seq.next()
         lease_s = self.site.policy.lease_s
         for info in self.agents.values():
@@ -599,10 +681,11 @@ class Controller:
             }
             lease = Lease.issue(self.controller_id, seq, caps, lease_s, agent_id=info.agent_id)
             self.link.send_lease(info.agent_id, lease)
+        return True
 
     # -- publishing -------------------------------------------------------------------------
 
-    def _publish(self, snap: Snapshot, now_s: float, wall: float) -> None:
+    def _publish(self, snap: Snapshot, now_s: float, wall: float) -> _Outputs:
         assert self.policy_state is not None
         status = self.policy_state.nodes
         target = self.policy_state.target_w
@@ -648,8 +731,8 @@ class Controller:
         self._live = live
         # Start-up is not a violation: before the meters and agents have reported, every
         # node sits at its worst case, so neither alarms nor violation counts are raised.
-        settled = self._update_alarms(node_alarm_list, now_s, wall)
-        self.telemetry_frames = [
+        settled, alarms, raised, cleared = self._update_alarms(node_alarm_list, now_s, wall)
+        telemetry = tuple(
             NodeTelemetry(
                 node=nid,
                 power_w=lv.power_w if lv.power_w is not None else math.nan,
@@ -660,15 +743,17 @@ class Controller:
             )
             for k, nid in enumerate(status.node_ids)
             if (lv := live[nid]) is not None
-        ]
+        )
         if settled:
             self.metrics.count_violations(
                 nid
                 for k, nid in enumerate(status.node_ids)
                 if status.load_w[k] > status.envelope_w[k]
             )
-        if self.on_points is not None:
-            self.on_points(self._cycle_points(snap, est, now_s, wall, count_violations=settled))
+        points: tuple[Point, ...] = ()
+        if self.build_points:
+            points = tuple(self._cycle_points(snap, est, now_s, wall, count_violations=settled))
+        return _Outputs(alarms, raised, cleared, telemetry, points)
 
     def _cycle_points(
         self,
@@ -726,13 +811,15 @@ class Controller:
             return False
         return bool(stale_devices) or len(self._agent_seen_s) < len(self.agents)
 
-    def _update_alarms(self, node_list: Iterable[Alarm], now_s: float, wall: float) -> bool:
+    def _update_alarms(
+        self, node_list: Iterable[Alarm], now_s: float, wall: float
+    ) -> tuple[bool, tuple[Alarm, ...], tuple[Alarm, ...], tuple[str, ...]]:
         """Raise and clear this cycle's alarms; False (nothing raised) while settling."""
         stale: list[str] = []
         if self.device_health is not None:
             stale = [d for d, (is_stale, _) in self.device_health().items() if is_stale]
         if self._settling(now_s, stale):
-            return False
+            return False, (), (), ()
         current: dict[str, Alarm] = {a.alarm_id: a for a in node_list}
         current.update({a.alarm_id: a for a in device_alarms(stale, wall)})
         current.update(
@@ -749,15 +836,12 @@ class Controller:
         current.update({a.alarm_id: a for a in self._uncappable_alarms(wall)})
         for source in self.alarm_sources:
             current.update({a.alarm_id: a for a in source(wall)})
-        for aid, alarm in current.items():
-            if aid not in self._alarms:
-                self.audit.record(f"alarm:{alarm.kind}", alarm.message, now_s=wall, node=alarm.node)
-            if self.on_alarm_raise is not None:
-                self.on_alarm_raise(alarm)
-        for aid in set(self._alarms) - set(current):
-            self.audit.record("alarm_cleared", f"{aid} cleared", now_s=wall)
-            if self.on_alarm_clear is not None:
-                self.on_alarm_clear(aid)
+        raised = tuple(a for aid, a in current.items() if aid not in self._alarms)
+        cleared = tuple(sorted(set(self._alarms) - set(current)))
         self._alarms = current
         self.metrics.set_alarms(current.values())
-        return True
+        for alarm in raised:
+            self.audit.record(f"alarm:{alarm.kind}", alarm.message, now_s=wall, node=alarm.node)
+        for aid in cleared:
+            self.audit.record("alarm_cleared", f"{aid} cleared", now_s=wall)
+        return True, tuple(current.values()), raised, cleared

@@ -93,6 +93,21 @@ class Metrics:
             buckets=_CYCLE_BUCKETS_S,
             registry=r,
         )
+        # Per phase (controller/core/phases.py): which part of a slow cycle was slow, and
+        # which part failed (the cycle goes on past a failed phase; this says it did).
+        self.cycle_phase = Histogram(
+            "rackpower_cycle_phase_seconds",
+            "Time for one phase of a control cycle (read, decide, act, lease, publish, deliver).",
+            ["phase"],
+            buckets=_CYCLE_BUCKETS_S,
+            registry=r,
+        )
+        self.cycle_phase_failures = Counter(
+            "rackpower_cycle_phase_failures",
+            "Control cycle phases that raised (counted, logged; the cycle went on).",
+            ["phase"],
+            registry=r,
+        )
         self.cycle_overruns = Counter(
             "rackpower_cycle_overruns", "Cycles that missed their deadline.", registry=r
         )
@@ -186,6 +201,12 @@ class Metrics:
             self.cycle_cpu.observe(cpu_s)
         if overrun:
             self.cycle_overruns.inc()
+
+    def observe_phase(self, phase: str, duration_s: float) -> None:
+        self.cycle_phase.labels(phase).observe(duration_s)
+
+    def count_phase_failure(self, phase: str) -> None:
+        self.cycle_phase_failures.labels(phase).inc()
 
     def count_action(self, kind: str, n: int = 1) -> None:
         self.actions.labels(kind).inc(n)

@@ -26,6 +26,7 @@ from controller.core.audit import AuditLog
 from controller.core.controller import Controller
 from controller.core.cycle import CycleStats, run_cycle, wait_or_stop
 from controller.core.setpoints import Command, ModeSwitch
+from controller.core.view import NodeTelemetry
 from controller.integrations.bms.bridge import BmsLink
 from controller.model.config import MqttConfig
 from controller.model.loader import parse_site
@@ -103,11 +104,12 @@ async def test_flood_of_commands_does_not_slow_the_cycle(
             f"command:{cmd.type}", f"BMS command {cmd.command_id} accepted", now_s=time.time()
         )
 
+    frames: list[tuple[NodeTelemetry, ...]] = []  # the latest cycle's, as the service keeps
     cfg = MqttConfig(url=mosquitto.url, telemetry_period_s=0.5)
     link = BmsLink(
         cfg,
         controller.tree,
-        telemetry=lambda: controller.telemetry_frames,
+        telemetry=lambda: frames[-1] if frames else (),
         on_command=on_command,
         overrides=controller.overrides,
         backoff=Backoff(initial_s=0.05, max_s=0.5),
@@ -116,7 +118,7 @@ async def test_flood_of_commands_does_not_slow_the_cycle(
 
     async def body(now_s: float) -> None:
         t0, c0 = time.perf_counter(), time.thread_time()
-        controller.run_cycle(now_s)
+        frames[:] = [controller.run_cycle(now_s).telemetry]
         timing.duration_s.setdefault(timing.phase, []).append(time.perf_counter() - t0)
         timing.cpu_s.setdefault(timing.phase, []).append(time.thread_time() - c0)
 

@@ -23,8 +23,7 @@ from controller.agent.agent_config import parse_agent_config
 from controller.agent.node_agent import NodeAgent
 from controller.agentlink.transport import InProcessLink
 from controller.core.controller import Controller
-from controller.integrations.scheduler.attach import attach_scheduler
-from controller.integrations.scheduler.runner import SchedulerLink
+from controller.integrations.scheduler.attach import SchedulerIntegration, attach_scheduler
 from controller.integrations.scheduler.simulated import SimulatedScheduler
 from controller.model.config import SchedulerConfig
 from controller.model.loader import parse_site
@@ -79,7 +78,7 @@ class Rig:
     raised: dict[str, Any]
     rack_w: list[float]
     scheduler: SimulatedScheduler
-    link: SchedulerLink
+    link: SchedulerIntegration
 
     def rack_power_w(self, rack: str = "rack-1") -> float:
         """What the rack's PDU serves now (the plant's input power at the rack)."""
@@ -107,12 +106,16 @@ class Rig:
                 ),
             ]
             self.controller.accept_readings(readings)
-            self.controller.run_cycle(now)
+            result = self.controller.run_cycle(now)
+            self.link.publish(result)  # what the service does with each cycle's result
+            self.raised.update({a.alarm_id: a for a in (*result.alarms, *result.notices)})
+            for aid in result.cleared:
+                self.raised.pop(aid, None)
             self.rack_w.append(self.rack_power_w())
             # Leases reach the agents and telemetry comes back; the controller's clock is
             # real time, so the cycle keeps its real period (the plant steps as much).
             await asyncio.sleep(max(0.12, now + CYCLE_S - time.monotonic()))
-            await self.link.drain_queue()  # what the link's own task does in the daemon
+            await self.link.link.drain_queue()  # what the link's own task does in the daemon
 
     def uncappable(self) -> list[str]:
         return sorted(k for k in self.raised if k.startswith("node_uncappable:"))
@@ -129,8 +132,6 @@ async def rig() -> AsyncIterator[Rig]:
     controller = Controller(site, link=hub.controller(), controller_id="ctl")
     controller._startup_grace_s = 0.0
     raised: dict[str, Any] = {}
-    controller.on_alarm_raise = lambda a: raised.__setitem__(a.alarm_id, a)
-    controller.on_alarm_clear = lambda aid: raised.pop(aid, None)
     agents: dict[str, NodeAgent] = {}
     tasks: dict[str, asyncio.Task[None]] = {}
     for info in controller.agents.values():
@@ -148,7 +149,7 @@ async def rig() -> AsyncIterator[Rig]:
     reader = asyncio.create_task(read_telemetry())
     scheduler = SimulatedScheduler(sim.scheduler, clock=lambda: sim.t_s)
     link = attach_scheduler(controller, scheduler, SchedulerConfig(kind="sim"))
-    assert await link.refresh()
+    assert await link.link.refresh()
     sim.step(5)  # jobs placed and ramped
     yield Rig(sim, controller, hub, agents, tasks, raised, [], scheduler, link)
     for a in agents.values():

@@ -239,13 +239,12 @@ async def run_controller_into(vm: VictoriaMetrics) -> tuple[Controller, list[int
         writer.submit([*pts, tsdb_point(SITE, writer.stats(), ts_ns=ts)])
         submitted += len(pts) + 1
 
-    ctl.on_points = sink
     async with writer:
         for _ in range(N_CYCLES):
             feed_inputs(ctl, clock, {"rack-1": 3900.0, "rack-2": 900.0})
             cycle_ms.append(round(clock.wall_s * 1e9) // 1_000_000)
             started = time.monotonic()
-            ctl.run_cycle(clock.mono_s)
+            sink(ctl.run_cycle(clock.mono_s).points)
             ctl.cycle_stats.record(time.monotonic() - started)
             clock.step()
             await asyncio.sleep(0)

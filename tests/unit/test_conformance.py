@@ -248,7 +248,7 @@ def test_the_daemon_drains_a_flagged_node_once_and_only_when_enforcing(mode: str
     ctl = Controller(site, controller_id="ctl", mode=mode)  # type: ignore[arg-type]
     ctl._startup_grace_s = 0.0
     drains: list[tuple[str, str]] = []
-    ctl.on_drain = lambda node, reason: drains.append((node, reason))
+    ctl.can_drain = True  # a scheduler is configured; drains come out in the result
     t0 = 1000.0
     leased = np.full(len(ctl.tree.gpus), 500.0)
     for k in range(30):
@@ -262,7 +262,7 @@ def test_the_daemon_drains_a_flagged_node_once_and_only_when_enforcing(mode: str
             [Reading(f"pdu-{r[-1]}", "power_w", w, "W", now, now) for r, w in rack_w.items()]
             + [Reading("sst-meter", "input_power_w", sum(rack_w.values()), "W", now, now)]
         )
-        ctl.run_cycle(now)
+        drains.extend((d.node_id, d.reason) for d in ctl.run_cycle(now).drains)
         assert ctl._leased_w is not None
         leased = np.array(ctl._leased_w)
     events = [e for e in ctl.audit.recent(limit=500) if e.kind == "node_uncappable"]

@@ -220,14 +220,11 @@ def test_first_cycle_point_claims_no_duration() -> None:
     yet and used to write 0 s, a duration no cycle took (found reading the TSDB back)."""
     site = site_with_agents(rack_envelope_w=3000.0)
     controller = Controller(site, controller_id="ctl")
-    written: list[Any] = []
-    controller.on_points = written.extend
-    controller.run_cycle(time.monotonic())
+    written: list[Any] = list(controller.run_cycle(time.monotonic()).points)
     first = next(p for p in written if p.measurement == "rackpower_cycle")
     assert "duration_s" not in first.fields and first.fields["overruns"] == 0
     controller.cycle_stats.record(0.004)
-    written.clear()
-    controller.run_cycle(time.monotonic())
+    written = list(controller.run_cycle(time.monotonic()).points)
     later = next(p for p in written if p.measurement == "rackpower_cycle")
     assert later.fields["duration_s"] == 0.004
 
@@ -241,14 +238,14 @@ def test_no_alarm_storm_while_meters_and_agents_make_their_first_report() -> Non
     site = site_with_agents(rack_envelope_w=3000.0)
     controller = Controller(site, controller_id="ctl")
     raised: list[str] = []
-    controller.on_alarm_raise = lambda a: raised.append(a.alarm_id)
     controller.device_health = lambda: {"sst-meter": (True, None), "pdu-1": (True, None)}
     t0 = 1000.0
-    controller.run_cycle(t0)
-    controller.run_cycle(t0 + 0.5)
+    for now in (t0, t0 + 0.5):
+        raised.extend(a.alarm_id for a in controller.run_cycle(now).alarms)
     assert raised == []
     assert not [e for e in controller.audit.recent(limit=50) if e.kind.startswith("alarm:")]
-    controller.run_cycle(t0 + controller._startup_grace_s + 0.1)
+    result = controller.run_cycle(t0 + controller._startup_grace_s + 0.1)
+    raised.extend(a.alarm_id for a in result.alarms)
     assert "device_stale:sst-meter" in raised and "agent_lost:agent-rack-1-n1" in raised
 
 
@@ -260,7 +257,6 @@ async def test_reload_keeps_what_the_agents_said_and_the_alarms_it_must_clear(ri
     ctl = rig.controller
     ctl._startup_grace_s = 0.0
     cleared: list[str] = []
-    ctl.on_alarm_clear = cleared.append
     await cycles(rig, 4, {"rack-1": 4240.0, "rack-2": 1200.0})
     assert "envelope_exceeded:rack-1" in ctl._alarms
     now = time.monotonic()
@@ -271,6 +267,6 @@ async def test_reload_keeps_what_the_agents_said_and_the_alarms_it_must_clear(ri
     assert np.array_equal(after.gpu_power_w, before)
     assert ctl.lost_agents(now) == []
     rig.meter({"rack-1": 4240.0, "rack-2": 1200.0}, now)
-    ctl.run_cycle(now)
+    cleared.extend(ctl.run_cycle(now).cleared)
     assert "envelope_exceeded:rack-1" in cleared
     assert not any(a.startswith("agent_lost") for a in ctl._alarms)

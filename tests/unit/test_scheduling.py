@@ -115,7 +115,6 @@ def overloaded(controller: Controller, now: float) -> None:
 async def test_sustained_overload_requeues_one_low_job_drains_and_alarms() -> None:
     controller = Controller(site_with_agents(), controller_id="ctl")
     alarms: list[Alarm] = []
-    controller.on_alarm_raise = alarms.append
     jobs = [
         SchedJob("train", ("rack-1-n1",), ("high",), requeueable=True),
         SchedJob("batch", ("rack-1-n2",), ("low",), requeueable=True),
@@ -123,7 +122,7 @@ async def test_sustained_overload_requeues_one_low_job_drains_and_alarms() -> No
     ]
     sched = MemoryScheduler(jobs)
     link = attach_scheduler(controller, sched, CFG)
-    task = asyncio.create_task(link.run())
+    task = asyncio.create_task(link.run(asyncio.Event()))
     try:
         await asyncio.sleep(0.2)  # first poll
         assert controller.jobs_provider is not None  # attach_scheduler set it
@@ -132,11 +131,15 @@ async def test_sustained_overload_requeues_one_low_job_drains_and_alarms() -> No
         for k in range(400):  # sustained: past the escalation's min_interval_s (120 s)
             now = t0 + k * 0.5
             overloaded(controller, now)
-            controller.run_cycle(now)
+            result = controller.run_cycle(now)
+            link.publish(result)  # what the service does with each cycle's result
+            alarms.extend([*result.alarms, *result.notices])
             await asyncio.sleep(0)
             if ("requeue", "batch") in sched.calls:
                 break
         await asyncio.sleep(0.3)
+        # The escalation's outcome goes out with the next cycle's result.
+        alarms.extend(controller.run_cycle(now + 0.5).notices)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -161,7 +164,7 @@ async def test_unreachable_scheduler_falls_back_and_alarms() -> None:
     sched.down = True
     cfg = CFG.model_copy(update={"stale_after_s": 0.1})
     link = attach_scheduler(controller, sched, cfg)
-    task = asyncio.create_task(link.run())
+    task = asyncio.create_task(link.run(asyncio.Event()))
     try:
         await asyncio.sleep(0.4)
         assert controller.jobs_provider is not None  # attach_scheduler set it

@@ -35,10 +35,9 @@ def test_each_gpu_once_per_period_and_never_all_in_one_cycle() -> None:
     every = detail_every(0.5)
     assert every == 10
     per_cycle: list[list[Point]] = []
-    ctl.on_points = lambda points: per_cycle.append(list(points))
     t0 = 1000.0
     for k in range(2 * every):
-        ctl.run_cycle(t0 + k * 0.5)
+        per_cycle.append(list(ctl.run_cycle(t0 + k * 0.5).points))
     gpu_cycles: dict[tuple[str, str], list[int]] = collections.defaultdict(list)
     for k, points in enumerate(per_cycle):
         for p in points:
@@ -62,9 +61,8 @@ def test_violations_are_counted_alike_in_the_tsdb_and_on_metrics() -> None:
     ctl = Controller(parse_site(tiny_site()), controller_id="ctl")
     ctl._startup_grace_s = 0.0  # silence is a fault from the first cycle
     written: list[Point] = []
-    ctl.on_points = written.extend
     for k in range(5):
-        ctl.run_cycle(1000.0 + k * 0.5)
+        written.extend(ctl.run_cycle(1000.0 + k * 0.5).points)
     rack1 = [p for p in written if p.measurement == "rackpower_node" and p.tags["node"] == "rack-1"]
     assert [p.fields["violations"] for p in rack1] == [1.0, 2.0, 3.0, 4.0, 5.0]
     assert all(p.fields["over_envelope"] == 1.0 for p in rack1)
@@ -83,9 +81,8 @@ def test_start_up_is_not_counted_as_a_violation() -> None:
     # As the poll group reports it before any meter has answered: every device stale.
     ctl.device_health = lambda: {d.id: (True, None) for d in site.devices}
     written: list[Point] = []
-    ctl.on_points = written.extend
     for k in range(4):
-        ctl.run_cycle(1000.0 + k * 0.5)
+        written.extend(ctl.run_cycle(1000.0 + k * 0.5).points)
     rack1 = [p for p in written if p.measurement == "rackpower_node" and p.tags["node"] == "rack-1"]
     assert [p.fields["over_envelope"] for p in rack1] == [1.0] * 4  # the worst case shows
     assert [p.fields["violations"] for p in rack1] == [0.0] * 4  # but is not counted

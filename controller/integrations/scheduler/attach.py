@@ -10,26 +10,54 @@ raises an alarm and the policy falls back to grouping GPUs by server.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from controller.core.alarms import Alarm, AlarmKind
 from controller.core.audit import CAP, action_kind
 from controller.core.controller import Controller
+from controller.core.result import CycleResult
 from controller.integrations.scheduler.base import SchedulerAdapter
 from controller.integrations.scheduler.factory import host_map
 from controller.integrations.scheduler.mapping import FALLBACK_PREFIX
 from controller.integrations.scheduler.runner import ActionResult, SchedulerLink
 from controller.model.config import SchedulerConfig
 from controller.policy import Action, SetCap
+from controller.support.retry import retry_forever
 
 log = logging.getLogger(__name__)
 
 
+class SchedulerIntegration:
+    """The scheduler link as an :class:`~controller.core.integration.Integration`: each
+    cycle's escalations and cap notes are queued on the link, its drains requested."""
+
+    name = "scheduler"
+
+    def __init__(self, link: SchedulerLink, on_action: Callable[[Action], None]) -> None:
+        self.link = link
+        self._on_action = on_action
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await retry_forever("scheduler", self.link.run, stop)
+
+    def publish(self, result: CycleResult) -> None:
+        for action in result.actions:
+            self._on_action(action)
+        for drain in result.drains:
+            self.link.drain_until_headroom(drain.node_id, drain.reason)
+
+    async def aclose(self) -> None:
+        return None  # the link's task ends with ``stop``
+
+
 def attach_scheduler(
     controller: Controller, adapter: SchedulerAdapter, cfg: SchedulerConfig
-) -> SchedulerLink:
-    """Wire ``adapter`` into ``controller``; the caller runs ``link.run()`` as a task."""
+) -> SchedulerIntegration:
+    """Wire ``adapter`` into ``controller`` (jobs and alarms in); the service runs the
+    returned integration and hands it each cycle's result (escalations and drains out)."""
 
     def headroom_w(node_id: str) -> float | None:
         state = controller.policy_state
@@ -51,8 +79,8 @@ def attach_scheduler(
             node=result.target if result.kind in ("drain", "resume") else None,
             details={"hosts": list(result.hosts)},
         )
-        if controller.on_alarm_raise is not None and result.kind in ("requeue", "migrate"):
-            controller.on_alarm_raise(
+        if result.kind in ("requeue", "migrate"):
+            controller.notify(
                 Alarm(
                     AlarmKind.ESCALATION,
                     result.target,
@@ -112,9 +140,8 @@ def attach_scheduler(
         ]
 
     controller.jobs_provider = link.jobs_for_policy
-    controller.on_action = on_action
     # A node that ignores its caps stays drained until an operator resumes it (its
     # headroom never "returns": a GPU server is not a constraint node).
-    controller.on_drain = link.drain_until_headroom
+    controller.can_drain = True
     controller.alarm_sources.append(scheduler_alarms)
-    return link
+    return SchedulerIntegration(link, on_action)
