@@ -221,6 +221,7 @@ class Controller:
         # longer hold (on the BMS they are retained until cleared).
         self._alarms: dict[str, Alarm] = getattr(self, "_alarms", {})
         self._last_cycle_wall_s: float | None = None
+        self._failed_phases: tuple[str, ...] = ()  # of the last cycle, for health
         self._gpu_stale_s = max((a.stale_s for a in self.agents.values()), default=3.0)
         # Until every meter and agent has had its stale limit to report, silence is not yet
         # a fault: no alarm is raised for it (caps still treat it as worst case).
@@ -279,6 +280,9 @@ class Controller:
         reasons: list[str] = []
         if late and self._last_cycle_wall_s is not None:
             reasons.append("control cycle is late")
+        if self._failed_phases:
+            # A failed read or decide sends no lease: the agents run out to failsafe.
+            reasons.append(f"last cycle's {', '.join(self._failed_phases)} phase failed")
         if lost:
             reasons.append(f"{len(lost)} of {len(self.agents)} agents lost: {_names(lost)}")
         if failsafe:
@@ -505,6 +509,7 @@ class Controller:
                 )
                 leased = self._send_leases(self._leased_w)
         self._last_cycle_wall_s = wall
+        self._failed_phases = tuple(dict.fromkeys(ph.failed))
         out = _Outputs()
         if decided and snap is not None:
             with ph.run("publish"):

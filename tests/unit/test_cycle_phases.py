@@ -120,6 +120,9 @@ async def test_a_failing_decide_sends_no_lease_and_publishes_no_garbage(
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(anext(aiter(side.leases())), 0.2)
     assert sample(ctl, "rackpower_cycle_phase_failures_total", {"phase": "decide"}) == 1.0
+    health = ctl.health()  # the failure shows where an operator looks, not only on /metrics
+    assert health.status == "degraded"
+    assert any("decide phase failed" in r for r in health.reasons)
 
 
 def test_every_phase_is_timed_on_metrics_after_a_cycle() -> None:
