@@ -357,9 +357,11 @@ class PriorityClass(Strict):
 
 
 class Margin(Strict):
-    """Safety margin learned from the worst rise seen within one actuation latency."""
+    """Safety margin for load no cap reaches, learned from the worst rise of the load the
+    GPUs and baselines do not explain within one actuation latency. The GPUs' own rises
+    need none: their caps bound them. ``min_fraction`` keeps a standing reserve."""
 
-    min_fraction: Annotated[float, Field(ge=0, le=0.5)] = 0.02
+    min_fraction: Annotated[float, Field(ge=0, le=0.5)] = 0.0
     max_fraction: Annotated[float, Field(ge=0, le=0.5)] = 0.15
     window_s: PosS = 600.0
     actuation_latency_s: PosS = 1.0

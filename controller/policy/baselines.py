@@ -14,7 +14,6 @@ They exist so the scenario benchmark compares against honest practice, not straw
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +23,7 @@ from controller.model.topology import PowerTree
 from .actions import cap_actions
 from .index import TreeIndex, tree_index
 from .jobs import JobIndex, build_job_index
-from .loads import effective_envelopes, estimate_loads, gpu_power_worst_case
+from .loads import effective_envelopes, estimate_loads, gpu_power_worst_case, nameplate_efficiency
 from .types import Action, FloatArray, PolicyState, Snapshot, frozen_array
 
 THREE_BAND_PERIOD_S = 3.0
@@ -72,7 +71,7 @@ def static_policy(
     jobs = _jobs(index, snapshot, tree, None if state is None else state.memory)
     envelope = effective_envelopes(index, snapshot.lost_sources, snapshot.envelope_override_w)
     count = np.maximum(index.stop - index.start, 1)
-    share = (envelope * _chain_efficiency(index) - index.base_w) / count
+    share = (envelope * nameplate_efficiency(index) - index.base_w) / count
     caps = np.full(index.n_gpus, np.inf)
     for level in index.levels:
         covered = level.seg_of_gpu >= 0
@@ -95,39 +94,6 @@ def static_policy(
         target_w=frozen_array(caps),
         memory=_BaselineMemory(jobs=jobs),
     )
-
-
-_CHAIN: weakref.WeakKeyDictionary[TreeIndex, FloatArray] = weakref.WeakKeyDictionary()
-
-
-def _chain_efficiency(index: TreeIndex) -> FloatArray:
-    """Per node: what reaches the servers of a watt at its input, from the config's curves.
-
-    A static cap is worked out once from nameplate data: an envelope is measured at the
-    node's input (the PDU, the shelf input), so the GPUs' share is what is left after
-    each converter on the way down, taken at the envelope's load and, where children
-    differ, at the least efficient child. Without curves in the config it is 1.
-    """
-    cached = _CHAIN.get(index)
-    if cached is not None:
-        return cached
-    tree = index.tree
-    own = np.ones(index.n_nodes)
-    for k, nid in enumerate(index.node_ids):
-        curve = tree.node(nid).efficiency
-        if curve is not None:
-            xp = [x for x, _ in curve.points]
-            fp = [e for _, e in curve.points]
-            own[k] = float(np.interp(index.envelope_w[k] / index.rating_w[k], xp, fp))
-    chain = own.copy()
-    worst_child = np.full(index.n_nodes, np.inf)  # inf: no constraint node below
-    for k in range(index.n_nodes - 1, -1, -1):  # children come after their parents
-        chain[k] = own[k] * (worst_child[k] if np.isfinite(worst_child[k]) else 1.0)
-        p = int(index.parent[k])
-        if p >= 0:
-            worst_child[p] = min(worst_child[p], chain[k])
-    _CHAIN[index] = chain
-    return chain
 
 
 def three_band_policy(

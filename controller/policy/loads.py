@@ -7,6 +7,7 @@ went silent counts as the node's rating, the worst case a breaker could see.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -140,3 +141,36 @@ def reservations(index: TreeIndex, reservations_w: Mapping[str, float]) -> Float
             out[k] += float(value)
             k = int(index.parent[k])
     return out
+
+
+_CHAIN: weakref.WeakKeyDictionary[TreeIndex, FloatArray] = weakref.WeakKeyDictionary()
+
+
+def nameplate_efficiency(index: TreeIndex) -> FloatArray:
+    """Per node: what reaches the servers of a watt at its input, from the config's curves.
+
+    A static cap is worked out once from nameplate data: an envelope is measured at the
+    node's input (the PDU, the shelf input), so the GPUs' share is what is left after
+    each converter on the way down, taken at the envelope's load and, where children
+    differ, at the least efficient child. Without curves in the config it is 1.
+    """
+    cached = _CHAIN.get(index)
+    if cached is not None:
+        return cached
+    tree = index.tree
+    own = np.ones(index.n_nodes)
+    for k, nid in enumerate(index.node_ids):
+        curve = tree.node(nid).efficiency
+        if curve is not None:
+            xp = [x for x, _ in curve.points]
+            fp = [e for _, e in curve.points]
+            own[k] = float(np.interp(index.envelope_w[k] / index.rating_w[k], xp, fp))
+    chain = own.copy()
+    worst_child = np.full(index.n_nodes, np.inf)  # inf: no constraint node below
+    for k in range(index.n_nodes - 1, -1, -1):  # children come after their parents
+        chain[k] = own[k] * (worst_child[k] if np.isfinite(worst_child[k]) else 1.0)
+        p = int(index.parent[k])
+        if p >= 0:
+            worst_child[p] = min(worst_child[p], chain[k])
+    _CHAIN[index] = chain
+    return chain

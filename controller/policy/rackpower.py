@@ -24,13 +24,15 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import numpy as np
+import numpy.typing as npt
 
 from controller.model.config import TripCurve
 from controller.model.topology import PowerTree
 
 from .actions import cap_actions
-from .bands import NodeBands, covered, move_caps, node_bands
+from .bands import covered
 from .budget import Allocation, GpuTerms, allocate, class_spacing
+from .capsum import ExposureMemory, after_commands, exposure_now, fit_lowers, gate_raises
 from .escalation import EscalationInputs, escalate, integrate_trip
 from .index import TreeIndex, tree_index
 from .jobs import JobIndex, build_job_index, job_min
@@ -40,24 +42,28 @@ from .loads import (
     effective_envelopes,
     estimate_loads,
     gpu_power_worst_case,
+    nameplate_efficiency,
     reservations,
 )
 from .margin import MarginMemory, update_margin
-from .startup import StartupMemory, startup_pending, unwarned_idle
+from .startup import StartupMemory, startup_pending
 from .types import Action, FloatArray, NodeStatus, PolicyState, Snapshot, frozen_array
 from .window import WindowMax
 
 DEMAND_HOLD_S = 10.0  # longer than the slowest training iteration (5 s)
 DEMAND_BUCKETS = 5
-ASYNC_HOLD_S = 6.0  # asynchronous GPUs (inference replicas, no job): recent level only
-ASYNC_BUCKETS = 2
+ASYNC_HOLD_S = 60.0  # asynchronous GPUs (inference replicas, no job): their recent bursts
+ASYNC_BUCKETS = 6
 UNATTRIBUTED_HOLD_S = 10.0  # unexplained power is believed only once it persists this long
 BOUND_FRACTION = 0.03  # a GPU within 3 % (+2 W) of its enforced limit is held by it
 BOUND_W = 2.0
 LOSS_SMOOTHING = 0.2  # EMA weight of this cycle's measured/attributed ratio
 LOSS_RATIO_MAX = 1.5
 MAX_DT_S = 60.0
+HEADROOM_FRACTION = 0.05  # of a GPU's max, above its demand, before slack moves elsewhere
+DEADBAND_FRACTION = 0.02  # of a GPU's max: smaller moves are not worth an actuation
 SETTLE_S = 10.0  # an allocation above a cap this long is closed even below the deadband
+SETTLE_FRACTION = 0.005  # ... if at least this much of the GPU's max
 SETTLE_BUCKETS = 5
 
 
@@ -77,6 +83,7 @@ class Memory:
     pending: Mapping[str, float] = field(default_factory=dict)
     jobs: JobIndex | None = None
     startup: StartupMemory | None = None
+    exposure: ExposureMemory | None = None
     gap: WindowMax | None = None  # of cap minus allocation: a sliding minimum of the gap
     started_s: float = 0.0
 
@@ -84,6 +91,7 @@ class Memory:
 def _fresh_memory(index: TreeIndex, tree: PowerTree, now_s: float) -> Memory:
     n = index.n_nodes
     return Memory(
+        exposure=ExposureMemory.unknown(index.gpu_max_w),
         started_s=now_s,
         demand=WindowMax.empty(index.n_gpus, DEMAND_HOLD_S, DEMAND_BUCKETS),
         demand_async=WindowMax.empty(index.n_gpus, ASYNC_HOLD_S, ASYNC_BUCKETS),
@@ -149,12 +157,10 @@ def decide(
     # A synchronous job that has not ramped yet is planned at its maximum (startup.py).
     starting, startup_mem = startup_pending(memory.startup, jobs, now, wanted, max_w)
     demand = np.where(starting, max_w, demand)
-    # An idle GPU in no job can step to its maximum unwarned (startup.py): planned at its
-    # maximum, one class below all others, so it gets only what the running GPUs leave.
-    idle = unwarned_idle(jobs, demand, max_w)
-    demand = np.where(idle, max_w, demand)
-    n_classes = len(jobs.class_names) + int(idle.any())
-    rank = np.where(idle, len(jobs.class_names), jobs.gpu_rank)
+    # An idle GPU in no job may step to its maximum unwarned: its cap, which the cap sum
+    # counts in full, is what holds it; it gets more once it presses against it.
+    n_classes = len(jobs.class_names)
+    rank = jobs.gpu_rank
 
     # 2. loads, losses, envelopes, margin
     loads = estimate_loads(index, snapshot, power, stale_gpu)
@@ -162,6 +168,9 @@ def decide(
     rating = index.effective_rating_w(snapshot.lost_sources)
     reserved = reservations(index, snapshot.reservations_w)
     ratio = _loss_ratio(memory.loss_ratio, loads)
+    # Caps are budgeted for the moment every GPU draws its cap: losses then are what the
+    # nameplate curves give at the envelope, if that is more than the ratio seen now.
+    plan_ratio = np.maximum(ratio, 1.0 / nameplate_efficiency(index))
     # Power the GPUs and baselines do not explain counts as non-cappable. A silent meter
     # reads as its rating for the estimate, headroom and bands, but its unexplained part
     # stays at the last fresh value: otherwise every watt the caps take off would reappear
@@ -177,47 +186,64 @@ def decide(
     unattributed = np.where(
         loads.stale_below | ~np.isfinite(low), memory.unattributed_w, np.minimum(low, raw)
     )
+    # The margin is for what no cap reaches: the worst rise of the unexplained load.
     margin, margin_mem = update_margin(
-        memory.margin, now, loads.load_w, ~loads.stale_below, envelope, cfg.margin
+        memory.margin, now, unattributed, ~loads.stale_below, envelope, cfg.margin
     )
 
-    # 3. bands and budgets (node currency), then in GPU watts
+    # 3. cap-sum budgets (capsum.py): what the caps under each node may add up to, in
+    # GPU watts, after losses, baselines, unexplained load, reservations and a margin
+    # for the unexplained part only (the GPUs' part is bounded by their caps).
     fixed = ratio * index.base_w + unattributed + reserved
-    use_now = index.seg_sum(np.minimum(prev, demand))
-    caps_now = index.seg_sum(prev)
-    plan = ratio * use_now + fixed
-    margin_plan = np.minimum(ratio * caps_now, ratio * use_now + margin) + fixed
-    bands = node_bands(cfg.bands, envelope, loads.load_w, plan, margin_plan)
-    a1 = (bands.band_budget_w - fixed) / ratio
-    a2 = (bands.margin_budget_w - fixed) / ratio
-    a3 = (bands.target_w - fixed) / ratio
-    margin_gpu = margin / ratio
+    budget = (envelope - fixed - margin) / plan_ratio
 
-    # 4. allocation
-    terms = GpuTerms(
+    # 4. allocation: first every GPU up to its demand plus a little headroom, higher
+    # classes first; then what is left to the GPUs furthest below an even level, whatever
+    # their class (a GPU below its demand has had it in the first pass): spare power is
+    # insurance against a rise we have not seen, and a GPU running far below an even
+    # share is the one a rise would clip. Where everything fits this is static's split.
+    # On a grid of HEADROOM_FRACTION steps, so a demand that wanders inside one step
+    # moves no cap.
+    step_w = HEADROOM_FRACTION * max_w
+    hi = np.minimum(np.maximum((np.floor(demand / step_w) + 2.0) * step_w, floor), max_w)
+    need = GpuTerms(
         shift=rank.astype(np.float64) * class_spacing(max_w),
         floor_w=floor,
-        max_w=max_w,
-        use_lo_w=np.minimum(floor, demand),
-        use_hi_w=demand,
+        max_w=hi,
+        use_lo_w=floor,
+        use_hi_w=hi,
     )
-    alloc = _allocate_jobwide(index, jobs, terms, (a1, a2, a3), margin_gpu, n_classes)
-    target = job_min(alloc.caps(terms), jobs)
+    first = _allocate_jobwide(index, jobs, need, budget, n_classes)
+    first_caps = job_min(first.caps(need), jobs)
+    spare = GpuTerms(
+        shift=np.zeros(index.n_gpus),
+        floor_w=first_caps,
+        max_w=max_w,
+        use_lo_w=first_caps,
+        use_hi_w=max_w,
+    )
+    second = _allocate_jobwide(index, jobs, spare, budget, 1)
+    target = job_min(second.caps(spare), jobs)
+    binding = np.where(first.binding >= 0, first.binding, second.binding)
+    constrained = index.seg_sum(hi) > budget + 1e-6
 
-    # 5. move caps by the band rules, then make sure no node ends above its budget
+    # 5. move caps: lowers at once (small ones only where a node needs them), raises
+    # only out of room the limits that may still be enforced leave (capsum.py).
     blocked = stale_gpu | covered(index, loads.stale_meter)
+    exposure = memory.exposure or ExposureMemory.unknown(max_w)
+    seen = exposure_now(exposure, snapshot.gpu_limit_w, prev, now)
+    deadband = DEADBAND_FRACTION * max_w
+    lowered = np.where(target < prev - deadband, target, prev)
+    lowered = fit_lowers(index, lowered, np.minimum(target, prev), budget)
+    # A gap below the deadband that persists is power left unused for good: close it.
     gap_mem = (memory.gap or WindowMax.empty(index.n_gpus, SETTLE_S, SETTLE_BUCKETS)).push(
         now, prev - target
     )
-    # Only under a node in its hold band: releasing ramps by its own rule, and the
-    # zero-sum hold is where a gap below the deadband would otherwise stay for good.
-    holding = ~bands.capping & ~bands.releasing
-    settled = (
-        (-gap_mem.maximum() > 0.0) & (now - memory.started_s >= SETTLE_S) & covered(index, holding)
-    )
-    new = move_caps(index, cfg.bands, bands, prev, target, floor, blocked, settled)
-    new = _enforce_budgets(index, new, target, demand, ratio, fixed, margin, bands)
-    new = job_min(new, jobs)
+    settled = (-gap_mem.maximum() >= SETTLE_FRACTION * max_w) & (now - memory.started_s >= SETTLE_S)
+    raise_to = np.where((target > prev + deadband) | settled, target, lowered)
+    new, waiting = gate_raises(index, lowered, raise_to, seen.exposure_w, budget, blocked)
+    new = job_min(np.minimum(np.maximum(np.floor(new), floor), max_w), jobs)
+    exposure_mem = after_commands(exposure, seen, prev, new, now)
 
     # 6. trip allowance and escalation
     curves = _curves(index, snapshot)
@@ -229,7 +255,7 @@ def decide(
             if k is not None:
                 trip_used[k] = float(used)
     headroom = envelope - loads.load_w - reserved
-    floor_load = ratio * (index.seg_sum(terms.use_lo_w) + index.base_w) + unattributed
+    floor_load = ratio * (index.seg_sum(np.minimum(floor, demand)) + index.base_w) + unattributed
     escalations, since, last, pending = escalate(
         index,
         jobs,
@@ -253,15 +279,10 @@ def decide(
 
     # 7. actions and state
     leaf = index.server_owner[index.gpu_server]
-    decider = np.where(alloc.binding >= 0, alloc.binding, leaf)
-    explain = _Explainer(index, loads, envelope, margin, bands, target)
-
-    def note(g: int) -> str:
-        return ", idle, so planned at their maximum" if idle[g] else ""
-
-    actions: list[Action] = list(
-        cap_actions(index, jobs, new, reference, decider, explain.reason, note)
-    )
+    decider = np.where(binding >= 0, binding, leaf)
+    mode = np.where(constrained, "cap", np.where(waiting, "release", "hold"))
+    explain = _Explainer(index, loads, envelope, margin, budget, ratio, new, mode)
+    actions: list[Action] = list(cap_actions(index, jobs, new, reference, decider, explain.reason))
     actions.extend(escalations)
     new_memory = Memory(
         demand=demand_mem,
@@ -276,6 +297,7 @@ def decide(
         pending=MappingProxyType(pending),
         jobs=jobs,
         startup=startup_mem,
+        exposure=exposure_mem,
         gap=gap_mem,
         started_s=memory.started_s,
     )
@@ -286,7 +308,7 @@ def decide(
         headroom_w=frozen_array(headroom),
         margin_w=frozen_array(margin),
         trip_used=frozen_array(trip_used),
-        mode=bands.mode(),
+        mode=tuple(str(m) for m in mode.tolist()),
     )
     new_state = PolicyState(
         tree_id=id(tree), now_s=now, target_w=frozen_array(new), nodes=status, memory=new_memory
@@ -318,57 +340,30 @@ def _loss_ratio(previous: FloatArray, loads: Loads) -> FloatArray:
 
 
 def _allocate_jobwide(
-    index: TreeIndex,
-    jobs: JobIndex,
-    terms: GpuTerms,
-    budgets: tuple[FloatArray, FloatArray, FloatArray],
-    margin_gpu: FloatArray,
-    n_classes: int,
+    index: TreeIndex, jobs: JobIndex, terms: GpuTerms, budget_w: FloatArray, n_classes: int
 ) -> Allocation:
-    """Water-fill, then again with each synchronous job held to its lowest level.
+    """Water-fill caps into the cap-sum budgets, then again with each synchronous job
+    held to its lowest level.
 
     A job that spans racks is held back by its tightest rack; the second pass hands what
     it cannot use in the other racks to their other jobs.
     """
-    a1, a2, a3 = budgets
-    alloc = allocate(index, terms, a1, a2, margin_gpu, n_classes=n_classes, a3_w=a3)
+    # Only the cap sum constrains (budget.py's aim branch): no plan, no margin term.
+    never = np.full(index.n_nodes, -np.inf)
+    zero = np.zeros(index.n_nodes)
+    alloc = allocate(index, terms, never, never, zero, n_classes=n_classes, a3_w=budget_w)
     jobwide = job_min(alloc.level, jobs)
     if not (jobwide < alloc.level).any():
         return alloc
     # Only the GPUs another part of their job holds back; the rest may now rise.
     held = np.where(jobwide < alloc.level, jobwide, np.inf)
     second = allocate(
-        index, terms, a1, a2, margin_gpu, level_cap=held, n_classes=n_classes, a3_w=a3
+        index, terms, never, never, zero, level_cap=held, n_classes=n_classes, a3_w=budget_w
     )
     binding = np.where(second.binding >= 0, second.binding, alloc.binding)
     return Allocation(
         level=job_min(second.level, jobs), binding=binding, infeasible=second.infeasible
     )
-
-
-def _enforce_budgets(
-    index: TreeIndex,
-    new: FloatArray,
-    target: FloatArray,
-    demand: FloatArray,
-    ratio: FloatArray,
-    fixed: FloatArray,
-    margin: FloatArray,
-    bands: NodeBands,
-) -> FloatArray:
-    """Where deadbands left a node above its budget, fall back to the allocation there."""
-    use = index.seg_sum(np.minimum(new, demand))
-    caps = index.seg_sum(new)
-    plan = ratio * use + fixed
-    margin_plan = np.minimum(ratio * caps, ratio * use + margin) + fixed
-    over = (plan > bands.band_budget_w + 1e-6) | (margin_plan > bands.margin_budget_w + 1e-6)
-    # Caps that alone fit the aim are inside whatever the demand does (budget.py).
-    over &= ratio * caps + fixed > bands.target_w + 1e-6
-    if not over.any():
-        return new
-    allocated = np.maximum(np.floor(target), np.minimum(target, new))
-    out: FloatArray = np.where(covered(index, over), np.minimum(new, allocated), new)
-    return out
 
 
 def _curves(index: TreeIndex, snapshot: Snapshot) -> list[TripCurve | None]:
@@ -384,36 +379,38 @@ class _Explainer:
         loads: Loads,
         envelope: FloatArray,
         margin: FloatArray,
-        bands: NodeBands,
-        target: FloatArray,
+        budget: FloatArray,
+        ratio: FloatArray,
+        caps: FloatArray,
+        mode: npt.NDArray[np.str_],
     ) -> None:
         self.index = index
         self.load = loads.load_w
         self.stale = loads.stale_meter
         self.envelope = envelope
         self.margin = margin
-        self.bands = bands
-        self.target = target
+        self.budget = budget
+        self.ratio = ratio
+        self.cap_sum = index.seg_sum(caps)
+        self.mode = mode
 
     def reason(self, k: int, label: str, old_w: float, new_w: float) -> str:
         if k < 0:
             return f"{label}: {_w(old_w)} -> {_w(new_w)}"
-        b = self.bands
         nid = self.index.node_ids[k]
         numbers = (
             f"load {_kw(self.load[k])}{' (meter silent: rating)' if self.stale[k] else ''},"
-            f" envelope {_kw(self.envelope[k])}, margin {_kw(self.margin[k])}"
+            f" envelope {_kw(self.envelope[k])}, margin {_kw(self.margin[k])},"
+            f" losses x{self.ratio[k]:.3f}; GPU caps may sum to {_kw(self.budget[k])},"
+            f" now {_kw(self.cap_sum[k])}"
         )
         old = "uncapped" if math.isnan(old_w) else _w(old_w)
-        if b.capping[k]:
-            why = (
-                f"plan above cap threshold {_kw(b.cap_above_w[k])} or within margin of the"
-                f" envelope, aiming at {_kw(b.target_w[k])}"
-            )
-        elif b.releasing[k]:
-            why = f"below release threshold {_kw(b.uncap_below_w[k])}, ramping up"
+        if self.mode[k] == "cap":
+            why = "demand above the cap budget, split by class and demand"
+        elif self.mode[k] == "release":
+            why = "raising only as lowers elsewhere are confirmed enforced"
         else:
-            why = "inside the band, shifting budget between classes"
+            why = "demand fits, spare split by class"
         return f"{nid}: {numbers}; {why}: {label} {old} -> {_w(new_w)}"
 
 
