@@ -23,7 +23,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -46,6 +47,7 @@ from sim.scenario_spec import (
     LoadStep,
     Scenario,
     TelemetryOutage,
+    TraceArrivals,
     TrainingSpec,
     expand_ids,
 )
@@ -74,8 +76,12 @@ RESULT_KEYS = (
 )
 
 
-def job_specs(spec: TrainingSpec | InferenceSpec) -> list[JobSpec]:
-    """The scheduler's job specs for one scenario entry (``count`` expanded)."""
+def job_specs(spec: TrainingSpec | InferenceSpec, base_dir: Path | None = None) -> list[JobSpec]:
+    """The scheduler's job specs for one scenario entry (``count`` expanded).
+
+    A trace file named in the entry is found relative to ``base_dir`` (the scenario
+    file's directory, :attr:`Scenario.base_dir`).
+    """
     out: list[JobSpec] = []
     for jid in expand_ids(spec):
         if isinstance(spec, TrainingSpec):
@@ -90,6 +96,10 @@ def job_specs(spec: TrainingSpec | InferenceSpec) -> list[JobSpec]:
                 )
             )
         else:
+            trace = spec.arrivals if isinstance(spec.arrivals, TraceArrivals) else None
+            arrivals: Literal["azure", "poisson", "trace"] = (
+                "trace" if isinstance(spec.arrivals, TraceArrivals) else spec.arrivals
+            )
             out.append(
                 InferenceServiceSpec(
                     job_id=jid,
@@ -98,7 +108,8 @@ def job_specs(spec: TrainingSpec | InferenceSpec) -> list[JobSpec]:
                     priority_class=spec.priority_class,
                     migratable=spec.migratable,
                     submit_s=spec.submit_s,
-                    arrivals=spec.arrivals,
+                    arrivals=arrivals,
+                    trace_path=None if trace is None else (base_dir or Path()) / trace.trace,
                     rate_per_s=spec.rate_per_s,
                     scale=spec.scale,
                     daily_amplitude=spec.daily_amplitude,
@@ -244,7 +255,7 @@ def run_policy(
         *spec.workloads.inference,
         *spec.workloads.batch,
     ]
-    specs: list[JobSpec] = [js for entry in entries for js in job_specs(entry)]
+    specs: list[JobSpec] = [js for entry in entries for js in job_specs(entry, scenario.base_dir)]
     sched = SimScheduler(
         tree,
         specs,
@@ -325,7 +336,7 @@ def run_policy(
         elif isinstance(ev, JobArrival):
             entry = ev.training or ev.inference
             assert entry is not None
-            for js in job_specs(entry):
+            for js in job_specs(entry, scenario.base_dir):
                 sched.submit(js, now_s=now_s)
 
     for ev in events:

@@ -21,6 +21,8 @@ from controller.model.config import ConfigError
 from controller.policy import POLICIES
 
 if TYPE_CHECKING:
+    from sim.scenario_spec import Scenario
+
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 EXIT_OK = 0
@@ -73,19 +75,53 @@ def register(sub: SubParsers) -> None:
     r.add_argument("--json", type=Path, metavar="OUT", help="write the figures as JSON here")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(handler=cmd_scenario_run)
+    v = ssub.add_parser(
+        "validate",
+        help="check a scenario file, its site and its trace files without running it",
+        description=(
+            "Validate a scenario file: its schema, its site, its jobs against the site's"
+            " classes and GPUs, its events, and every trace file it replays. Exits 2 with"
+            " every problem (file and path, and the trace file's line) on stderr."
+        ),
+    )
+    v.add_argument("file", type=Path, help="scenario YAML")
+    v.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+    v.set_defaults(handler=cmd_scenario_validate)
 
 
-def cmd_scenario_run(args: argparse.Namespace) -> int:
-    from sim.scenario import run_policy
+def _load(path: Path) -> Scenario | None:
+    """The scenario, or None after printing every problem to stderr."""
     from sim.scenario_spec import load_scenario
 
     try:
-        scenario = load_scenario(args.file)
+        return load_scenario(path)
     except ConfigError as exc:
         n = len(exc.problems)
         print(f"{exc.source}: {n} problem{'s' if n != 1 else ''}:", file=sys.stderr)
         for prob in exc.problems:
             print(f"  {prob.render(exc.source)}", file=sys.stderr)
+        return None
+
+
+def cmd_scenario_validate(args: argparse.Namespace) -> int:
+    scenario = _load(args.file)
+    if scenario is None:
+        return EXIT_BAD_INPUT
+    spec = scenario.spec
+    w = spec.workloads
+    jobs = len(w.training) + len(w.inference) + len(w.batch)
+    print(
+        f"{scenario.source}: scenario {scenario.name!r} is valid: {spec.duration_s:g} s,"
+        f" {jobs} workload entries, {len(spec.events)} events, site {scenario.site.name!r}"
+    )
+    return EXIT_OK
+
+
+def cmd_scenario_run(args: argparse.Namespace) -> int:
+    from sim.scenario import run_policy
+
+    scenario = _load(args.file)
+    if scenario is None:
         return EXIT_BAD_INPUT
     policies: list[str] = args.policy or list(POLICIES)
     console = Console(stderr=True)
