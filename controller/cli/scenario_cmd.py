@@ -1,8 +1,10 @@
-"""``rackpower scenario run FILE [--policy NAME]... [--json OUT]``: policies on one seeded plant.
+"""``rackpower scenario run FILE [--policy NAME]... [--json OUT] [--check]``, ``scenario validate``.
 
-The one place (with ``demo``) where the controller reaches into the simulator: ``sim`` is
-imported inside the handler, so the daemon never loads it. Exit codes: 0 ran, 2 bad
-scenario or arguments (every problem on stderr with file and path), 1 anything else.
+Policies on one seeded plant. The one place (with ``demo``) where the controller reaches
+into the simulator: ``sim`` is imported inside the handler, so the daemon never loads it.
+Exit codes: 0 ran (and, with ``--check``, rackpower met every gate), 2 bad scenario or
+arguments (every problem on stderr with file and path), 1 a ``--check`` gate failed or
+anything else.
 """
 
 from __future__ import annotations
