@@ -21,7 +21,7 @@ from rich.table import Table
 from controller.cli.scenario_cmd import COLUMNS, row_values
 from controller.policy import POLICIES
 from drivers.shipped import config_path
-from sim.scenario import run_policy
+from sim.scenario import run_policy, scenario_document
 from sim.scenario_spec import load_scenario
 
 SCENARIOS = config_path("scenarios")
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        everything[scenario.name] = {"scenario": scenario.name, "results": results}
+        everything[scenario.name] = scenario_document(scenario, results)
         verdicts[scenario.name] = checks(results)
         for name, r in results.items():
             cells = row_values(r)

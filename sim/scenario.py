@@ -23,7 +23,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -34,6 +35,7 @@ from controller.policy.index import TreeIndex, tree_index
 from controller.policy.jobs import build_job_index
 from controller.policy.loads import effective_envelopes
 from sim.plant import Plant, PlantConfig, PlantState, Setpoints
+from sim.scenario_compare import compare, weights_for, work_value
 from sim.scenario_metrics import RunMetrics
 from sim.scenario_oracle import WorkOracle, chain_efficiency
 from sim.scenario_spec import (
@@ -46,6 +48,7 @@ from sim.scenario_spec import (
     LoadStep,
     Scenario,
     TelemetryOutage,
+    TraceArrivals,
     TrainingSpec,
     expand_ids,
 )
@@ -64,6 +67,7 @@ RESULT_KEYS = (
     "worst_i2t_pct",
     "work_delivered",
     "work_demanded",
+    "work_value",
     "oracle_work",
     "priority_inversions",
     "cap_changes_per_gpu_min",
@@ -74,8 +78,12 @@ RESULT_KEYS = (
 )
 
 
-def job_specs(spec: TrainingSpec | InferenceSpec) -> list[JobSpec]:
-    """The scheduler's job specs for one scenario entry (``count`` expanded)."""
+def job_specs(spec: TrainingSpec | InferenceSpec, base_dir: Path | None = None) -> list[JobSpec]:
+    """The scheduler's job specs for one scenario entry (``count`` expanded).
+
+    A trace file named in the entry is found relative to ``base_dir`` (the scenario
+    file's directory, :attr:`Scenario.base_dir`).
+    """
     out: list[JobSpec] = []
     for jid in expand_ids(spec):
         if isinstance(spec, TrainingSpec):
@@ -90,6 +98,10 @@ def job_specs(spec: TrainingSpec | InferenceSpec) -> list[JobSpec]:
                 )
             )
         else:
+            trace = spec.arrivals if isinstance(spec.arrivals, TraceArrivals) else None
+            arrivals: Literal["azure", "poisson", "trace"] = (
+                "trace" if isinstance(spec.arrivals, TraceArrivals) else spec.arrivals
+            )
             out.append(
                 InferenceServiceSpec(
                     job_id=jid,
@@ -98,7 +110,8 @@ def job_specs(spec: TrainingSpec | InferenceSpec) -> list[JobSpec]:
                     priority_class=spec.priority_class,
                     migratable=spec.migratable,
                     submit_s=spec.submit_s,
-                    arrivals=spec.arrivals,
+                    arrivals=arrivals,
+                    trace_path=None if trace is None else (base_dir or Path()) / trace.trace,
                     rate_per_s=spec.rate_per_s,
                     scale=spec.scale,
                     daily_amplitude=spec.daily_amplitude,
@@ -244,7 +257,7 @@ def run_policy(
         *spec.workloads.inference,
         *spec.workloads.batch,
     ]
-    specs: list[JobSpec] = [js for entry in entries for js in job_specs(entry)]
+    specs: list[JobSpec] = [js for entry in entries for js in job_specs(entry, scenario.base_dir)]
     sched = SimScheduler(
         tree,
         specs,
@@ -325,7 +338,7 @@ def run_policy(
         elif isinstance(ev, JobArrival):
             entry = ev.training or ev.inference
             assert entry is not None
-            for js in job_specs(entry):
+            for js in job_specs(entry, scenario.base_dir):
                 sched.submit(js, now_s=now_s)
 
     for ev in events:
@@ -421,6 +434,7 @@ def run_policy(
             progress(policy_name, state.t_s, steps * dt)
 
     work = sched.work()
+    delivered = {k: round(w.net_gpu_s, 1) for k, w in sorted(work.items())}
     sim_s = steps * dt
     return {
         "trips": len(state.trips),
@@ -430,8 +444,9 @@ def run_policy(
         "max_overshoot_pct": round(metrics.max_overshoot, 3),
         "seconds_over_envelope": round(metrics.over_s, 3),
         "worst_i2t_pct": round(100.0 * min(metrics.worst_heat, 1.0), 3),
-        "work_delivered": {k: round(w.net_gpu_s, 1) for k, w in sorted(work.items())},
+        "work_delivered": delivered,
         "work_demanded": {k: round(w.demanded_gpu_s, 1) for k, w in sorted(work.items())},
+        "work_value": round(work_value(delivered, weights_for(scenario)), 1),
         "oracle_work": round(metrics.oracle_gpu_s, 1),
         "work_lost_to_requeues": round(work["total"].lost_gpu_s, 1),
         "priority_inversions": metrics.inverted_s,
@@ -501,9 +516,21 @@ def _efficiency_curves(tree: PowerTree, plant: Plant) -> dict[str, tuple[tuple[f
 def run_scenario(
     scenario: Scenario, policies: Iterable[str], progress: Progress | None = None
 ) -> dict[str, Any]:
-    """``{"scenario": name, "results": {policy: figures}}`` for each named policy."""
+    """``{"scenario": name, "results": {policy: figures}, "comparison": ...}``.
+
+    ``results`` has the figures of :data:`RESULT_KEYS` for each named policy;
+    ``comparison`` is :func:`sim.scenario_compare.compare` of them (per-class prefix work
+    against static and three-band, the oracle fraction).
+    """
+    results = {name: run_policy(scenario, name, progress) for name in policies}
+    return scenario_document(scenario, results)
+
+
+def scenario_document(scenario: Scenario, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The JSON document of a scenario run from its per-policy figures."""
     return {
         "scenario": scenario.name,
         "description": scenario.spec.description,
-        "results": {name: run_policy(scenario, name, progress) for name in policies},
+        "results": results,
+        "comparison": compare(scenario, results),
     }

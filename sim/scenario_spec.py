@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from controller.model.config import ConfigError, Problem, Site, format_loc
 from controller.model.loader import load_site, parse_site
+from sim.trace import TraceError, load_azure_trace
 
 PosS = Annotated[float, Field(gt=0)]
 NonNegS = Annotated[float, Field(ge=0)]
@@ -52,8 +53,18 @@ class BatchSpec(TrainingSpec):
     priority_class: str = "batch"
 
 
+class TraceArrivals(_Strict):
+    """Arrivals replayed from a trace file in the Azure format (see :mod:`sim.trace`).
+
+    ``trace`` is relative to the scenario file's directory (or absolute); the file is
+    read and checked when the scenario is validated.
+    """
+
+    trace: str = Field(min_length=1)
+
+
 class InferenceSpec(_Strict):
-    """An inference service replaying the Azure LLM trace (or Poisson arrivals)."""
+    """An inference service replaying the Azure LLM trace, a trace file, or Poisson arrivals."""
 
     id: str = Field(min_length=1)
     count: Annotated[int, Field(ge=1)] | None = None
@@ -62,7 +73,7 @@ class InferenceSpec(_Strict):
     priority_class: str = "inference"
     migratable: bool = False
     submit_s: NonNegS = 0.0
-    arrivals: Literal["azure", "poisson"] = "azure"
+    arrivals: Literal["azure", "poisson"] | TraceArrivals = "azure"
     rate_per_s: PosS = 5.4
     scale: Annotated[float, Field(ge=0)] = 1.0
     daily_amplitude: Annotated[float, Field(ge=0, le=1)] = 0.0
@@ -222,6 +233,11 @@ class Scenario:
     spec: ScenarioSpec
     site: Site
     source: str
+    base_dir: Path = Path()  # what relative paths in the file (trace files) are relative to
+
+    def trace_path(self, arrivals: TraceArrivals) -> Path:
+        """Where a trace file named in the scenario is."""
+        return self.base_dir / arrivals.trace
 
     @property
     def name(self) -> str:
@@ -271,9 +287,30 @@ def parse_scenario(data: Any, source: str = "<scenario>", base_dir: Path | None 
     else:
         site = parse_site(_with_policy(spec.site, spec.policy), f"{source} (inline site)")
     problems = check_scenario(spec, site)
+    scenario = Scenario(spec=spec, site=site, source=source, base_dir=base_dir or Path.cwd())
+    problems += check_traces(scenario)
     if problems:
         raise ConfigError(source, problems)
-    return Scenario(spec=spec, site=site, source=source)
+    return scenario
+
+
+def check_traces(scenario: Scenario) -> list[Problem]:
+    """Read every trace file the scenario names, so a bad one is refused before a run."""
+    problems: list[Problem] = []
+    spec = scenario.spec
+    entries = [(f"workloads.inference[{i}]", j) for i, j in enumerate(spec.workloads.inference)]
+    entries += [
+        (f"events[{i}].inference", ev.inference)
+        for i, ev in enumerate(spec.events)
+        if isinstance(ev, JobArrival) and ev.inference is not None
+    ]
+    for where, j in entries:
+        if isinstance(j.arrivals, TraceArrivals):
+            try:
+                load_azure_trace(scenario.trace_path(j.arrivals))
+            except TraceError as exc:
+                problems.append(Problem(f"{where}.arrivals.trace", str(exc)))
+    return problems
 
 
 def _site_yaml(path: Path) -> Any:

@@ -46,30 +46,83 @@ def _seconds(stamp: str) -> float:
     day, _, clock = stamp.strip().partition(" ")
     h, m, s = clock.split(":")
     ordinal = dt.date.fromisoformat(day).toordinal()
-    return ordinal * 86400.0 + int(h) * 3600.0 + int(m) * 60.0 + float(s)
+    hour, minute, sec = int(h), int(m), float(s)
+    if not (0 <= hour < 24 and 0 <= minute < 60 and 0.0 <= sec < 61.0):
+        raise ValueError(f"clock {clock!r} out of range")
+    return ordinal * 86400.0 + hour * 3600.0 + minute * 60.0 + sec
 
 
-@lru_cache(maxsize=4)
+class TraceError(ValueError):
+    """A trace file that cannot be replayed: names the file and the line (1-based, 0: none).
+
+    Raised while a scenario is validated, so a bad file is a refused scenario with the
+    place to fix, never a crash an hour into a run.
+    """
+
+    def __init__(self, path: Path, line: int, message: str) -> None:
+        self.path = path
+        self.line = line
+        self.message = message
+        where = f"{path} line {line}" if line else str(path)
+        super().__init__(f"{where}: {message}")
+
+
+TRACE_HEADER = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]
+
+
+@lru_cache(maxsize=8)
 def load_azure_trace(path: Path = AZURE_TRACE) -> RequestTrace:
-    """Parse the trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens); cached per path.
+    """Parse a trace CSV in the Azure format (TIMESTAMP, ContextTokens, GeneratedTokens).
 
+    Cached per path: a scenario validates its trace files and its runs read them again.
     The loop period is the span of the trace rounded up to a whole hour, so a looped
-    trace keeps its hourly arrival rate.
+    trace keeps its hourly arrival rate. Any problem is a :class:`TraceError` naming the
+    line: an unreadable file, a wrong header, a row without three fields, a timestamp
+    not ``YYYY-MM-DD HH:MM:SS[.fraction]``, token counts not whole numbers >= 0, or no
+    request at all.
     """
     stamps: list[float] = []
     ctx: list[int] = []
     gen: list[int] = []
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.reader(fh)
-        header = next(reader)
-        if [h.strip() for h in header] != ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]:
-            raise ValueError(f"{path}: unexpected header {header!r}")
-        for row in reader:
-            if not row:
-                continue
-            stamps.append(_seconds(row[0]))
-            ctx.append(int(row[1]))
-            gen.append(int(row[2]))
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if header is None or [h.strip() for h in header] != TRACE_HEADER:
+                raise TraceError(
+                    path, 1, f"header must be {','.join(TRACE_HEADER)} (got {header!r})"
+                )
+            for row in reader:
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue
+                line = reader.line_num
+                if len(row) != 3:
+                    raise TraceError(path, line, f"expected 3 fields, got {len(row)}: {row!r}")
+                try:
+                    stamps.append(_seconds(row[0]))
+                except ValueError:
+                    raise TraceError(
+                        path, line, f"timestamp {row[0]!r} is not YYYY-MM-DD HH:MM:SS[.f]"
+                    ) from None
+                for name, cell, out in (
+                    ("ContextTokens", row[1], ctx),
+                    ("GeneratedTokens", row[2], gen),
+                ):
+                    try:
+                        n = int(cell)
+                    except ValueError:
+                        n = -1
+                    if n < 0:
+                        raise TraceError(path, line, f"{name} {cell!r} is not a whole number >= 0")
+                    out.append(n)
+    except OSError as exc:
+        raise TraceError(path, 0, f"cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise TraceError(path, 0, f"not UTF-8 text: {exc.reason}") from None
+    except csv.Error as exc:
+        raise TraceError(path, 0, f"not CSV: {exc}") from None
+    if not stamps:
+        raise TraceError(path, 0, "no requests (a header and no rows)")
     t = np.array(stamps, dtype=np.float64)
     order = np.argsort(t, kind="stable")
     t = t[order] - t[order[0]]

@@ -25,6 +25,7 @@ import math
 import zlib
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -306,7 +307,8 @@ class InferenceServiceSpec:
     priority_class: str = "inference"
     migratable: bool = False
     submit_s: float = 0.0
-    arrivals: Literal["azure", "poisson"] = "azure"
+    arrivals: Literal["azure", "poisson", "trace"] = "azure"
+    trace_path: Path | None = None  # the trace file replayed when arrivals is "trace"
     rate_per_s: float = 5.4  # Poisson only
     scale: float = 1.0
     daily_amplitude: float = 0.0
@@ -329,6 +331,8 @@ class InferenceServiceSpec:
                 f"{self.job_id}: gpus ({self.gpus}) must be a multiple of gpus_per_replica"
                 f" ({self.gpus_per_replica})"
             )
+        if (self.arrivals == "trace") != (self.trace_path is not None):
+            raise ValueError(f"{self.job_id}: a trace_path goes with arrivals 'trace' only")
 
     @property
     def replicas(self) -> int:
@@ -381,6 +385,8 @@ class InferenceLoad:
         self.delivered_gpu_s = 0.0
         if trace is None and spec.arrivals == "azure":
             trace = load_azure_trace()
+        elif trace is None and spec.trace_path is not None:
+            trace = load_azure_trace(spec.trace_path)
         self._trace = trace  # None: Poisson at spec.rate_per_s
         self._busy = np.zeros(self.n, dtype=bool)
 

@@ -354,6 +354,19 @@ class Bands(Strict):
 class PriorityClass(Strict):
     name: str = Field(min_length=1)
     floor_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
+    # What a GPU-second of this class is worth, for reports (a scenario's work_value), not
+    # for control: priority stays strict. None: twice the class below it, 1 for the lowest.
+    weight: Annotated[float, Field(gt=0)] | None = None
+
+
+def class_weights(classes: list[PriorityClass]) -> dict[str, float]:
+    """Each class's weight, highest class first: its own, or twice the one below it."""
+    out: dict[str, float] = {}
+    below = 0.5
+    for c in reversed(classes):
+        below = c.weight if c.weight is not None else 2.0 * below
+        out[c.name] = below
+    return {c.name: out[c.name] for c in classes}
 
 
 class Margin(Strict):
