@@ -14,7 +14,8 @@ Definitions (also in docs printed by ``rackpower scenario run --help``):
 - ``priority_inversions``: seconds (sampled once per simulated second) in which some job
   H is capped below its demand while a job L of a lower class runs above its floor, and
   every *constraining* node holding H back also holds L: moving power from L to H was
-  possible and the policy did not. A node constrains when the power its limits allow
+  possible and the policy did not. Demand counts up to the GPU's maximum: no limit can
+  give a GPU more than that. A node constrains when the power its limits allow
   (every GPU under it at its enforced limit, plus baselines, times the node's measured
   loss ratio) reaches 90 % of its effective envelope: its budget is committed, so H
   can only gain there at the expense of someone under the same node. The last clause
@@ -72,7 +73,10 @@ class InversionCheck:
         for j, job in enumerate(jobs):
             gpu_job[list(job.gpus)] = j
             rank[j] = self.class_rank.get(job.priority_class, len(self.class_rank))
-        capped = (peak_demand_w > limit_w + tol) & (gpu_job >= 0)
+        # Demand above a GPU's maximum (an inference prefill burst past TDP) is not a
+        # cap any policy could lift: a GPU at its maximum is not held back.
+        wants = np.minimum(peak_demand_w, index.gpu_max_w)
+        capped = (wants > limit_w + tol) & (gpu_job >= 0)
         if not capped.any():
             return 0
         above = (limit_w > floor_w + tol) & (peak_demand_w > floor_w + tol) & (gpu_job >= 0)

@@ -32,7 +32,13 @@ from controller.model.topology import PowerTree
 from .actions import cap_actions
 from .bands import covered
 from .budget import Allocation, GpuTerms, allocate, class_spacing
-from .capsum import ExposureMemory, after_commands, exposure_now, fit_lowers, gate_raises
+from .capsum import (
+    ExposureMemory,
+    after_commands,
+    exposure_now,
+    fit_lowers,
+    gate_raises,
+)
 from .escalation import EscalationInputs, escalate, integrate_trip
 from .index import TreeIndex, tree_index
 from .jobs import JobIndex, build_job_index, job_min
@@ -52,14 +58,17 @@ from .window import WindowMax
 
 DEMAND_HOLD_S = 10.0  # longer than the slowest training iteration (5 s)
 DEMAND_BUCKETS = 5
-ASYNC_HOLD_S = 60.0  # asynchronous GPUs (inference replicas, no job): their recent bursts
-ASYNC_BUCKETS = 6
+ASYNC_HOLD_S = 300.0  # asynchronous GPUs (inference replicas, no job): their recent bursts
+ASYNC_BUCKETS = 10
 UNATTRIBUTED_HOLD_S = 10.0  # unexplained power is believed only once it persists this long
 BOUND_FRACTION = 0.03  # a GPU within 3 % (+2 W) of its enforced limit is held by it
 BOUND_W = 2.0
 LOSS_SMOOTHING = 0.2  # EMA weight of this cycle's measured/attributed ratio
 LOSS_RATIO_MAX = 1.5
+NEAR_ENVELOPE_FRACTION = 0.8  # a loss ratio measured above this load speaks for full load
 MAX_DT_S = 60.0
+import os
+POOL = bool(int(os.environ.get("RP_POOL", "0")))
 HEADROOM_FRACTION = 0.05  # of a GPU's max, above its demand, before slack moves elsewhere
 DEADBAND_FRACTION = 0.02  # of a GPU's max: smaller moves are not worth an actuation
 SETTLE_S = 10.0  # an allocation above a cap this long is closed even below the deadband
@@ -146,17 +155,18 @@ def decide(
     wanted = np.where(stale_gpu | held, max_w, power)
     if rogue is not None:
         wanted = np.where(rogue, max_w, wanted)
-    demand_mem = memory.demand.push(now, wanted)
-    async_mem = memory.demand_async.push(now, wanted)
+    # A synchronous job that has not ramped yet is planned at its maximum (startup.py),
+    # and that plan stays in its demand window: its first iterations' peak is not known
+    # yet when the first of its GPUs crosses the ramp threshold.
+    starting, startup_mem = startup_pending(memory.startup, jobs, now, wanted, max_w)
+    planned = np.where(starting, max_w, wanted)
+    demand_mem = memory.demand.push(now, planned)
+    async_mem = memory.demand_async.push(now, planned)
     # A synchronous job's cap must fit its compute phase, so its demand is the peak over
     # its slowest iterations. Asynchronous GPUs (inference replicas, GPUs without a job)
-    # burst independently: reserving every GPU's own peak would strand the power their
-    # bursts almost never use together. Their plan is the recent level; the learned
-    # margin (the node's worst rise within one actuation latency) covers the bursts.
+    # burst independently, request by request: their demand is their peak over the last
+    # minute, so a cap set to it does not clip the next burst.
     demand = np.minimum(np.where(jobs.sync_gpu, demand_mem.maximum(), async_mem.maximum()), max_w)
-    # A synchronous job that has not ramped yet is planned at its maximum (startup.py).
-    starting, startup_mem = startup_pending(memory.startup, jobs, now, wanted, max_w)
-    demand = np.where(starting, max_w, demand)
     # An idle GPU in no job may step to its maximum unwarned: its cap, which the cap sum
     # counts in full, is what holds it; it gets more once it presses against it.
     n_classes = len(jobs.class_names)
@@ -168,9 +178,17 @@ def decide(
     rating = index.effective_rating_w(snapshot.lost_sources)
     reserved = reservations(index, snapshot.reservations_w)
     ratio = _loss_ratio(memory.loss_ratio, loads)
-    # Caps are budgeted for the moment every GPU draws its cap: losses then are what the
-    # nameplate curves give at the envelope, if that is more than the ratio seen now.
-    plan_ratio = np.maximum(ratio, 1.0 / nameplate_efficiency(index))
+    # Caps are budgeted for the moment every GPU draws its cap, so the losses that count
+    # are those at the envelope, not at today's load (a converter at 10 % load loses
+    # twice what it does at 90 %). Where the config gives efficiency curves they say
+    # what those are, as they do for static; a ratio measured near the envelope that is
+    # worse overrides them. Without curves the measured ratio is all there is; it is
+    # high at low load, so it errs on the safe side.
+    nameplate = 1.0 / nameplate_efficiency(index)
+    near = loads.load_w >= NEAR_ENVELOPE_FRACTION * envelope
+    plan_ratio = np.where(
+        nameplate > 1.0, np.where(near, np.maximum(ratio, nameplate), nameplate), ratio
+    )
     # Power the GPUs and baselines do not explain counts as non-cappable. A silent meter
     # reads as its rating for the estimate, headroom and bands, but its unexplained part
     # stays at the last fresh value: otherwise every watt the caps take off would reappear
@@ -194,8 +212,7 @@ def decide(
     # 3. cap-sum budgets (capsum.py): what the caps under each node may add up to, in
     # GPU watts, after losses, baselines, unexplained load, reservations and a margin
     # for the unexplained part only (the GPUs' part is bounded by their caps).
-    fixed = ratio * index.base_w + unattributed + reserved
-    budget = (envelope - fixed - margin) / plan_ratio
+    budget = (envelope - unattributed - reserved - margin) / plan_ratio - index.base_w
 
     # 4. allocation: first every GPU up to its demand plus a little headroom, higher
     # classes first; then what is left to the GPUs furthest below an even level, whatever
@@ -216,13 +233,18 @@ def decide(
     first = _allocate_jobwide(index, jobs, need, budget, n_classes)
     first_caps = job_min(first.caps(need), jobs)
     spare = GpuTerms(
-        shift=np.zeros(index.n_gpus),
+        shift=need.shift,
         floor_w=first_caps,
         max_w=max_w,
         use_lo_w=first_caps,
         use_hi_w=max_w,
     )
-    second = _allocate_jobwide(index, jobs, spare, budget, 1)
+    if POOL:
+        fits_all = index.seg_sum(max_w) <= budget + 1e-6
+        budget2 = np.where(fits_all, budget, np.minimum(budget, index.seg_sum(first_caps)))
+    else:
+        budget2 = budget
+    second = _allocate_jobwide(index, jobs, spare, budget2, n_classes)
     target = job_min(second.caps(spare), jobs)
     binding = np.where(first.binding >= 0, first.binding, second.binding)
     constrained = index.seg_sum(hi) > budget + 1e-6

@@ -12,8 +12,11 @@ visibly ramped (a GPU of it drew half its maximum, or sat at its cap) or
 caps it at its budget before it rises, and takes that budget from the others while
 they can still be lowered in time.
 
-Only synchronous jobs: an inference replica ramps request by request, which the
-learned margin covers.
+An inference replica ramps request by request: nothing it draws says it has ramped,
+so a new one is planned at its maximum for its first ``ASYNC_WARMUP_S``, long enough
+for its demand window to have seen its bursts. Planned below them, each first burst
+would have to wait for power to be taken from a lower class and confirmed (the
+cap-sum rule): seconds of a higher class held below a lower one.
 
 A GPU in no job gives no warning at all: without a scheduler (or on a GPU the scheduler
 says is free, or one a tenant with root runs work on outside it) the step from idle to
@@ -39,6 +42,7 @@ BoolArray = npt.NDArray[np.bool_]
 
 STARTUP_RESERVE_S = 60.0  # longer than a typical load phase (10-40 s); then believe the draw
 RAMP_FRACTION = 0.5  # above idle, checkpoint and most communication phases
+ASYNC_WARMUP_S = 60.0  # an asynchronous job's first minute: enough bursts to plan on
 IDLE_FRACTION = 0.3  # above idle (10-15 %) and a loading job (12-20 %); running work is more
 
 
@@ -55,7 +59,7 @@ class StartupMemory:
 def _keys(jobs: JobIndex, n_gpus: int) -> tuple[tuple[str, tuple[int, ...]] | None, ...]:
     """A job placement per GPU: a job restarted elsewhere (requeue, migration) is new."""
     keys: list[tuple[str, tuple[int, ...]] | None] = [None] * n_gpus
-    for j in np.unique(jobs.gpu_job[jobs.sync_gpu]).tolist():
+    for j in np.unique(jobs.gpu_job[jobs.gpu_job >= 0]).tolist():
         job = jobs.jobs[j]
         key = (job.id, job.gpus)
         for g in np.flatnonzero(jobs.gpu_job == j).tolist():
@@ -110,4 +114,8 @@ def startup_pending(
         seen_up[jobs.sync_perm] = np.repeat(job_up, counts)
         ramped = ramped | seen_up
     pending: BoolArray = jobs.sync_gpu & ~ramped & (now_s - since < STARTUP_RESERVE_S)
+    # An inference replica ramps request by request, so no draw says it has ramped;
+    # until its demand window has seen a while of its bursts it is planned at maximum.
+    asynchronous = (jobs.gpu_job >= 0) & ~jobs.sync_gpu
+    pending |= asynchronous & (now_s - since < ASYNC_WARMUP_S)
     return pending, StartupMemory(jobs=jobs.jobs, keys=keys, since_s=since, ramped=ramped)
