@@ -161,17 +161,24 @@ def gate_raises(
     under it is waiting for room (lowers not yet confirmed).
     """
     wants = (desired_w > lowered_w) & ~blocked
-    free_to = np.where(wants, np.minimum(desired_w, np.maximum(exposure_w, lowered_w)), lowered_w)
-    extra = np.where(wants, np.maximum(desired_w - np.maximum(exposure_w, lowered_w), 0.0), 0.0)
-    if not (extra > 0).any():
-        return np.maximum(free_to, lowered_w), np.zeros(index.n_nodes, dtype=bool)
     held = np.maximum(exposure_w, lowered_w)
     room = budget_w - index.seg_sum(held)
+    # Up to its exposure a raise adds nothing to what may be enforced, but only where
+    # the exposures fit: where they do not (limits unconfirmed, or an envelope that just
+    # fell) a GPU's real limit may be well below its exposure, and any raise could be
+    # the one that takes the real sum over.
+    fits = per_gpu_min(index, np.where(room >= -TOLERANCE_W, 1.0, 0.0)) > 0.5
+    stalled = index.seg_sum(np.where(wants & ~fits, 1.0, 0.0)) > 0
+    wants &= fits
+    free_to = np.where(wants, np.minimum(desired_w, held), lowered_w)
+    extra = np.where(wants, np.maximum(desired_w - held, 0.0), 0.0)
+    if not (extra > 0).any():
+        return np.maximum(free_to, lowered_w), stalled
     asked = index.seg_sum(extra)
     with np.errstate(divide="ignore", invalid="ignore"):
         share = np.where(asked > 0, np.clip(room / np.where(asked > 0, asked, 1.0), 0.0, 1.0), 1.0)
     factor = np.minimum(per_gpu_min(index, share), 1.0)
     granted = np.floor(extra * factor)
     out: FloatArray = np.where(extra > 0, held + granted, free_to)
-    waiting = (asked > 0) & (share < 1.0)
+    waiting = ((asked > 0) & (share < 1.0)) | stalled
     return out, waiting

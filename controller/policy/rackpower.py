@@ -66,6 +66,7 @@ BOUND_W = 2.0
 LOSS_SMOOTHING = 0.2  # EMA weight of this cycle's measured/attributed ratio
 LOSS_RATIO_MAX = 1.5
 NEAR_ENVELOPE_FRACTION = 0.8  # a loss ratio measured above this load speaks for full load
+NAMEPLATE_TOLERANCE = 0.01  # meters and GPU telemetry disagree by this much in noise alone
 MAX_DT_S = 60.0
 import os
 POOL = bool(int(os.environ.get("RP_POOL", "0")))
@@ -182,13 +183,12 @@ def decide(
     # are those at the envelope, not at today's load (a converter at 10 % load loses
     # twice what it does at 90 %). Where the config gives efficiency curves they say
     # what those are, as they do for static; a ratio measured near the envelope that is
-    # worse overrides them. Without curves the measured ratio is all there is; it is
+    # worse by more than meter noise overrides them. Without curves the measured ratio is all there is; it is
     # high at low load, so it errs on the safe side.
     nameplate = 1.0 / nameplate_efficiency(index)
     near = loads.load_w >= NEAR_ENVELOPE_FRACTION * envelope
-    plan_ratio = np.where(
-        nameplate > 1.0, np.where(near, np.maximum(ratio, nameplate), nameplate), ratio
-    )
+    worse = near & (ratio > nameplate * (1.0 + NAMEPLATE_TOLERANCE))
+    plan_ratio = np.where(nameplate > 1.0, np.where(worse, ratio, nameplate), ratio)
     # Power the GPUs and baselines do not explain counts as non-cappable. A silent meter
     # reads as its rating for the estimate, headroom and bands, but its unexplained part
     # stays at the last fresh value: otherwise every watt the caps take off would reappear
