@@ -40,7 +40,7 @@ from .capsum import (
     gate_raises,
 )
 from .escalation import EscalationInputs, escalate, integrate_trip
-from .index import TreeIndex, tree_index
+from .index import IntArray, TreeIndex, tree_index
 from .jobs import JobIndex, build_job_index, job_min
 from .loads import (
     BoolArray,
@@ -68,8 +68,6 @@ LOSS_RATIO_MAX = 1.5
 NEAR_ENVELOPE_FRACTION = 0.8  # a loss ratio measured above this load speaks for full load
 NAMEPLATE_TOLERANCE = 0.01  # meters and GPU telemetry disagree by this much in noise alone
 MAX_DT_S = 60.0
-import os
-POOL = bool(int(os.environ.get("RP_POOL", "0")))
 HEADROOM_FRACTION = 0.05  # of a GPU's max, above its demand, before slack moves elsewhere
 DEADBAND_FRACTION = 0.02  # of a GPU's max: smaller moves are not worth an actuation
 SETTLE_S = 10.0  # an allocation above a cap this long is closed even below the deadband
@@ -183,8 +181,8 @@ def decide(
     # are those at the envelope, not at today's load (a converter at 10 % load loses
     # twice what it does at 90 %). Where the config gives efficiency curves they say
     # what those are, as they do for static; a ratio measured near the envelope that is
-    # worse by more than meter noise overrides them. Without curves the measured ratio is all there is; it is
-    # high at low load, so it errs on the safe side.
+    # worse by more than meter noise overrides them. Without curves the measured ratio
+    # is all there is; it is high at low load, so it errs on the safe side.
     nameplate = 1.0 / nameplate_efficiency(index)
     near = loads.load_w >= NEAR_ENVELOPE_FRACTION * envelope
     worse = near & (ratio > nameplate * (1.0 + NAMEPLATE_TOLERANCE))
@@ -214,40 +212,19 @@ def decide(
     # for the unexplained part only (the GPUs' part is bounded by their caps).
     budget = (envelope - unattributed - reserved - margin) / plan_ratio - index.base_w
 
-    # 4. allocation: first every GPU up to its demand plus a little headroom, higher
-    # classes first; then what is left to the GPUs furthest below an even level, whatever
-    # their class (a GPU below its demand has had it in the first pass): spare power is
-    # insurance against a rise we have not seen, and a GPU running far below an even
-    # share is the one a rise would clip. Where everything fits this is static's split.
-    # On a grid of HEADROOM_FRACTION steps, so a demand that wanders inside one step
-    # moves no cap.
+    # 4. allocation, in tiers, each filled by class before the next begins: first every
+    # GPU up to its demand (on a grid of HEADROOM_FRACTION steps, so a demand that
+    # wanders inside one step moves no cap), then one step of headroom, then what is
+    # left up to the maxima. A lower class gets its demand before a higher one gets
+    # headroom: headroom is insurance, demand is work. Spare power is insurance too,
+    # against a rise we have not seen, and it goes to the higher classes first, so the
+    # GPUs most likely to need it need not wait for a lower one's cap to come down.
     step_w = HEADROOM_FRACTION * max_w
-    hi = np.minimum(np.maximum((np.floor(demand / step_w) + 2.0) * step_w, floor), max_w)
-    need = GpuTerms(
-        shift=rank.astype(np.float64) * class_spacing(max_w),
-        floor_w=floor,
-        max_w=hi,
-        use_lo_w=floor,
-        use_hi_w=hi,
-    )
-    first = _allocate_jobwide(index, jobs, need, budget, n_classes)
-    first_caps = job_min(first.caps(need), jobs)
-    spare = GpuTerms(
-        shift=need.shift,
-        floor_w=first_caps,
-        max_w=max_w,
-        use_lo_w=first_caps,
-        use_hi_w=max_w,
-    )
-    if POOL:
-        fits_all = index.seg_sum(max_w) <= budget + 1e-6
-        budget2 = np.where(fits_all, budget, np.minimum(budget, index.seg_sum(first_caps)))
-    else:
-        budget2 = budget
-    second = _allocate_jobwide(index, jobs, spare, budget2, n_classes)
-    target = job_min(second.caps(spare), jobs)
-    binding = np.where(first.binding >= 0, first.binding, second.binding)
-    constrained = index.seg_sum(hi) > budget + 1e-6
+    grid = np.floor(demand / step_w) * step_w
+    tiers = (grid + step_w, grid + 2.0 * step_w, max_w)
+    shift = rank.astype(np.float64) * class_spacing(max_w)
+    target, binding = _fill_tiers(index, jobs, shift, floor, tiers, budget, n_classes)
+    constrained = index.seg_sum(np.minimum(tiers[1], max_w)) > budget + 1e-6
 
     # 5. move caps: lowers at once (small ones only where a node needs them), raises
     # only out of room the limits that may still be enforced leave (capsum.py).
@@ -359,6 +336,33 @@ def _loss_ratio(previous: FloatArray, loads: Loads) -> FloatArray:
     smoothed = np.where(first, now, previous + LOSS_SMOOTHING * (now - previous))
     out: FloatArray = np.where(learn, smoothed, np.where(first, 1.0, previous))
     return out
+
+
+def _fill_tiers(
+    index: TreeIndex,
+    jobs: JobIndex,
+    shift: FloatArray,
+    floor: FloatArray,
+    tiers: tuple[FloatArray, ...],
+    budget: FloatArray,
+    n_classes: int,
+) -> tuple[FloatArray, IntArray]:
+    """Caps filled tier by tier into the budgets; and per GPU the node that bound it.
+
+    A tier every node can hold in full needs no water-filling: its caps are the tier.
+    """
+    caps = floor
+    binding = np.full(index.n_gpus, -1, dtype=np.intp)
+    for top in tiers:
+        top = job_min(np.minimum(np.maximum(top, caps), index.gpu_max_w), jobs)
+        if (index.seg_sum(top) <= budget + 1e-6).all():
+            caps = top
+            continue
+        terms = GpuTerms(shift=shift, floor_w=caps, max_w=top, use_lo_w=caps, use_hi_w=top)
+        alloc = _allocate_jobwide(index, jobs, terms, budget, n_classes)
+        caps = job_min(alloc.caps(terms), jobs)
+        binding = np.where(binding >= 0, binding, alloc.binding)
+    return caps, binding
 
 
 def _allocate_jobwide(
