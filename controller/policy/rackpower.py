@@ -212,19 +212,19 @@ def decide(
     # for the unexplained part only (the GPUs' part is bounded by their caps).
     budget = (envelope - unattributed - reserved - margin) / plan_ratio - index.base_w
 
-    # 4. allocation, in tiers, each filled by class before the next begins: first every
-    # GPU up to its demand (on a grid of HEADROOM_FRACTION steps, so a demand that
-    # wanders inside one step moves no cap), then one step of headroom, then what is
-    # left up to the maxima. A lower class gets its demand before a higher one gets
-    # headroom: headroom is insurance, demand is work. Spare power is insurance too,
-    # against a rise we have not seen, and it goes to the higher classes first, so the
-    # GPUs most likely to need it need not wait for a lower one's cap to come down.
+    # 4. allocation, in two tiers, each filled by class before the next begins: first
+    # every GPU up to its demand plus headroom (on a grid of HEADROOM_FRACTION steps, so
+    # a demand that wanders inside one step moves no cap), then what is left up to the
+    # maxima. Spare power is insurance against a rise we have not seen; it goes to the
+    # higher classes first, so the GPUs most likely to need it need not wait for a lower
+    # one's cap to come down and be confirmed. (Filling demand for every class before
+    # anyone's headroom was tried: no more work, and more inversions.)
     step_w = HEADROOM_FRACTION * max_w
     grid = np.floor(demand / step_w) * step_w
-    tiers = (grid + step_w, grid + 2.0 * step_w, max_w)
+    tiers = (grid + 2.0 * step_w, max_w)
     shift = rank.astype(np.float64) * class_spacing(max_w)
     target, binding = _fill_tiers(index, jobs, shift, floor, tiers, budget, n_classes)
-    constrained = index.seg_sum(np.minimum(tiers[1], max_w)) > budget + 1e-6
+    constrained = index.seg_sum(np.minimum(tiers[0], max_w)) > budget + 1e-6
 
     # 5. move caps: lowers at once (small ones only where a node needs them), raises
     # only out of room the limits that may still be enforced leave (capsum.py).
