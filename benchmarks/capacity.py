@@ -411,6 +411,16 @@ def _fmt(x: float | None) -> str:
     return f"{x:.1f}x" if x is not None else "none"
 
 
+def _points(text: str) -> tuple[float, ...]:
+    try:
+        xs = tuple(sorted({round(float(v), 1) for v in text.split(",") if v.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not xs or any(x < 0.1 for x in xs):
+        raise argparse.ArgumentTypeError(f"need oversubscriptions of at least 0.1: {text!r}")
+    return xs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.capacity", description=__doc__)
     parser.add_argument("--json", type=Path, required=True, help="write the figures here")
@@ -419,10 +429,13 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help=f"points {QUICK_POINTS}, {QUICK_DURATION_S:g} s each"
     )
     parser.add_argument("--duration-s", type=float, help="simulated seconds per run")
+    parser.add_argument(
+        "--points", type=_points, help="oversubscriptions to run, e.g. 1.0,1.4 (multiples of 0.1)"
+    )
     parser.add_argument("--processes", type=int, default=2, choices=(1, 2))
     parser.add_argument("--policy", action="append", choices=POLICIES)
     args = parser.parse_args(argv)
-    points = QUICK_POINTS if args.quick else FULL_POINTS
+    points = args.points or (QUICK_POINTS if args.quick else FULL_POINTS)
     duration_s = args.duration_s or (QUICK_DURATION_S if args.quick else FULL_DURATION_S)
     policies = tuple(args.policy or POLICIES)
     first = capacity_scenario(points[0], duration_s, relaxed=True)
