@@ -46,8 +46,8 @@ def test_hall_envelopes_stay_fixed_while_racks_are_added(x: float) -> None:
     tree = PowerTree(scenario.site)
     racks = tree.of_kind("rack")
     assert len(racks) == capacity.racks_at(x)
-    # The row and hall envelopes are the nameplate of ten racks through full-load losses,
-    # whatever the rack count; each rack's own envelope is its own nameplate.
+    # The row and hall envelopes are the nameplate of RACKS_AT_NAMEPLATE racks through
+    # full-load losses, whatever the rack count; each rack's own envelope is its own.
     ref = PowerTree(capacity.capacity_scenario(1.0, 60.0).site)
     for nid in ("mv-1", "sst-1", "bus-800v", "row-1", "row-2"):
         assert tree.node(nid).envelope_w == ref.node(nid).envelope_w
