@@ -19,6 +19,7 @@ from controller.model.topology import CONSTRAINT_KINDS, PowerTree
 from .types import FloatArray
 
 IntArray = npt.NDArray[np.intp]
+BoolArray = npt.NDArray[np.bool_]
 
 
 @dataclass(frozen=True, eq=False)
@@ -179,3 +180,15 @@ def _build(tree: PowerTree) -> TreeIndex:
         server_owner=owner,
         racks=np.array([k for k in range(n) if defs[k].kind == "rack"], dtype=np.intp),
     )
+
+
+def covered(index: TreeIndex, node_mask: BoolArray) -> BoolArray:
+    """Per GPU: is it under any node in ``node_mask``?"""
+    if not node_mask.any():
+        return np.zeros(index.n_gpus, dtype=bool)
+    size = index.n_gpus + 1
+    marks = np.bincount(index.start[node_mask], minlength=size) - np.bincount(
+        index.stop[node_mask], minlength=size
+    )
+    out: BoolArray = np.cumsum(marks[:-1]) > 0
+    return out

@@ -30,7 +30,6 @@ from controller.model.config import TripCurve
 from controller.model.topology import PowerTree
 
 from .actions import cap_actions
-from .bands import covered
 from .budget import Allocation, GpuTerms, allocate, class_spacing
 from .capsum import (
     ExposureMemory,
@@ -40,7 +39,7 @@ from .capsum import (
     gate_raises,
 )
 from .escalation import EscalationInputs, escalate, integrate_trip
-from .index import IntArray, TreeIndex, tree_index
+from .index import IntArray, TreeIndex, covered, tree_index
 from .jobs import JobIndex, build_job_index, job_min
 from .loads import (
     BoolArray,

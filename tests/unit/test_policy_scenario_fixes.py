@@ -11,28 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from controller.model.config import Bands
 from controller.model.loader import parse_site
 from controller.model.topology import PowerTree
 from controller.policy import Job, Migrate, Requeue
-from controller.policy.bands import node_bands
 from controller.policy.baselines import static_policy
 from tests.helpers.policy_support import Run, site_dict, tree_for
-
-
-def test_release_needs_the_plan_below_the_band_not_only_the_measured_load() -> None:
-    """A training job's load dips below the release band in every communication phase.
-
-    Releasing on the dip re-caps at the next compute phase (cap, release, cap): the
-    oscillation the bands exist to prevent. The plan (compute-phase demand under the
-    caps) still fills the band, so the node holds.
-    """
-    cfg = Bands()
-    env = np.array([10_000.0, 10_000.0])
-    load = np.array([6_000.0, 6_000.0])  # measured in a communication phase: below 90 %
-    plan = np.array([9_300.0, 8_000.0])  # compute phase under the caps: inside / below
-    bands = node_bands(cfg, env, load, plan, plan)
-    assert bands.mode() == ("hold", "release")
 
 
 def test_meter_running_ahead_of_gpus_does_not_move_jobs() -> None:
