@@ -36,6 +36,7 @@ BoolArray = npt.NDArray[np.bool_]
 
 CONFIRM_W = 1.0  # an enforced limit within this of the command confirms it (whole watts)
 TOLERANCE_W = 1e-6
+EARLIER = 4  # limits remembered per GPU between two confirmations, beyond the last
 SUPERSEDE_S = 120.0  # longer than any actuation path lands or drops a limit (BMC: 10-40 s)
 
 
@@ -47,6 +48,8 @@ class ExposureMemory:
     sent_max_w: FloatArray  # highest limit sent since that confirmation (-inf: none)
     last_report_w: FloatArray  # last enforced limit reported, NaN before any
     changed_s: FloatArray  # when the limit sent last changed
+    earlier_w: FloatArray  # (GPUs, EARLIER) limits sent since it, before the last; NaN
+    overflow: BoolArray  # more were sent since it than ``earlier_w`` holds
 
     @classmethod
     def unknown(cls, max_w: FloatArray) -> ExposureMemory:
@@ -57,6 +60,8 @@ class ExposureMemory:
             sent_max_w=np.full(n, -np.inf),
             last_report_w=np.full(n, np.nan),
             changed_s=np.full(n, -np.inf),
+            earlier_w=np.full((n, EARLIER), np.nan),
+            overflow=np.zeros(n, dtype=bool),
         )
 
 
@@ -79,16 +84,24 @@ def exposure_now(
     newest): the exposure is that limit. Anything else means a limit is in flight, and
     the GPU may be at its last confirmed limit, at its report or at anything sent since:
     the exposure is the highest of them. One case is ambiguous: a higher limit sent and
-    then a lower one before the higher was confirmed; a report equal to the lower one
-    may come from before the higher landed. Such a report confirms only once the last
-    change is ``SUPERSEDE_S`` old, by when the higher limit has landed or been dropped
-    on any actuation path we support. A GPU with no report keeps what it had.
+    then, before it was confirmed, a lower one equal to a limit that was in force before
+    (the confirmed one, or one sent in between); a report of that value may come from
+    before the higher one landed. Such a report confirms only once the last change is
+    ``SUPERSEDE_S`` old, by when the higher limit has landed or been dropped on any
+    actuation path we support. A report of a value no earlier limit had can only come
+    from the latest one, so it confirms at once. A GPU with no report keeps what it had.
     """
     known = np.isfinite(enforced_w)
     report = np.where(known, enforced_w, memory.last_report_w)
     matches = known & (np.abs(enforced_w - commanded_w) <= CONFIRM_W)
     plain = memory.sent_max_w <= commanded_w + CONFIRM_W
-    confirmed = matches & (plain | (now_s - memory.changed_s >= SUPERSEDE_S))
+    seen_before = (
+        (np.abs(memory.confirmed_w - commanded_w) <= CONFIRM_W)
+        | (np.abs(memory.earlier_w - commanded_w[:, None]) <= CONFIRM_W).any(axis=1)
+        | memory.overflow
+    )
+    settled = now_s - memory.changed_s >= SUPERSEDE_S
+    confirmed = matches & (plain | ~seen_before | settled)
     pending = np.fmax(np.fmax(memory.confirmed_w, memory.sent_max_w), report)
     out: FloatArray = np.where(confirmed, commanded_w, pending)
     return Exposure(exposure_w=out, confirmed=confirmed, report_w=report)
@@ -109,11 +122,22 @@ def after_commands(
     confirmed_w = np.where(seen.confirmed, commanded_w, memory.confirmed_w)
     sent_max = np.where(seen.confirmed, -np.inf, memory.sent_max_w)
     sent_max = np.where(changed, np.maximum(sent_max, sent_w), sent_max)
+    earlier = np.where(seen.confirmed[:, None], np.nan, memory.earlier_w)
+    overflow = memory.overflow & ~seen.confirmed
+    if changed.any():
+        # The limit sent before this one becomes an earlier one (unless it is the
+        # confirmed limit, which is checked on its own).
+        shifted = np.concatenate((commanded_w[:, None], earlier[:, :-1]), axis=1)
+        push = changed & ~seen.confirmed
+        overflow = overflow | (push & np.isfinite(earlier[:, -1]))
+        earlier = np.where(push[:, None], shifted, earlier)
     return ExposureMemory(
         confirmed_w=confirmed_w,
         sent_max_w=sent_max,
         last_report_w=seen.report_w,
         changed_s=np.where(changed, now_s, memory.changed_s),
+        earlier_w=earlier,
+        overflow=overflow,
     )
 
 

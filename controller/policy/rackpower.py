@@ -57,7 +57,7 @@ from .window import WindowMax
 
 DEMAND_HOLD_S = 10.0  # longer than the slowest training iteration (5 s)
 DEMAND_BUCKETS = 5
-ASYNC_HOLD_S = 300.0  # asynchronous GPUs (inference replicas, no job): their recent bursts
+ASYNC_HOLD_S = float(__import__("os").environ.get("RP_AH", "300"))  # asynchronous GPUs (inference replicas, no job): their recent bursts
 ASYNC_BUCKETS = 10
 UNATTRIBUTED_HOLD_S = 10.0  # unexplained power is believed only once it persists this long
 BOUND_FRACTION = 0.03  # a GPU within 3 % (+2 W) of its enforced limit is held by it
@@ -240,7 +240,10 @@ def decide(
     settled = (-gap_mem.maximum() >= SETTLE_FRACTION * max_w) & (now - memory.started_s >= SETTLE_S)
     raise_to = np.where((target > prev + deadband) | settled, target, lowered)
     new, waiting = gate_raises(index, lowered, raise_to, seen.exposure_w, budget, blocked)
-    new = job_min(np.minimum(np.maximum(np.floor(new), floor), max_w), jobs)
+    # One cap per synchronous job, but never outside a GPU's own range: a job over two
+    # GPU models would get a cap the actuator raises to the bigger one's minimum, and
+    # the cap sums and confirmations must count what is enforced.
+    new = np.minimum(np.maximum(job_min(np.floor(new), jobs), floor), max_w)
     exposure_mem = after_commands(exposure, seen, prev, new, now)
 
     # 6. trip allowance and escalation

@@ -40,6 +40,24 @@ def test_slowdown_is_a_mean_over_jobs_of_each_types_shortfall() -> None:
     assert mean == pytest.approx(7.5)  # (3 x 10 + 1 x 0) / 4
 
 
+def test_the_lowest_class_present_may_pay_in_the_second_reading() -> None:
+    per_type = {"training": 1.0, "inference": 5.0, "batch": 60.0}
+    jobs = {"training": 3, "inference": 1, "batch": 2}
+    assert capacity.slowdown_above_lowest_pct(per_type, jobs) == pytest.approx(2.0)  # (3+5)/4
+    # Without batch jobs, inference is the lowest class present and pays.
+    assert capacity.slowdown_above_lowest_pct(
+        {"training": 1.0, "inference": 5.0}, jobs
+    ) == pytest.approx(1.0)
+    assert capacity.slowdown_above_lowest_pct({"training": 4.0}, jobs) == 0.0
+    point = {
+        "trips": 0,
+        "worst_i2t_pct": 0.0,
+        "slowdown_pct": 20.0,
+        "slowdown_above_lowest_pct": 2.0,
+    }
+    assert not capacity.holds(point) and capacity.holds_above_lowest(point)
+
+
 @pytest.mark.parametrize("x", [1.0, 1.5, 2.0])
 def test_hall_envelopes_stay_fixed_while_racks_are_added(x: float) -> None:
     scenario = capacity.capacity_scenario(x, 60.0)
