@@ -57,8 +57,8 @@ from .window import WindowMax
 
 DEMAND_HOLD_S = 10.0  # longer than the slowest training iteration (5 s)
 DEMAND_BUCKETS = 5
-ASYNC_HOLD_S = float(__import__("os").environ.get("RP_AH", "300"))  # asynchronous GPUs (inference replicas, no job): their recent bursts
-ASYNC_BUCKETS = 10
+ASYNC_HOLD_S = 60.0  # asynchronous GPUs (inference replicas, no job): their recent bursts
+ASYNC_BUCKETS = 6
 UNATTRIBUTED_HOLD_S = 10.0  # unexplained power is believed only once it persists this long
 BOUND_FRACTION = 0.03  # a GPU within 3 % (+2 W) of its enforced limit is held by it
 BOUND_W = 2.0
