@@ -168,7 +168,9 @@ Action = SetCap | Migrate | Requeue
 class NodeStatus:
     """Per constraint node, as the policy saw it on its last cycle (API, audit, BMS).
 
-    Arrays are indexed like ``node_ids``; ``mode`` is ``cap``, ``hold`` or ``release``.
+    Arrays are indexed like ``node_ids``; ``mode`` is ``cap`` (its GPUs' demand does not
+    fit its budget: caps are shared out), ``release`` (raises under it wait for lowers to
+    be confirmed) or ``hold`` (everything fits).
     """
 
     node_ids: tuple[str, ...] = ()
