@@ -270,6 +270,23 @@ async def held(
         await asyncio.sleep(every_s)
 
 
+async def settled_limits(plant: Plant, what: str, samples: int = 8) -> list[float]:
+    """Wait until every agent is leased and no GPU's enforced limit moves for ``samples``
+    polls in a row; the limits then. The steady state of an oversubscribed site has caps
+    (their sum fits the envelope), so "settled" is what a test waits for, not "released"."""
+    seen: list[list[float]] = []
+
+    def same() -> bool:
+        now = [w for n in plant.agents for w in plant.enforced_w(n)]
+        leased = not any(plant.in_failsafe(n) for n in plant.agents)
+        ok = bool(seen) and leased and now == seen[-1]
+        seen.append(now)
+        return ok
+
+    await held(same, what, samples=samples)
+    return seen[-1]
+
+
 # -- the plant and the agents ------------------------------------------------------------
 
 
