@@ -111,3 +111,15 @@ def job_min(values: FloatArray, jobs: JobIndex) -> FloatArray:
     counts = np.diff(np.append(jobs.sync_starts, jobs.sync_perm.size))
     out[jobs.sync_perm] = np.repeat(mins, counts)
     return out
+
+
+def job_max(values: FloatArray, jobs: JobIndex) -> FloatArray:
+    """Each synchronous job's GPUs set to the job's maximum (it runs at its busiest GPU's
+    pace, so that GPU's demand is the job's)."""
+    if jobs.sync_perm.size == 0:
+        return values
+    out = values.copy()
+    maxs = np.maximum.reduceat(values[jobs.sync_perm], jobs.sync_starts)
+    counts = np.diff(np.append(jobs.sync_starts, jobs.sync_perm.size))
+    out[jobs.sync_perm] = np.repeat(maxs, counts)
+    return out

@@ -40,7 +40,7 @@ from .capsum import (
 )
 from .escalation import EscalationInputs, escalate, integrate_trip
 from .index import IntArray, TreeIndex, covered, tree_index
-from .jobs import JobIndex, build_job_index, job_min
+from .jobs import JobIndex, build_job_index, job_max, job_min
 from .loads import (
     BoolArray,
     Loads,
@@ -356,7 +356,8 @@ def _fill_tiers(
     caps = floor
     binding = np.full(index.n_gpus, -1, dtype=np.intp)
     for top in tiers:
-        top = job_min(np.minimum(np.maximum(top, caps), index.gpu_max_w), jobs)
+        # A synchronous job's tier is its busiest GPU's: one cap has to fit that one.
+        top = np.minimum(np.maximum(job_max(top, jobs), caps), index.gpu_max_w)
         if (index.seg_sum(top) <= budget + 1e-6).all():
             caps = top
             continue
