@@ -444,6 +444,12 @@ async def test_sigterm_exits_0_and_leaves_offline_retained(make_system: SystemFa
     assert await retained_status(s.broker.host, s.broker.port) == "offline"
     kinds = [e["kind"] for e in s.ctl.audit()]
     assert kinds[0] == "start" and kinds[-1] == "stop", kinds
+    # Wait for the agents' own failsafe, not for the GPUs' limits: under the cap-sum the
+    # controller's even share of an oversubscribed rack can equal the failsafe share, so
+    # the GPUs may read as "at the failsafe cap" before any lease has run out.
+    await eventually(
+        lambda: all(plant.in_failsafe(n) for n in plant.agents), "every agent in failsafe"
+    )
     await eventually(
         lambda: plant.all_gpus_at(lambda n: plant.failsafe_w[n]),
         "every GPU enforcing its server's failsafe cap",
