@@ -270,23 +270,6 @@ async def held(
         await asyncio.sleep(every_s)
 
 
-async def settled_limits(plant: Plant, what: str, samples: int = 8) -> list[float]:
-    """Wait until every agent is leased and no GPU's enforced limit moves for ``samples``
-    polls in a row; the limits then. The steady state of an oversubscribed site has caps
-    (their sum fits the envelope), so "settled" is what a test waits for, not "released"."""
-    seen: list[list[float]] = []
-
-    def same() -> bool:
-        now = [w for n in plant.agents for w in plant.enforced_w(n)]
-        leased = not any(plant.in_failsafe(n) for n in plant.agents)
-        ok = bool(seen) and leased and now == seen[-1]
-        seen.append(now)
-        return ok
-
-    await held(same, what, samples=samples)
-    return seen[-1]
-
-
 # -- the plant and the agents ------------------------------------------------------------
 
 
@@ -338,8 +321,28 @@ class Plant:
         return all(abs(w - limit_w(n)) < 1.0 for n in self.agents for w in self.enforced_w(n))
 
     def released(self) -> bool:
-        """No cap left: every GPU may draw its maximum."""
+        """No cap left: every GPU may draw its maximum (what advisory mode leases)."""
         return self.all_gpus_at(lambda n: GPU_MAX_W)
+
+    def at_cap_sum(self, envelope_w: Callable[[str], float]) -> bool:
+        """The controller's steady plan is in force on every rack: the agents are leased
+        (none in failsafe), the enforced limits under each rack, with its baselines, fit
+        its envelope (the cap sum: no demand can overdraw it) and hand out at least 90 %
+        of it (the budget is used, not stranded), split evenly under the uniform load.
+
+        An oversubscribed rack (every e2e rack is) stays capped so however quiet it is:
+        under the cap-sum design no GPU there is ever released to its maximum."""
+        if any(self.in_failsafe(n) for n in self.agents):
+            return False
+        for rack in self.tree.of_kind("rack"):
+            limits = [w for n in self.servers(rack) for w in self.enforced_w(n)]
+            base = sum(self.tree.node(n).baseline_w for n in self.servers(rack))
+            allowed = sum(limits) + base
+            if not 0.9 * envelope_w(rack) <= allowed <= envelope_w(rack):
+                return False
+            if max(limits) - min(limits) > 1.0:
+                return False
+        return True
 
 
 @contextlib.asynccontextmanager

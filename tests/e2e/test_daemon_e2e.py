@@ -40,7 +40,6 @@ from tests.e2e.harness import (
     held,
     retained_status,
     running_plant,
-    settled_limits,
     site_dict,
     wait_leasing,
     write_site,
@@ -108,47 +107,47 @@ async def make_system(tmp_path: Path, mosquitto: Mosquitto) -> AsyncIterator[Sys
 FEED = "mv-1"
 
 
-async def test_load_step_never_takes_a_rack_over_its_envelope(
+async def test_load_step_lands_on_caps_already_in_place(
     make_system: SystemFactory, mosquitto: Mosquitto
 ) -> None:
-    """The cap-sum guarantee end to end. Both racks are oversubscribed, so even at half
-    load the caps (read back at the fake NVML) sum to what the rack's envelope leaves
-    for its GPUs, not to their maxima. A step in GPU demand that would take both racks
-    well over their envelopes uncapped then never takes them over, sampled from the
-    moment of the step: no GPU can draw past its limit. The racks still run close to
-    their envelopes (capped, not starved), and the BMS sees no envelope alarm at all."""
+    """At the steady half load each (1.32x oversubscribed) rack already holds caps that
+    sum to its budget, read at the fake NVML; a step to 90 % of TDP, which uncapped
+    would take both racks far past their envelope, lands on them: the racks never go
+    over, run close to their envelope (capped, not starved), and the BMS hears no alarm
+    at all (nothing was wrong at any moment). The alarm path itself is tested in
+    tests/integration/test_bms.py and tests/unit/test_daemon.py."""
     async with bms_client(mosquitto.host, mosquitto.port, "alarms/#") as bms:
         s = await make_system()
         plant = s.plant
-
-        def caps_fit() -> bool:
-            for rack in RACKS:
-                limits = [w for n in plant.servers(rack) for w in plant.enforced_w(n)]
-                if not limits or sum(limits) > s.envelope_w(rack):
-                    return False
-            return True
-
-        await held(caps_fit, "every rack's enforced GPU limits summing inside its envelope")
+        # The cap sum, not measurement, keeps the racks inside: caps even when quiet.
+        await held(lambda: plant.at_cap_sum(s.envelope_w), "every rack's caps at its cap sum")
+        assert bms.messages == []  # start-up raised nothing
         for rack in RACKS:
-            limits = [w for n in plant.servers(rack) for w in plant.enforced_w(n)]
-            assert max(limits) < GPU_MAX_W, f"{rack}: oversubscribed but uncapped: {limits}"
             assert plant.power_w(rack) < 0.9 * s.envelope_w(rack)
 
         plant.sim.load_step(1.8)  # half load -> 90 % of TDP on every GPU
         for rack in RACKS:
             # Uncapped, each rack would be far out (demand counted without losses).
             assert plant.uncapped_demand_w(rack) > 1.15 * s.envelope_w(rack)
+
+        def inside() -> bool:
+            return all(plant.power_w(r) <= s.envelope_w(r) for r in RACKS)
+
         worst = 0.0
-        for _ in range(40):  # 10 s from the step on, every 0.25 s
-            worst = max(worst, *(plant.power_w(r) / s.envelope_w(r) for r in RACKS))
-            await asyncio.sleep(0.25)
+        deadline = time.monotonic() + 6.0  # the step, and a dozen cycles after it
+        while time.monotonic() < deadline:
+            worst = max(worst, max(plant.power_w(r) / s.envelope_w(r) for r in RACKS))
+            await asyncio.sleep(0.02)
         assert worst <= 1.0, f"a rack reached {worst:.3f}x its envelope after the step"
+        await held(inside, "both racks inside their envelope after the step", samples=12)
         for rack in RACKS:
-            # Capped, not starved: the rack runs close to its envelope.
+            limits = [w for n in plant.servers(rack) for w in plant.enforced_w(n)]
+            assert max(limits) < 0.95 * GPU_MAX_W, f"{rack}: GPUs not capped: {limits}"
+            # Capped, not starved: the rack still runs close to its envelope.
             assert plant.power_w(rack) > 0.85 * s.envelope_w(rack)
         assert not plant.sim.state.trips
-        alarms = [t for t, _, _ in bms.messages if "envelope_exceeded" in t]
-        assert not alarms, alarms
+        alarms = [t for t, _, _ in bms.messages if "/alarms/envelope_exceeded:" in t]
+        assert alarms == [], "an envelope alarm although no rack was ever over"
     assert s.ctl.running()
 
 
@@ -260,11 +259,12 @@ async def test_invalid_commands_are_rejected_with_the_reason_and_change_nothing(
 ) -> None:
     """Each invalid command is acked ``rejected`` with the reason naming what is wrong; the
     ones that would have bitten (13 kW without expiry, 5 kW below the floor) are not
-    applied: no GPU's cap comes down and the feed envelope the BMS sees is the
-    configured one."""
+    applied: the GPUs keep their caps at the racks' cap sum and the feed envelope the
+    BMS sees is the configured one."""
     s = await make_system()
     plant = s.plant
-    before = await settled_limits(plant, "the caps settled at the steady load")
+    await held(lambda: plant.at_cap_sum(s.envelope_w), "every rack's caps at its cap sum")
+    before = {n: plant.enforced_w(n) for n in plant.agents}
     async with bms_client(s.broker.host, s.broker.port, "cmd/ack", f"telemetry/{FEED}") as bms:
         for _, payload, _ in INVALID_COMMANDS:
             await bms.command(payload)
@@ -273,13 +273,12 @@ async def test_invalid_commands_are_rejected_with_the_reason_and_change_nothing(
             assert ack["status"] == "rejected", ack
             assert reason in ack["reason"], ack
             assert ack["expires_at"] is None
-
-        # Nothing was applied: no cap comes down over a lease's worth of cycles.
-        def none_lowered() -> bool:
-            now = [w for n in plant.agents for w in plant.enforced_w(n)]
-            return all(w >= b - 1.0 for w, b in zip(now, before, strict=True))
-
-        await held(none_lowered, "no GPU capped below where it was", samples=12)
+        # Nothing was applied: no cap appears over a lease's worth of cycles.
+        await held(
+            lambda: all(plant.enforced_w(n) == w for n, w in before.items()),
+            "every GPU still at the limit it had",
+            samples=12,
+        )
         frames = [json.loads(p) for p in bms.on(f"telemetry/{FEED}")]
         assert frames and frames[-1]["envelope_w"] == s.envelope_w(FEED)
     assert plant.feed_power_w() > 13_000
@@ -445,12 +444,16 @@ async def test_sigterm_exits_0_and_leaves_offline_retained(make_system: SystemFa
     assert await retained_status(s.broker.host, s.broker.port) == "offline"
     kinds = [e["kind"] for e in s.ctl.audit()]
     assert kinds[0] == "start" and kinds[-1] == "stop", kinds
-    # The agents' state, not the limit values: a leased cap can equal the failsafe cap
-    # (both are an even share of what the rack leaves its GPUs).
+    # Wait for the agents' own failsafe, not for the GPUs' limits: under the cap-sum the
+    # controller's even share of an oversubscribed rack can equal the failsafe share, so
+    # the GPUs may read as "at the failsafe cap" before any lease has run out.
     await eventually(
         lambda: all(plant.in_failsafe(n) for n in plant.agents), "every agent in failsafe"
     )
-    assert plant.all_gpus_at(lambda n: plant.failsafe_w[n]), "a GPU not at its failsafe cap"
+    await eventually(
+        lambda: plant.all_gpus_at(lambda n: plant.failsafe_w[n]),
+        "every GPU enforcing its server's failsafe cap",
+    )
     for agent in plant.agents.values():
         assert "expired" in (agent.state.failsafe_reason or "")
 
@@ -551,7 +554,9 @@ async def test_a_tsdb_down_at_start_delays_nothing_and_gets_the_points_later(
     vm = victoriametrics_factory(free_port())
     s = await make_system(influx=vm)
     plant = s.plant
-    await settled_limits(plant, "the controller cycling and leasing caps, TSDB down")
+    await held(
+        lambda: plant.at_cap_sum(s.envelope_w), "the controller cycling and capping, TSDB down"
+    )
     cycles = (await s.ctl.get("/v1/health"))["cycles"]
 
     async def cycling() -> bool:  # the writer waits for the TSDB, the cycle does not
@@ -583,7 +588,6 @@ async def test_a_broker_outage_ends_in_failsafe_and_control_resumes_after(
     again, restated since the restarted broker forgot its retained messages."""
     s = await make_system()
     plant = s.plant
-    before = await settled_limits(plant, "the caps settled before the outage")
     await asyncio.to_thread(s.broker.stop)
     await eventually(
         lambda: all(plant.in_failsafe(n) for n in plant.agents),
@@ -598,10 +602,7 @@ async def test_a_broker_outage_ends_in_failsafe_and_control_resumes_after(
         lambda: not any(plant.in_failsafe(n) for n in plant.agents),
         "every agent leased again after the broker came back",
     )
-    after = await settled_limits(plant, "control resumed: caps leased and settled again")
-    # The same steady load, the same caps (within the policy's settling steps).
-    assert all(abs(a - b) <= 0.05 * GPU_MAX_W for a, b in zip(after, before, strict=True)), (
-        before,
-        after,
+    await eventually(
+        lambda: plant.at_cap_sum(s.envelope_w), "control resumed: every rack at its cap sum"
     )
     assert await retained_status(s.broker.host, s.broker.port) == "online"

@@ -36,7 +36,7 @@ def site_dict(
     if not meters:
         site["feeds"][0]["meters"] = []
         rack["meters"] = []
-    # The tests' band arithmetic (TGT, HI, LO) is written for these bands, not the defaults.
+    # Only three-band reads bands (rackpower has none): its tests are written for these.
     site.setdefault("policy", {})["bands"] = {
         "cap_above": 0.97,
         "target": 0.94,

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from controller.model.topology import PowerTree
 from controller.policy import Job, PolicyState, SetCap, Snapshot, decide
 from controller.policy.rackpower import BOUND_FRACTION, BOUND_W
+from sim.scenario_metrics import TOLERANCE_FRACTION
 from tests.helpers.policy_support import meter_readings, tree_for
 
 N = 16
@@ -135,6 +136,12 @@ def test_every_node_fits_its_envelope_when_floors_fit(case: Case) -> None:
 @settings(max_examples=150, deadline=None)
 @given(cases(within_racks=True, uncapped=True))
 def test_no_priority_inversion_under_a_node(case: Case) -> None:
+    """No GPU capped below its demand while a lower class under the same rack runs above
+    its floor, both by more than the benchmark's tolerance (sim/scenario_metrics.py:
+    2 % of the GPU's maximum, 10 W here). Whole-watt caps make a tighter bound wrong:
+    a synchronous job of n GPUs takes spare power in steps of n W, so up to n - 1 W of a
+    budget can only go to a lower class."""
+    tol = TOLERANCE_FRACTION * 500.0
     actions, state = decide(case.snapshot(), case.tree, None)
     del actions
     caps = state.target_w
@@ -144,10 +151,10 @@ def test_no_priority_inversion_under_a_node(case: Case) -> None:
         rank[list(job.gpus)] = CLASSES.index(job.priority_class)
     for _, lo, hi in RACKS:
         for i in range(lo, hi):
-            if caps[i] >= min(demand[i], 500.0) - 1.0:
+            if caps[i] >= min(demand[i], 500.0) - tol:
                 continue  # not capped below its demand
             lower = [j for j in range(lo, hi) if rank[j] > rank[i]]
-            above_floor = [j for j in lower if min(caps[j], demand[j]) > 100.0 + 1.0]
+            above_floor = [j for j in lower if min(caps[j], demand[j]) > 100.0 + tol]
             assert not above_floor, (i, above_floor)
 
 

@@ -25,6 +25,7 @@ from controller.model.topology import PowerTree
 from controller.policy.index import tree_index
 from sim.plant import Plant
 from sim.scenario import RESULT_KEYS, Telemetry, TelemetryReading, run_policy
+from sim.scenario_compare import MAX_CAP_CHANGES_PER_GPU_MIN
 from sim.scenario_oracle import WorkOracle, chain_efficiency, concave_hull
 from sim.scenario_spec import TelemetryOutage, load_scenario, parse_scenario
 from sim.workloads import ThroughputCurve
@@ -202,9 +203,10 @@ def test_step_scenario_end_to_end_json(tmp_path: Path) -> None:
     assert rp["trips"] == 0 and rp["worst_i2t_pct"] < 50.0
     assert rp["seconds_over_envelope"] < 5.0
     assert rp["priority_inversions"] == 0
-    # 90 s hold one start (capped while the jobs load, released in ramp steps once they
-    # ran: startup.py), and the step: a handful of changes per GPU, not an oscillation.
-    assert 0 < rp["cap_changes_per_gpu_min"] < 3.5
+    # 90 s hold one start (capped while the jobs load, raised once they ran: startup.py)
+    # and the step: a handful of changes per GPU, inside the benchmark's gate (issue 13:
+    # at most 6 per GPU per minute), not an oscillation.
+    assert 0 < rp["cap_changes_per_gpu_min"] <= MAX_CAP_CHANGES_PER_GPU_MIN
     # Inside the envelopes almost always, so no better than the bound allows.
     assert rp["work_delivered"]["total"] <= rp["oracle_work"] * 1.01
     assert rp["work_delivered"]["total"] > none["work_delivered"]["total"]
