@@ -91,13 +91,17 @@ def allocate(
     # (shifts are >= 0 and floors <= maxima, as build_job_index makes them).
     floor_cap = index.seg_sum(terms.floor_w)
     s_cap = index.seg_sum(_caps(terms, lam))  # as the GPUs stand: updated after a level binds
-    for level in index.levels:
+    last_level = len(index.levels) - 1
+    for li, level in enumerate(index.levels):
         nodes = level.nodes
+        limit = budget_w[nodes] + TOLERANCE_W
+        free = s_cap[nodes] <= limit
+        if free.all():
+            continue
         seg = level.seg_of_gpu
         covered = seg >= 0
         start = index.start[nodes]
         stop = index.stop[nodes]
-        limit = budget_w[nodes] + TOLERANCE_W
 
         def fits(
             node_level: FloatArray,
@@ -113,9 +117,6 @@ def allocate(
             return ok
 
         k = nodes.size
-        free = s_cap[nodes] <= limit
-        if free.all():
-            continue
         floor_ok = floor_cap[nodes] <= limit
         infeasible[nodes[~floor_ok]] = True
         active = ~free & floor_ok
@@ -141,7 +142,7 @@ def allocate(
         lower = proposed < lam
         binding[lower] = nodes[seg[lower]]
         lam = np.minimum(lam, proposed)
-        if lower.any():
+        if lower.any() and li < last_level:  # only the levels above read it
             s_cap = index.seg_sum(_caps(terms, lam))
     return Allocation(level=lam, binding=binding, infeasible=infeasible)
 
@@ -161,30 +162,39 @@ def _exact_levels(
     sorted breakpoints. One sort instead of fifteen bisection steps over every GPU.
     """
     covered = seg >= 0
-    sg = seg[covered]
-    shift = terms.shift[covered]
-    lo_w = terms.floor_w[covered]
+    if covered.all():  # the usual case: no copies
+        sg, shift, lo_w, hi_w, b = seg, terms.shift, terms.floor_w, terms.max_w, below
+    else:
+        sg, shift, b = seg[covered], terms.shift[covered], below[covered]
+        lo_w, hi_w = terms.floor_w[covered], terms.max_w[covered]
     p = shift + lo_w
-    q = np.maximum(p, np.minimum(shift + terms.max_w[covered], below[covered]))
+    q = np.maximum(p, np.minimum(shift + hi_w, b))
     # What the ramps may add on top of the floors before each node's sum is at its limit.
     q_t = limit_w - np.bincount(sg, weights=lo_w, minlength=k)
     lv = np.where(q_t < 0, -np.inf, np.inf)
 
     ramp = q > p
     if ramp.any():
-        n = int(ramp.sum())
-        node = np.concatenate((sg[ramp], sg[ramp]))
-        pos = np.concatenate((p[ramp], q[ramp]))
-        span = float(pos.max() - pos.min()) + 1.0
-        order = np.argsort(node * span + (pos - pos.min()), kind="stable")
+        if not ramp.all():
+            sg, p, q = sg[ramp], p[ramp], q[ramp]
+        n = sg.size
+        node = np.concatenate((sg, sg))
+        pos = np.concatenate((p, q))
+        low = float(p.min())  # q >= p, so the lowest breakpoint is a p
+        span = float(q.max()) - low + 1.0
+        order = np.argsort(node * span + (pos - low), kind="stable")
         node, pos = node[order], pos[order]
-        slope = np.cumsum(np.concatenate((np.ones(n), -np.ones(n)))[order])
-        rise = np.concatenate(([0.0], np.cumsum(slope[:-1] * np.diff(pos))))
-        segs = np.arange(k)
-        first = np.searchsorted(node, segs, side="left")
-        last = np.searchsorted(node, segs, side="right") - 1
-        has = last >= first
-        at_first = np.where(has, rise[np.minimum(first, pos.size - 1)], 0.0)
+        slope = np.cumsum(np.where(order < n, 1.0, -1.0))  # +1 at a p, -1 at a q
+        rise = np.empty(2 * n)
+        rise[0] = 0.0
+        np.cumsum(slope[:-1] * np.diff(pos), out=rise[1:])
+        # ``node`` is sorted (the key sorts by node first): each node's run of
+        # breakpoints is [first, last], read off the counts instead of searching.
+        count = np.bincount(node, minlength=k)
+        first = np.cumsum(count) - count
+        last = first + count - 1
+        has = count > 0
+        at_first = np.where(has, rise[np.minimum(first, 2 * n - 1)], 0.0)
         total = np.where(has, rise[np.maximum(last, 0)] - at_first, 0.0)
         local = rise - at_first[node]  # a node's ramp sum at each of its breakpoints
         big = 2.0 * (float(total.max()) + 1.0)  # one sorted key over all nodes

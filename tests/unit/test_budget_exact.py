@@ -4,9 +4,9 @@
 sorted breakpoints instead of bisecting; it is the core of every cap, so it is checked
 here against an independent, slow reference on random nodes: several classes (shifts),
 floors and maximums (a tier's floor is the tier below, so a GPU may have no range),
-GPUs held down by a job elsewhere (``below``), and budgets anywhere from below every
-floor to above every maximum. The only constraint is the cap sum (budget.py's
-docstring says why).
+GPUs held down by a job elsewhere (``below``), GPUs under no node of the level, and
+budgets anywhere from below every floor to above every maximum. The only constraint is
+the cap sum (budget.py's docstring says why).
 
 The level is unique: the cap sum rises with the level, so ``node_fits`` holds on a
 half-line and "the highest level that fits" is its end, also where the sum is flat on
@@ -49,6 +49,8 @@ def level_case(draw: st.DrawFn) -> tuple[GpuTerms, np.ndarray, np.ndarray, np.nd
     k = draw(st.integers(1, 4))
     sizes = [draw(st.integers(1, 6)) for _ in range(k)]
     seg = np.repeat(np.arange(k), sizes)
+    if draw(st.booleans()):  # GPUs under no node of this level (-1), as on mixed sites
+        seg = np.where([draw(st.booleans()) for _ in seg], seg, -1)
     n = len(seg)
     floats = st.floats(0, 1, allow_nan=False)
     rank = np.array([draw(st.integers(0, 2)) for _ in range(n)], dtype=float)
@@ -64,8 +66,9 @@ def level_case(draw: st.DrawFn) -> tuple[GpuTerms, np.ndarray, np.ndarray, np.nd
         ]
     )
     terms = GpuTerms(shift=rank * SPACING, floor_w=floor, max_w=top)
-    lo_cap = np.bincount(seg, weights=floor)
-    hi_cap = np.bincount(seg, weights=top)
+    under = seg >= 0
+    lo_cap = np.bincount(seg[under], weights=floor[under], minlength=k)
+    hi_cap = np.bincount(seg[under], weights=top[under], minlength=k)
     frac = np.array([draw(st.floats(-0.1, 1.1)) for _ in range(k)])
     return terms, seg, below, lo_cap + frac * (hi_cap - lo_cap)
 
@@ -99,7 +102,7 @@ def test_exact_level_is_the_highest_that_fits(
 ) -> None:
     terms, seg, below, budget = case
     limit = budget + TOLERANCE_W  # as allocate() does
-    k = int(seg.max()) + 1
+    k = budget.size
     got = _exact_levels(terms, seg, k, below, limit)
     lo, hi = -1.0, 3 * SPACING + 1000.0
     for j in range(k):
