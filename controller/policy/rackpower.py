@@ -361,7 +361,7 @@ def _fill_tiers(
         if (index.seg_sum(top) <= budget + 1e-6).all():
             caps = top
             continue
-        terms = GpuTerms(shift=shift, floor_w=caps, max_w=top, use_lo_w=caps, use_hi_w=top)
+        terms = GpuTerms(shift=shift, floor_w=caps, max_w=top)
         alloc = _allocate_jobwide(index, jobs, terms, budget, n_classes)
         caps = job_min(alloc.caps(terms), jobs)
         binding = np.where(binding >= 0, binding, alloc.binding)
@@ -377,18 +377,13 @@ def _allocate_jobwide(
     A job that spans racks is held back by its tightest rack; the second pass hands what
     it cannot use in the other racks to their other jobs.
     """
-    # Only the cap sum constrains (budget.py's aim branch): no plan, no margin term.
-    never = np.full(index.n_nodes, -np.inf)
-    zero = np.zeros(index.n_nodes)
-    alloc = allocate(index, terms, never, never, zero, n_classes=n_classes, a3_w=budget_w)
+    alloc = allocate(index, terms, budget_w, n_classes=n_classes)
     jobwide = job_min(alloc.level, jobs)
     if not (jobwide < alloc.level).any():
         return alloc
     # Only the GPUs another part of their job holds back; the rest may now rise.
     held = np.where(jobwide < alloc.level, jobwide, np.inf)
-    second = allocate(
-        index, terms, never, never, zero, level_cap=held, n_classes=n_classes, a3_w=budget_w
-    )
+    second = allocate(index, terms, budget_w, level_cap=held, n_classes=n_classes)
     binding = np.where(second.binding >= 0, second.binding, alloc.binding)
     return Allocation(
         level=job_min(second.level, jobs), binding=binding, infeasible=second.infeasible
