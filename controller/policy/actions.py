@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import numpy.typing as npt
 
 from .index import IntArray, TreeIndex
 from .jobs import JobIndex
@@ -31,12 +32,14 @@ def cap_actions(
     node_of_gpu: IntArray,
     explain: Callable[[int, str, float, float], str],
     note_of_gpu: Callable[[int], str] | None = None,
+    limiting_gpu: npt.NDArray[np.bool_] | None = None,
 ) -> list[SetCap]:
     """SetCap per (group, new limit) where the limit changed.
 
     ``explain(node, label, old_w, new_w)`` writes the reason; ``node_of_gpu`` is the
     constraint node that decided each GPU's cap; ``note_of_gpu`` (of a group's first GPU)
-    adds to the group's label why it was planned as it was.
+    adds to the group's label why it was planned as it was; ``limiting_gpu`` says which
+    GPUs the new limit holds below their demand (default: all).
     """
     changed = np.flatnonzero(changed_mask(new_w, old_w))
     if changed.size == 0:
@@ -62,6 +65,7 @@ def cap_actions(
                 limit_w=limit,
                 reason=explain(node, label, old, limit),
                 node_id=index.node_ids[node] if node >= 0 else "",
+                limiting=True if limiting_gpu is None else bool(limiting_gpu[changed[run]].any()),
             )
         )
     return out

@@ -283,7 +283,11 @@ def decide(
     decider = np.where(binding >= 0, binding, leaf)
     mode = np.where(constrained, "cap", np.where(waiting, "release", "hold"))
     explain = _Explainer(index, loads, envelope, margin, budget, ratio, new, mode)
-    actions: list[Action] = list(cap_actions(index, jobs, new, reference, decider, explain.reason))
+    # A cap slows a GPU only where it is below what the GPU is planned to want.
+    limiting = new < np.minimum(demand, max_w) - DEADBAND_FRACTION * max_w
+    actions: list[Action] = list(
+        cap_actions(index, jobs, new, reference, decider, explain.reason, limiting_gpu=limiting)
+    )
     actions.extend(escalations)
     new_memory = Memory(
         demand=demand_mem,

@@ -20,12 +20,11 @@ cap-sum rule): seconds of a higher class held below a lower one.
 
 A GPU in no job gives no warning at all: without a scheduler (or on a GPU the scheduler
 says is free, or one a tenant with root runs work on outside it) the step from idle to
-maximum is the first sign. ``rackpower demo``, which has no job list, released a whole
-rack's caps while it idled and a job then took it from 12.1 to 29.2 kW on a 23.4 kW
-envelope for 0.8 s, far past what the margin (at most 15 % of the envelope) covers. So
-an idle GPU in no job (:func:`unwarned_idle`) is planned at its maximum too, for as long
-as it idles, but in a class below every other (rackpower.py): it takes only what the
-GPUs that are running leave, and its cap is what keeps its step inside the envelope.
+maximum is the first sign. ``rackpower demo``, which has no job list, once released a
+whole rack's caps while it idled and a job then took it from 12.1 to 29.2 kW on a
+23.4 kW envelope. Under the cap-sum rule (capsum.py) that cannot happen: an idle GPU's
+cap counts in full in its rack's sum, so its step is held by its cap until power is
+taken from elsewhere and confirmed.
 """
 
 from __future__ import annotations
@@ -43,7 +42,6 @@ BoolArray = npt.NDArray[np.bool_]
 STARTUP_RESERVE_S = 60.0  # longer than a typical load phase (10-40 s); then believe the draw
 RAMP_FRACTION = 0.5  # above idle, checkpoint and most communication phases
 ASYNC_WARMUP_S = 60.0  # an asynchronous job's first minute: enough bursts to plan on
-IDLE_FRACTION = 0.3  # above idle (10-15 %) and a loading job (12-20 %); running work is more
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,19 +63,6 @@ def _keys(jobs: JobIndex, n_gpus: int) -> tuple[tuple[str, tuple[int, ...]] | No
         for g in np.flatnonzero(jobs.gpu_job == j).tolist():
             keys[g] = key
     return tuple(keys)
-
-
-def unwarned_idle(jobs: JobIndex, demand_w: FloatArray, max_w: FloatArray) -> BoolArray:
-    """Per GPU: in no job we know of and planned below ``IDLE_FRACTION`` of its maximum
-    (idle, or a job loading), so it may step to its maximum with no warning.
-
-    ``demand_w`` is the planned demand (held over its window, so a dip between bursts is
-    not idle); a GPU held at its cap is planned at its maximum, so once it steps it
-    leaves this set and is planned as any other. A GPU in no job that already runs work
-    is planned on its draw and the learned margin, as before: only job information
-    covers its rise the rest of the way."""
-    out: BoolArray = (jobs.gpu_job < 0) & (demand_w < IDLE_FRACTION * max_w)
-    return out
 
 
 def startup_pending(

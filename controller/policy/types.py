@@ -137,6 +137,10 @@ class SetCap:
     limit_w: float
     reason: str
     node_id: str = ""
+    # Whether the limit holds the group below what it is believed to want. Under the
+    # cap-sum rule an oversubscribed rack always has limits below the GPUs' maxima, but a
+    # job whose limit is above its demand is not slowed: tenants are told only when it is.
+    limiting: bool = True
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from controller.policy.capsum import (
     CONFIRM_W,
+    EARLIER,
     SUPERSEDE_S,
     ExposureMemory,
     after_commands,
@@ -43,10 +44,21 @@ def a(*values: float) -> np.ndarray:
 
 
 def memory(
-    confirmed: np.ndarray, sent_max: np.ndarray, report: np.ndarray, changed: np.ndarray
+    confirmed: np.ndarray,
+    sent_max: np.ndarray,
+    report: np.ndarray,
+    changed: np.ndarray,
+    earlier: np.ndarray | None = None,
 ) -> ExposureMemory:
+    """``earlier``: per GPU the limits sent since the confirmation before the last one."""
+    n = confirmed.size
     return ExposureMemory(
-        confirmed_w=confirmed, sent_max_w=sent_max, last_report_w=report, changed_s=changed
+        confirmed_w=confirmed,
+        sent_max_w=sent_max,
+        last_report_w=report,
+        changed_s=changed,
+        earlier_w=np.full((n, EARLIER), np.nan) if earlier is None else earlier,
+        overflow=np.zeros(n, dtype=bool),
     )
 
 
@@ -100,16 +112,31 @@ def test_a_higher_report_than_anything_sent_is_believed() -> None:
 
 
 def test_a_lower_report_after_a_raise_then_a_lower_is_ambiguous_until_superseded() -> None:
-    """Confirmed at 300 W; 450 W sent, then 350 W before 450 W was confirmed. A report of
-    350 W may predate the 450 W landing, so it confirms only once the last change is
-    SUPERSEDE_S old; until then 450 W may still be enforced."""
+    """Confirmed at 300 W; 450 W sent, then 300 W again before 450 W was confirmed. A
+    report of 300 W may predate the 450 W landing, so it confirms only once the last
+    change is SUPERSEDE_S old; until then 450 W may still be enforced."""
     mem = memory(a(300.0), a(450.0), a(300.0), a(10.0))  # last change at 10 s
-    early = exposure_now(mem, a(350.0), a(350.0), 10.0 + SUPERSEDE_S - 0.5)
+    early = exposure_now(mem, a(300.0), a(300.0), 10.0 + SUPERSEDE_S - 0.5)
     assert not early.confirmed[0]
     assert early.exposure_w[0] == 450.0
-    late = exposure_now(mem, a(350.0), a(350.0), 10.0 + SUPERSEDE_S)
+    late = exposure_now(mem, a(300.0), a(300.0), 10.0 + SUPERSEDE_S)
     assert late.confirmed[0]
-    assert late.exposure_w[0] == 350.0
+    assert late.exposure_w[0] == 300.0
+
+
+def test_a_report_of_a_value_never_in_force_before_confirms_at_once() -> None:
+    """Confirmed at 300 W; 450 W sent, then 350 W. No limit before was 350 W, so a report
+    of 350 W can only be the latest landing (after the 450 W, in order): confirmed. Had
+    350 W been sent before the 450 W too, the report would be ambiguous again."""
+    mem = memory(a(300.0), a(450.0), a(300.0), a(10.0))
+    seen = exposure_now(mem, a(350.0), a(350.0), 11.0)
+    assert seen.confirmed[0] and seen.exposure_w[0] == 350.0
+    earlier = np.full((1, EARLIER), np.nan)
+    earlier[0, 0] = 450.0
+    earlier[0, 1] = 350.0
+    mem = memory(a(300.0), a(450.0), a(300.0), a(10.0), earlier)
+    seen = exposure_now(mem, a(350.0), a(350.0), 11.0)
+    assert not seen.confirmed[0] and seen.exposure_w[0] == 450.0
 
 
 def test_a_gpu_with_no_report_keeps_what_it_had() -> None:

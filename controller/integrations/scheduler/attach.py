@@ -112,11 +112,12 @@ def attach_scheduler(
                 and action.job_id
                 and not action.job_id.startswith(FALLBACK_PREFIX)
             ):
-                capped = action_kind(action, controller.tree) == CAP
+                capped = action_kind(action, controller.tree) == CAP and action.limiting
                 text = (
                     f"capped to {action.limit_w:.0f} W per GPU: {action.reason}"
                     if capped
-                    else "no longer capped"
+                    else f"no longer capped (limit {action.limit_w:.0f} W per GPU, above"
+                    " what it draws)"
                 )
                 link.note_cap(action.job_id, capped, text)
             return
