@@ -416,7 +416,12 @@ def test_gpu_swings_need_no_margin() -> None:
     default floor, 0, and the rack is held by the cap sum alone."""
     for swing in ((300.0, 330.0), (150.0, 480.0)):
         run = Run(tree_for(rack_envelope_w=6000.0))
-        run.repeat(20, lambda i, s=swing: uniform(s[i % 2]))
+        lo, hi = swing
+
+        def swinging(i: int, lo: float = lo, hi: float = hi) -> np.ndarray:
+            return uniform(hi if i % 2 else lo)
+
+        run.repeat(20, swinging)
         assert run.state is not None
         assert run.state.nodes.as_dict()["rack-1"]["margin_w"] == 0.0, swing
 
