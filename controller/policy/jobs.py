@@ -104,22 +104,20 @@ def build_job_index(index: TreeIndex, jobs: tuple[Job, ...], policy: PolicyConfi
 
 def job_min(values: FloatArray, jobs: JobIndex) -> FloatArray:
     """Each synchronous job's GPUs set to the job's minimum (one cap per job)."""
-    if jobs.sync_perm.size == 0:
-        return values
-    out = values.copy()
-    mins = np.minimum.reduceat(values[jobs.sync_perm], jobs.sync_starts)
-    counts = np.diff(np.append(jobs.sync_starts, jobs.sync_perm.size))
-    out[jobs.sync_perm] = np.repeat(mins, counts)
-    return out
+    return _per_job(values, jobs, np.minimum)
 
 
 def job_max(values: FloatArray, jobs: JobIndex) -> FloatArray:
     """Each synchronous job's GPUs set to the job's maximum (it runs at its busiest GPU's
     pace, so that GPU's demand is the job's)."""
+    return _per_job(values, jobs, np.maximum)
+
+
+def _per_job(values: FloatArray, jobs: JobIndex, reduce: np.ufunc) -> FloatArray:
     if jobs.sync_perm.size == 0:
         return values
     out = values.copy()
-    maxs = np.maximum.reduceat(values[jobs.sync_perm], jobs.sync_starts)
+    per_job = reduce.reduceat(values[jobs.sync_perm], jobs.sync_starts)
     counts = np.diff(np.append(jobs.sync_starts, jobs.sync_perm.size))
-    out[jobs.sync_perm] = np.repeat(maxs, counts)
+    out[jobs.sync_perm] = np.repeat(per_job, counts)
     return out
