@@ -2,18 +2,17 @@
 
 One cycle:
 
-1. GPU demand: what each GPU would draw uncapped, held at its peak over a few seconds
-   (a synchronous job swings between compute and communication within one iteration;
-   the cap must fit the compute phase, not chase the swing). A GPU drawing at its
-   cap, or one we cannot see, is assumed to want its maximum. So is a new synchronous
-   job that has not ramped yet, and an idle GPU in no job (startup.py), the latter in
-   a class below all others.
-2. Node loads (max of measured and children), loss ratios learned from data, the
-   learned safety margin, the effective envelope (lost feeds, demand response).
-3. Bands decide per node whether to cap, hold or release (bands.py) and set budgets.
-4. One water-filling over the tree turns budgets into caps (budget.py); synchronous
-   jobs get one cap, the lowest any of their nodes allows.
-5. Caps move by the band rules; escalation when floors are not enough.
+1. GPU demand: what each GPU would draw uncapped, held at its peak (a synchronous job
+   over its slowest iterations, an inference replica over its recent bursts). A GPU
+   drawing at its cap, or one we cannot see, is assumed to want its maximum; so is a
+   new job that has not ramped yet (startup.py).
+2. Node loads (max of measured and children), loss ratios, the margin for load no cap
+   reaches, the effective envelope (lost feeds, demand response).
+3. Per node the cap-sum budget: what the GPU caps under it may add up to (capsum.py).
+4. Water-filling by class in two tiers (demand plus headroom, then spare) turns the
+   budgets into caps (budget.py); a synchronous job gets one cap, fit for its busiest GPU.
+5. Lowers go out at once, raises only out of room that confirmed lowers left
+   (capsum.py); escalation when floors are not enough.
 """
 
 from __future__ import annotations
@@ -282,9 +281,9 @@ def decide(
     leaf = index.server_owner[index.gpu_server]
     decider = np.where(binding >= 0, binding, leaf)
     mode = np.where(constrained, "cap", np.where(waiting, "release", "hold"))
-    explain = _Explainer(index, loads, envelope, margin, budget, ratio, new, mode)
+    explain = _Explainer(index, loads, envelope, margin, budget, plan_ratio, new, mode)
     # A cap slows a GPU only where it is below what the GPU is planned to want.
-    limiting = new < np.minimum(demand, max_w) - DEADBAND_FRACTION * max_w
+    limiting = new < np.minimum(demand, max_w) - deadband
     actions: list[Action] = list(
         cap_actions(index, jobs, new, reference, decider, explain.reason, limiting_gpu=limiting)
     )
